@@ -1,0 +1,30 @@
+"""torchsage: SAGE (Spectral-Aware Gradient-Aligned Exploration) for multi-distribution learning."""
+
+from torchsage.disagreement import GradientStatistics, disagreement
+from torchsage.optim import (
+    ASAM,
+    SAGE,
+    SAM,
+    SAGEAlign,
+    SAGEAlignmentOnly,
+    SAGECurvatureOnly,
+    StepInfo,
+    frozen_bn_stats,
+)
+from torchsage.polar import polar_factor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ASAM",
+    "SAGE",
+    "SAM",
+    "GradientStatistics",
+    "SAGEAlign",
+    "SAGEAlignmentOnly",
+    "SAGECurvatureOnly",
+    "StepInfo",
+    "disagreement",
+    "frozen_bn_stats",
+    "polar_factor",
+]

@@ -1,0 +1,198 @@
+"""Disagreement of per-distribution gradients, computed as streaming statistics.
+
+With K distributions, per-distribution gradients ``g_k`` (flattened over all parameters) and
+their mean ``g_bar``, the measures are
+
+* ``raw_var``: ``V = (1/K) sum_k ||g_k - g_bar||^2`` (the trace of the gradient covariance),
+* ``raw_std``: ``sqrt(V)``,
+* ``normalized_var``: ``V / ||g_bar||^2``,
+* ``normalized_std``: ``sqrt(V) / ||g_bar||``,
+* ``cosine``: ``1 - mean pairwise cosine similarity`` of the ``g_k`` (range ``[0, 2]``).
+
+All are 0 for K = 1 or for identical gradients.
+
+:class:`GradientStatistics` takes the gradients one distribution at a time, so memory does not
+grow with K. Welford's update keeps the variance non-negative and precise when the gradients
+nearly agree (the textbook ``mean ||g_k||^2 - ||g_bar||^2`` cancels catastrophically there). The
+cosine measure is the same variance taken over the normalised gradients ``u_k = g_k / ||g_k||``:
+``sum_{i<j} (1 - cos_ij) = (K / 2) sum_k ||u_k - u_bar||^2`` when no ``g_k`` is zero, so
+``cosine = sum_k ||u_k - u_bar||^2 / (K - 1)`` (a zero gradient counts as cosine 0 with the rest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["MEASURES", "GradientStatistics", "disagreement"]
+
+MEASURES: tuple[str, ...] = ("normalized_std", "cosine", "normalized_var", "raw_std", "raw_var")
+
+
+def check_measure(measure: str) -> str:
+    if measure not in MEASURES:
+        raise ValueError(f"unknown disagreement measure {measure!r}: use one of {', '.join(MEASURES)}")
+    return measure
+
+
+def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """Squared L2 norm of the concatenation of ``tensors``, accumulated in float64."""
+    norms = torch._foreach_norm(list(tensors))
+    return torch.stack([n.to(torch.float64) for n in norms]).square().sum()
+
+
+class GradientStatistics:
+    """Running mean and spread of per-distribution gradients, fed one distribution at a time.
+
+    Args:
+        like: tensors giving the shape, dtype and device of each parameter's gradient.
+        cosine: also track the normalised gradients (one more gradient-sized buffer), for the
+            ``cosine`` measure.
+        elementwise: also track the per-coordinate variance (one more gradient-sized buffer).
+        eps: added to ``||g_bar||`` in the normalised measures.
+
+    Example:
+        >>> stats = GradientStatistics([torch.zeros(3)])
+        >>> for g in ([torch.tensor([1.0, 0.0, 0.0])], [torch.tensor([0.0, 1.0, 0.0])]):
+        ...     _ = stats.update(g)
+        >>> stats.mean
+        [tensor([0.5000, 0.5000, 0.0000])]
+        >>> round(stats.disagreement("raw_var").item(), 6)
+        0.5
+        >>> round(stats.disagreement("cosine").item(), 6)
+        1.0
+    """
+
+    def __init__(
+        self,
+        like: Sequence[Tensor],
+        cosine: bool = False,
+        elementwise: bool = False,
+        eps: float = 1e-12,
+    ) -> None:
+        self.mean = [torch.zeros_like(t) for t in like]
+        self.params: Sequence[Tensor] = like
+        self.count = 0
+        self.eps = eps
+        device = self.mean[0].device if self.mean else torch.device("cpu")
+        self._m2 = torch.zeros((), dtype=torch.float64, device=device)
+        self._unit_mean = [torch.zeros_like(t) for t in like] if cosine else None
+        self._unit_m2 = torch.zeros((), dtype=torch.float64, device=device)
+        self._nonzero = torch.zeros((), dtype=torch.float64, device=device)
+        self._elementwise_m2 = [torch.zeros_like(t) for t in like] if elementwise else None
+
+    def _grads(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
+        if len(grads) != len(self.mean):
+            raise ValueError(f"expected {len(self.mean)} gradient tensors, got {len(grads)}")
+        return [torch.zeros_like(m) if g is None else g for g, m in zip(grads, self.mean)]
+
+    @staticmethod
+    def _welford(mean: list[Tensor], delta: list[Tensor], k: int) -> Tensor:
+        """Folds ``delta = x - mean`` into ``mean``; returns the increment of the sum of squares."""
+        increment = _sum_of_squares(delta) * ((k - 1) / k)
+        torch._foreach_add_(mean, delta, alpha=1.0 / k)
+        return increment
+
+    @torch.no_grad()
+    def update(self, grads: Sequence[Tensor | None], inplace: bool = False) -> Tensor:
+        """Adds one distribution's gradients (``None`` counts as zero).
+
+        With ``inplace=True`` the given tensors are overwritten (they end up holding
+        ``g_k - mean``); the optimizer uses this to avoid a copy. Returns ``||g_k||`` (float64).
+        """
+        grads = self._grads(grads)
+        self.count += 1
+        k = self.count
+        norm = _sum_of_squares(grads).sqrt()
+        if self._unit_mean is not None:
+            nonzero = norm > 0
+            inv = torch.where(nonzero, 1.0 / torch.where(nonzero, norm, 1.0), 0.0)
+            units = torch._foreach_mul(grads, inv.to(grads[0].dtype)) if grads else []
+            torch._foreach_sub_(units, self._unit_mean)
+            self._unit_m2 += self._welford(self._unit_mean, units, k)
+            self._nonzero += nonzero.to(torch.float64)
+        delta = grads if inplace else [g.clone() for g in grads]
+        torch._foreach_sub_(delta, self.mean)
+        if self._elementwise_m2 is not None:
+            torch._foreach_addcmul_(self._elementwise_m2, delta, delta, value=(k - 1) / k)
+        self._m2 += self._welford(self.mean, delta, k)
+        return norm
+
+    def variance(self) -> Tensor:
+        """``V = (1/K) sum_k ||g_k - g_bar||^2`` (float64)."""
+        return self._m2 / max(self.count, 1)
+
+    def mean_norm(self) -> Tensor:
+        return _sum_of_squares(self.mean).sqrt()
+
+    def mean_cosine(self) -> Tensor:
+        """Mean pairwise cosine similarity of the gradients (1 for K = 1)."""
+        return 1.0 - self.cosine_disagreement()
+
+    def cosine_disagreement(self) -> Tensor:
+        if self._unit_mean is None:
+            raise ValueError("cosine statistics were not tracked: build with cosine=True")
+        k = self.count
+        if k < 2:
+            return torch.zeros_like(self._unit_m2)
+        # (K - n_nonzero) / K corrects for zero gradients, whose cosine with the rest counts as 0.
+        return (k - self._nonzero) / k + self._unit_m2 / (k - 1)
+
+    def elementwise_variance(self) -> list[Tensor]:
+        """Per-coordinate variance ``(1/K) sum_k (g_k - g_bar)^2``, one tensor per parameter."""
+        if self._elementwise_m2 is None:
+            raise ValueError("per-coordinate statistics were not tracked: build with elementwise=True")
+        return torch._foreach_div(self._elementwise_m2, float(max(self.count, 1)))
+
+    def disagreement(self, measure: str = "normalized_std") -> Tensor:
+        """The disagreement ``measure`` of the gradients seen so far, as a float64 scalar."""
+        check_measure(measure)
+        if measure == "cosine":
+            return self.cosine_disagreement()
+        var = self.variance()
+        if measure == "raw_var":
+            return var
+        if measure == "raw_std":
+            return var.sqrt()
+        norm = self.mean_norm()
+        if measure == "normalized_var":
+            return var / (norm.square() + self.eps)
+        return var.sqrt() / (norm + self.eps)
+
+
+def disagreement(
+    grads: Sequence[Tensor | Sequence[Tensor]], measure: str = "normalized_std", eps: float = 1e-12
+) -> Tensor:
+    """Disagreement of per-distribution gradients.
+
+    Args:
+        grads: one entry per distribution: a tensor (a flattened gradient) or a sequence of
+            tensors (one per parameter), all entries laid out alike.
+        measure: ``"normalized_std"`` (default), ``"cosine"``, ``"normalized_var"``,
+            ``"raw_std"`` or ``"raw_var"``.
+        eps: added to ``||g_bar||`` in the normalised measures.
+
+    Returns:
+        A float64 scalar tensor; 0 for one distribution or identical gradients.
+
+    Example:
+        >>> g1, g2 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.0])
+        >>> disagreement([g1, g2], "cosine").item()
+        2.0
+        >>> disagreement([g1, g1], "normalized_std").item()
+        0.0
+    """
+    check_measure(measure)
+    if len(grads) == 0:
+        raise ValueError("disagreement needs the gradient of at least one distribution")
+    entries = [[g] if isinstance(g, Tensor) else list(g) for g in grads]
+    shapes = [tuple(t.shape) for t in entries[0]]
+    for k, entry in enumerate(entries):
+        if [tuple(t.shape) for t in entry] != shapes:
+            raise ValueError(f"gradient of distribution {k} is laid out differently from distribution 0")
+    stats = GradientStatistics(entries[0], cosine=measure == "cosine", eps=eps)
+    for entry in entries:
+        stats.update(entry)
+    return stats.disagreement(measure)

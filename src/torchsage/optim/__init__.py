@@ -1,0 +1,30 @@
+"""Sharpness-aware optimizers: one two-pass core, one ascent rule each."""
+
+from torchsage.optim._ascent import (
+    RHO_SCALINGS,
+    AdaptiveGradientAscent,
+    AlignedPolarAscent,
+    GradientAscent,
+    PolarAscent,
+)
+from torchsage.optim._core import AscentRule, SharpnessAware, StepInfo, frozen_bn_stats
+from torchsage.optim._sage import SAGE, SAGEAlign, SAGEAlignmentOnly, SAGECurvatureOnly
+from torchsage.optim._sam import ASAM, SAM
+
+__all__ = [
+    "ASAM",
+    "RHO_SCALINGS",
+    "SAGE",
+    "SAM",
+    "AdaptiveGradientAscent",
+    "AlignedPolarAscent",
+    "AscentRule",
+    "GradientAscent",
+    "PolarAscent",
+    "SAGEAlign",
+    "SAGEAlignmentOnly",
+    "SAGECurvatureOnly",
+    "SharpnessAware",
+    "StepInfo",
+    "frozen_bn_stats",
+]

@@ -1,0 +1,191 @@
+"""Ascent rules: how the clean mean gradient becomes a weight perturbation.
+
+* :class:`GradientAscent` (SAM): ``e = rho * g / ||g||`` with the norm over all parameters.
+* :class:`AdaptiveGradientAscent` (ASAM): ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta``.
+* :class:`PolarAscent` (SAGE): every matrix moves along the polar factor of its gradient, every
+  vector along its normalised gradient, then the whole is scaled (see ``RHO_SCALINGS``).
+* :class:`AlignedPolarAscent` (SAGE "align"): mixes the polar factor of the mean gradient with
+  the polar factor of the per-coordinate spread of the distributions' gradients.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from torchsage.disagreement import GradientStatistics
+from torchsage.optim._core import AscentRule
+from torchsage.polar import newton_schulz_coefficients, polar_factor
+
+__all__ = [
+    "RHO_SCALINGS",
+    "AdaptiveGradientAscent",
+    "AlignedPolarAscent",
+    "GradientAscent",
+    "PolarAscent",
+]
+
+#: ``"global"``: the whole perturbation has norm ``rho`` (as in SAM, so a SAM ``rho`` transfers);
+#: ``"layer"``: every matrix moves by ``rho * polar(G)`` (norm ``rho * sqrt(rank)``);
+#: ``"weight"``: every matrix moves by ``rho * ||W||_F * polar(G)``. Vectors move by
+#: ``rho * g / ||g||`` in the last two.
+RHO_SCALINGS: tuple[str, ...] = ("global", "layer", "weight")
+
+Groups = Sequence[tuple[dict[str, Any], list[Tensor]]]
+
+
+def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    if not tensors:
+        return torch.zeros(())
+    return torch.stack([n.to(torch.float64) for n in torch._foreach_norm(list(tensors))]).square().sum().sqrt()
+
+
+class GradientAscent(AscentRule):
+    """SAM's ascent: ``rho * g / ||g||``, the norm taken over every parameter of every group."""
+
+    def __init__(self, eps: float = 1e-12) -> None:
+        self.eps = eps
+
+    def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
+        norm = _global_norm([p.grad for _, ps in groups for p in ps])
+        return [
+            torch._foreach_mul([p.grad for p in ps], float(g["rho"] / (norm + self.eps))) if ps else []
+            for g, ps in groups
+        ]
+
+
+class AdaptiveGradientAscent(AscentRule):
+    """ASAM's ascent: ``rho * T^2 g / ||T g||`` with the scale operator ``T = |w| + eta``."""
+
+    def __init__(self, eta: float = 0.01, eps: float = 1e-12) -> None:
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta = eta
+        self.eps = eps
+
+    def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
+        scales = [[p.detach().abs().add_(self.eta) for p in ps] for _, ps in groups]
+        scaled = [[t * p.grad for t, p in zip(ts, ps)] for ts, (_, ps) in zip(scales, groups)]
+        norm = _global_norm([x for xs in scaled for x in xs])
+        out = []
+        for (g, _), ts, xs in zip(groups, scales, scaled):
+            factor = float(g["rho"] / (norm + self.eps))
+            out.append([t.mul_(x).mul_(factor) for t, x in zip(ts, xs)])
+        return out
+
+
+class PolarAscent(AscentRule):
+    """SAGE's ascent: polar factor per matrix, normalised gradient per vector, then scaled.
+
+    Matrices (parameters with 2 or more dimensions, conv kernels reshaped to ``(out, -1)``) of
+    equal shape are stacked and orthogonalised in one batched Newton-Schulz call.
+
+    Args:
+        scaling: one of :data:`RHO_SCALINGS`.
+        steps, coefficients, method, dtype: passed to :func:`torchsage.polar_factor`.
+    """
+
+    def __init__(
+        self,
+        scaling: str = "global",
+        steps: int = 5,
+        coefficients: Any = "muon",
+        method: str = "newton_schulz",
+        dtype: torch.dtype = torch.float32,
+        eps: float = 1e-12,
+    ) -> None:
+        if scaling not in RHO_SCALINGS:
+            raise ValueError(f"unknown rho scaling {scaling!r}: use one of {', '.join(RHO_SCALINGS)}")
+        if method not in ("newton_schulz", "svd"):
+            raise ValueError(f"unknown polar method {method!r}: use 'newton_schulz' or 'svd'")
+        newton_schulz_coefficients(steps, coefficients)  # validates steps and coefficients
+        self.scaling = scaling
+        self.polar_kwargs = dict(steps=steps, coefficients=coefficients, method=method, dtype=dtype)
+        self.eps = eps
+
+    def directions(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """``polar(G)`` for each matrix, ``g / ||g||`` for each vector (zeros stay zeros)."""
+        out: list[Tensor | None] = [None] * len(tensors)
+        batches: dict[tuple, list[int]] = defaultdict(list)
+        for i, t in enumerate(tensors):
+            if t.ndim >= 2:
+                batches[(t.shape[0], t[0].numel(), t.dtype, t.device)].append(i)
+            else:
+                norm = t.norm()
+                out[i] = t / torch.where(norm > 0, norm, 1.0)
+        for (rows, cols, _, _), idx in batches.items():
+            stacked = torch.stack([tensors[i].reshape(rows, cols) for i in idx])
+            polar = polar_factor(stacked, **self.polar_kwargs)
+            for j, i in enumerate(idx):
+                out[i] = polar[j].view_as(tensors[i])
+        return out  # type: ignore[return-value]
+
+    def _scale(self, groups: Groups, directions: list[list[Tensor]]) -> list[list[Tensor]]:
+        if self.scaling == "global":
+            norm = _global_norm([d for ds in directions for d in ds])
+            return [
+                torch._foreach_mul(ds, float(g["rho"] / (norm + self.eps))) if ds else []
+                for (g, _), ds in zip(groups, directions)
+            ]
+        out = []
+        for (g, ps), ds in zip(groups, directions):
+            scaled = []
+            for p, d in zip(ps, ds):
+                factor = g["rho"] * (p.detach().norm() if self.scaling == "weight" and p.ndim >= 2 else 1.0)
+                scaled.append(d.mul_(factor))
+            out.append(scaled)
+        return out
+
+    def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
+        flat = self.directions([p.grad for _, ps in groups for p in ps])
+        return self._scale(groups, _regroup(groups, flat))
+
+
+def _regroup(groups: Groups, flat: list[Tensor]) -> list[list[Tensor]]:
+    out, start = [], 0
+    for _, ps in groups:
+        out.append(flat[start : start + len(ps)])
+        start += len(ps)
+    return out
+
+
+class AlignedPolarAscent(PolarAscent):
+    """SAGE "align" ascent: ``(1 - lam) polar(g_bar) + lam polar(std_k(g_k) * sign(g_bar))``.
+
+    The mixing weight ``lam = clamp(lambda_max * (1 - mean pairwise cosine), 0, lambda_max)``
+    grows as the distributions' gradients disagree, steering the perturbation towards the
+    coordinates where they differ most. Needs per-distribution statistics (two more
+    gradient-sized buffers, independent of K).
+    """
+
+    needs_statistics = True
+    cosine = True
+    elementwise = True
+
+    def __init__(self, lambda_max: float = 0.8, **kwargs: Any) -> None:
+        if not 0.0 <= lambda_max <= 1.0:
+            raise ValueError(f"lambda_max must lie in [0, 1], got {lambda_max}")
+        super().__init__(**kwargs)
+        self.lambda_max = lambda_max
+        self.last_lambda = 0.0
+
+    def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
+        if stats is None:
+            raise ValueError("the align ascent needs per-distribution statistics")
+        lam = float((self.lambda_max * (1.0 - stats.mean_cosine())).clamp(0.0, self.lambda_max))
+        self.last_lambda = lam
+        grads = [p.grad for _, ps in groups for p in ps]
+        mean_dirs = self.directions(grads)
+        if lam > 0:
+            variance = dict(zip(map(id, stats.params), stats.elementwise_variance()))
+            params = [p for _, ps in groups for p in ps]
+            spread = [variance[id(p)].sqrt_().mul_(torch.sign(g)) for p, g in zip(params, grads)]
+            spread_dirs = self.directions(spread)
+            mixed = torch._foreach_mul(mean_dirs, 1.0 - lam)
+            torch._foreach_add_(mixed, spread_dirs, alpha=lam)
+            mean_dirs = mixed
+        return self._scale(groups, _regroup(groups, mean_dirs))

@@ -1,0 +1,465 @@
+"""The two-pass sharpness-aware step shared by SAM, ASAM, SAGE and their variants.
+
+One step is:
+
+1. **clean pass** at the weights ``w``: the closure's per-distribution losses are differentiated;
+   the mean gradient (and, when the ascent rule or the descent needs them, streaming statistics
+   of the per-distribution gradients) is formed;
+2. **ascent**: the ascent rule turns them into a perturbation ``e``; the weights move to ``w + e``;
+3. **perturbed pass** at ``w + e``: the gradient of the mean loss is taken, then ``w`` is restored
+   bit for bit from a saved copy;
+4. **descent**: an optional hook edits the descent gradient (SAGE adds noise), after optional
+   clipping, and the base optimizer steps.
+
+SAM, ASAM and SAGE differ only in their :class:`AscentRule` and in the descent hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from torchsage.disagreement import GradientStatistics
+
+__all__ = ["AscentRule", "SharpnessAware", "StepInfo", "frozen_bn_stats"]
+
+Losses = Tensor | Sequence[Tensor] | Mapping[str, Tensor] | Iterable[Tensor]
+Closure = Callable[[], Losses]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What one step measured. Values are Python floats (``nan`` where not measured).
+
+    Attributes:
+        loss: mean loss at the clean weights.
+        losses: per-distribution losses at the clean weights.
+        perturbed_loss: mean loss at the perturbed weights (``nan`` when there was no second pass).
+        disagreement: disagreement of the per-distribution gradients (after clipping).
+        noise_std: standard deviation of the descent noise (first param group).
+        perturbation_norm: L2 norm of the whole perturbation.
+        grad_norm: L2 norm of the descent gradient before clipping and noise.
+        skipped: True when a non-finite value made the step a no-op (``on_nonfinite="skip"``).
+        names: names of the distributions, in order.
+    """
+
+    loss: float
+    losses: tuple[float, ...]
+    perturbed_loss: float = math.nan
+    disagreement: float = math.nan
+    noise_std: float = math.nan
+    perturbation_norm: float = 0.0
+    grad_norm: float = math.nan
+    skipped: bool = False
+    names: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat dict for logging."""
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module | None) -> Iterator[None]:
+    """Runs the body with the running statistics of every BatchNorm layer of ``model`` frozen.
+
+    Normalisation still uses the batch statistics in training mode; only the running mean,
+    running variance and batch counter are left unchanged. ``None`` does nothing.
+    """
+    layers = []
+    if model is not None:
+        layers = [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+        ]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+class AscentRule:
+    """Maps the clean mean gradient to a perturbation of the weights.
+
+    A rule reads each parameter's mean gradient from ``p.grad`` and the radius from
+    ``group["rho"]``. Subclasses set the class attributes below to ask the optimizer for
+    per-distribution statistics, and implement :meth:`perturbation`.
+    """
+
+    #: per-distribution gradients must be streamed into :class:`GradientStatistics`
+    needs_statistics: bool = False
+    #: the statistics must include normalised gradients (cosine measure)
+    cosine: bool = False
+    #: the statistics must include the per-coordinate variance
+    elementwise: bool = False
+
+    def perturbation(
+        self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]], stats: GradientStatistics | None
+    ) -> list[list[Tensor]]:
+        """One perturbation tensor per parameter of each ``(group, params)`` pair.
+
+        ``params`` holds only parameters that have a gradient; ``stats`` is given when
+        :attr:`needs_statistics` is set and is laid out like the concatenation of all ``params``.
+        """
+        raise NotImplementedError
+
+
+def _is_scalar_loss(x: Any) -> bool:
+    return isinstance(x, Tensor) and x.numel() == 1
+
+
+def _named_losses(losses: Losses) -> tuple[list[str] | None, Iterable[Tensor], bool]:
+    """(names or None, losses, lazy). Lazy iterables are consumed one loss at a time."""
+    if isinstance(losses, Tensor):
+        if losses.numel() != 1:
+            raise ValueError(
+                "the closure returned a tensor of shape "
+                f"{tuple(losses.shape)}: return one scalar loss per distribution as a list"
+            )
+        return ["0"], [losses], False
+    if isinstance(losses, Mapping):
+        return [str(k) for k in losses], list(losses.values()), False
+    if isinstance(losses, (list, tuple)):
+        return [str(k) for k in range(len(losses))], list(losses), False
+    if isinstance(losses, Iterable):
+        return None, losses, True
+    raise ValueError(
+        f"the closure must return a scalar loss, a list or dict of scalar losses, or an iterator "
+        f"of them; got {type(losses).__name__}"
+    )
+
+
+def _check_loss(loss: Any, name: str) -> Tensor:
+    if not _is_scalar_loss(loss):
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"the loss of distribution {name} must be a scalar tensor, got {shape}")
+    if not loss.requires_grad:
+        raise ValueError(
+            f"the loss of distribution {name} does not require grad: compute it inside the closure"
+        )
+    return loss.reshape(())
+
+
+class SharpnessAware(Optimizer):
+    """Two-pass sharpness-aware optimizer around a base optimizer, with a pluggable ascent rule.
+
+    Not used directly: :class:`torchsage.SAM` and :class:`torchsage.SAGE` build on it.
+
+    Args:
+        params: parameters or parameter groups; groups may set their own ``rho`` (and the
+            options of subclasses) besides the base optimizer's options.
+        base_optimizer: a :class:`torch.optim.Optimizer` class (or a callable returning an
+            optimizer) built on this optimizer's parameter groups with ``**base_kwargs``.
+        ascent: the ascent rule.
+        defaults: this optimizer's own per-group options; must include ``rho``.
+        model: when given, BatchNorm running statistics of ``model`` are not updated on the
+            perturbed pass (unless ``update_bn_on_perturbed``).
+        max_grad_norm: clips the descent gradient to this global L2 norm (clipping before the
+            ascent would be undone by its normalisation).
+        on_nonfinite: ``"raise"`` a :class:`FloatingPointError` naming the distribution, or
+            ``"skip"`` the step; either way parameters and optimizer state are left unchanged.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Callable[..., Optimizer],
+        ascent: AscentRule,
+        defaults: dict[str, Any],
+        *,
+        model: nn.Module | None = None,
+        update_bn_on_perturbed: bool = False,
+        max_grad_norm: float | None = None,
+        on_nonfinite: str = "raise",
+        **base_kwargs: Any,
+    ) -> None:
+        if not callable(base_optimizer):
+            raise ValueError(
+                f"base_optimizer must be a torch.optim.Optimizer class, got {base_optimizer!r}"
+            )
+        if isinstance(base_optimizer, type) and not issubclass(base_optimizer, Optimizer):
+            raise ValueError(f"base_optimizer must subclass torch.optim.Optimizer, got {base_optimizer!r}")
+        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm}")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        self.ascent = ascent
+        self.model = model
+        self.update_bn_on_perturbed = update_bn_on_perturbed
+        self.max_grad_norm = max_grad_norm
+        self.on_nonfinite = on_nonfinite
+        super().__init__(params, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        if not isinstance(self.base_optimizer, Optimizer):
+            raise ValueError("base_optimizer(...) must return a torch.optim.Optimizer")
+        # One list of groups and one state shared with the base optimizer, so LR schedulers
+        # attached to this wrapper drive the base optimizer, and its moments are saved.
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        for group in self.param_groups:
+            self._check_group(group)
+
+    # -- options -----------------------------------------------------------------------------
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        rho = group["rho"]
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0 <= rho < math.inf):
+            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "base_optimizer"):
+            for name, default in self.base_optimizer.defaults.items():
+                param_group.setdefault(name, default)
+            self._check_group(param_group)
+
+    # -- hooks for subclasses ----------------------------------------------------------------
+
+    def _wants_statistics(self) -> bool:
+        """Whether per-distribution statistics are needed (ascent rule or descent)."""
+        return self.ascent.needs_statistics
+
+    def _statistics(self, params: list[Tensor]) -> GradientStatistics:
+        return GradientStatistics(params, cosine=self.ascent.cosine, elementwise=self.ascent.elementwise)
+
+    def _measure(self, stats: GradientStatistics | None) -> dict[str, float]:
+        """Reads what the descent needs from the clean-pass statistics, before anything edits
+        the gradients (the mean gradient and ``p.grad`` may be the same tensor)."""
+        return {}
+
+    def _descent(
+        self, groups: list[tuple[dict[str, Any], list[Tensor]]], measured: dict[str, float]
+    ) -> dict[str, float]:
+        """Edits the descent gradients in place; returns extra fields for :class:`StepInfo`."""
+        return {}
+
+    def _noise_generators_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_noise_generators_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def _active(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _mean_gradient(self, closure: Closure, params: list[Tensor]) -> tuple[list[str], Tensor]:
+        """Evaluates the closure and leaves the gradient of the mean loss in ``p.grad``."""
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            names, losses, lazy = _named_losses(closure())
+            if not lazy:
+                checked = [_check_loss(x, n) for x, n in zip(losses, names)]
+                if not checked:
+                    raise ValueError("the closure returned no loss")
+                torch.stack(checked).mean().backward()
+                return names, torch.stack([x.detach() for x in checked])
+            values = []
+            for k, loss in enumerate(losses):  # one graph alive at a time; divide by K below
+                loss = _check_loss(loss, str(k))
+                loss.backward()
+                values.append(loss.detach())
+        if not values:
+            raise ValueError("the closure returned no loss")
+        present = [p.grad for p in params if p.grad is not None]
+        if present:
+            torch._foreach_div_(present, float(len(values)))
+        return [str(k) for k in range(len(values))], torch.stack(values)
+
+    def _streamed_gradients(
+        self, closure: Closure, params: list[Tensor]
+    ) -> tuple[list[str], Tensor, GradientStatistics, Tensor]:
+        """Differentiates each distribution's loss on its own and streams its gradient.
+
+        Each gradient is folded into the running statistics and dropped, so memory does not grow
+        with the number of distributions; the mean gradient ends up in ``p.grad``. Returns
+        (names, losses, statistics, per-distribution gradient norms).
+        """
+        for p in params:
+            p.grad = None
+        stats = self._statistics(params)
+        values, norms, seen = [], [], [False] * len(params)
+        with torch.enable_grad():
+            names, losses, lazy = _named_losses(closure())
+            count = None if lazy else len(losses)  # type: ignore[arg-type]
+            for k, loss in enumerate(losses):
+                loss = _check_loss(loss, names[k] if names else str(k))
+                values.append(loss.detach())
+                # A list may share one forward graph across distributions: keep it until the last.
+                loss.backward(retain_graph=count is not None and k < count - 1)
+                norms.append(stats.update([p.grad for p in params], inplace=True))
+                for i, p in enumerate(params):
+                    seen[i] = seen[i] or p.grad is not None
+                    p.grad = None
+        if not values:
+            raise ValueError("the closure returned no loss")
+        for p, m, used in zip(params, stats.mean, seen):
+            p.grad = m if used else None  # parameters no loss reached keep no gradient
+        names = names or [str(k) for k in range(len(values))]
+        return names, torch.stack(values), stats, torch.stack(norms)
+
+    def _locate_nonfinite(self, closure: Closure, params: list[Tensor]) -> str | None:
+        """Which distribution has a non-finite gradient at the current weights (failure path)."""
+        with torch.enable_grad():
+            names, losses, _ = _named_losses(closure())
+            items = list(losses)
+            names = names or [str(k) for k in range(len(items))]
+            for k, (name, loss) in enumerate(zip(names, items)):
+                for p in params:
+                    p.grad = None
+                _check_loss(loss, name).backward(retain_graph=k < len(items) - 1)
+                grads = [p.grad for p in params if p.grad is not None]
+                if grads and not all(torch.isfinite(n) for n in torch._foreach_norm(grads)):
+                    return name
+        return None
+
+    def _problem(
+        self,
+        closure: Closure,
+        params: list[Tensor],
+        names: list[str],
+        losses: Tensor,
+        norms: Tensor | None,
+        grad_norm: Tensor,
+        where: str,
+    ) -> str | None:
+        """Describes the first non-finite loss or gradient, or returns None."""
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            k = int(bad[0, 0])
+            return f"non-finite loss ({losses[k].item()}) in distribution {names[k]} {where}"
+        if norms is not None:
+            bad = (~torch.isfinite(norms)).nonzero()
+            if len(bad):
+                return f"non-finite gradient in distribution {names[int(bad[0, 0])]} {where}"
+        if not torch.isfinite(grad_norm):
+            return f"non-finite gradient in distribution {self._locate_nonfinite(closure, params)} {where}"
+        return None
+
+    @staticmethod
+    def _norm(tensors: list[Tensor]) -> Tensor:
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64)
+        return torch.stack([n.double() for n in torch._foreach_norm(tensors)]).square().sum().sqrt()
+
+    def _skip(self, params: list[Tensor], names: list[str], losses: Tensor, message: str) -> StepInfo:
+        for p in params:
+            p.grad = None
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        return StepInfo(
+            loss=float(losses.mean()), losses=tuple(losses.tolist()), skipped=True, names=tuple(names)
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> StepInfo:  # type: ignore[override]
+        """One sharpness-aware step.
+
+        Args:
+            closure: called with no arguments at the clean and at the perturbed weights; returns
+                the loss of each distribution (a list, a dict name -> loss, an iterator, or one
+                scalar). It computes the forward pass only: the optimizer runs the backward
+                passes. Losses from separate forward passes are fastest; losses sharing one
+                forward graph work, but each per-distribution backward then traverses the whole
+                graph. An iterator (a generator) keeps one distribution's graph alive at a time.
+
+        Returns:
+            A :class:`StepInfo`.
+        """
+        if closure is None:
+            raise ValueError(
+                f"{type(self).__name__}.step needs a closure returning the per-distribution losses"
+            )
+        params = self._all_params()
+        stats, norms = None, None
+        if self._wants_statistics():
+            names, losses, stats, norms = self._streamed_gradients(closure, params)
+        else:
+            names, losses = self._mean_gradient(closure, params)
+        grad_norm = self._norm([p.grad for p in params if p.grad is not None])
+        problem = self._problem(closure, params, names, losses, norms, grad_norm, "at the clean weights")
+        if problem is not None:
+            return self._skip(params, names, losses, problem)
+        measured = self._measure(stats)
+
+        groups = self._active()
+        perturbed_loss = math.nan
+        perturbation_norm = 0.0
+        if any(g["rho"] > 0 for g, ps in groups if ps):
+            perturbation = [e for es in self.ascent.perturbation(groups, stats) for e in es]
+            moved = [p for _, ps in groups for p in ps]
+            saved = [p.detach().clone() for p in moved]  # restored bit for bit below
+            perturbation_norm = float(self._norm(perturbation))
+            if moved:
+                torch._foreach_add_(moved, perturbation)
+            del perturbation
+            try:
+                bn = contextlib.nullcontext() if self.update_bn_on_perturbed else frozen_bn_stats(self.model)
+                with bn:
+                    pnames, plosses = self._mean_gradient(closure, params)
+                grad_norm = self._norm([p.grad for p in params if p.grad is not None])
+                problem = self._problem(
+                    closure, params, pnames, plosses, None, grad_norm, "at the perturbed weights"
+                )
+                perturbed_loss = float(plosses.mean())
+            finally:
+                if moved:
+                    torch._foreach_copy_(moved, saved)
+            del saved
+            if problem is not None:
+                return self._skip(params, names, losses, problem)
+            groups = self._active()
+
+        if self.max_grad_norm is not None:
+            grads = [p.grad for _, ps in groups for p in ps]
+            if grads:
+                factor = (self.max_grad_norm / (grad_norm + 1e-12)).clamp(max=1.0)
+                torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+        extra = self._descent(groups, measured)
+        self.base_optimizer.step()
+        return StepInfo(
+            loss=float(losses.mean()),
+            losses=tuple(losses.tolist()),
+            perturbed_loss=perturbed_loss,
+            perturbation_norm=perturbation_norm,
+            grad_norm=float(grad_norm),
+            names=tuple(names),
+            **extra,
+        )
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (moments included) plus this optimizer's noise state."""
+        state = self.base_optimizer.state_dict()
+        state["torchsage"] = self._noise_generators_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("torchsage", {})
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self._load_noise_generators_state(extra)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ascent={type(self.ascent).__name__}, base={self.base_optimizer!r})"

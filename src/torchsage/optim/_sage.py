@@ -1,0 +1,226 @@
+"""SAGE (Spectral-Aware Gradient-Aligned Exploration) and its named variants."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from torchsage.disagreement import GradientStatistics, check_measure
+from torchsage.optim._ascent import AlignedPolarAscent, PolarAscent
+from torchsage.optim._core import AscentRule, SharpnessAware
+
+__all__ = ["SAGE", "SAGEAlign", "SAGEAlignmentOnly", "SAGECurvatureOnly"]
+
+
+class SAGE(SharpnessAware):
+    r"""Spectral-Aware Gradient-Aligned Exploration for K training distributions.
+
+    Each step:
+
+    1. takes every distribution's gradient :math:`g_k` at the weights (one backward per loss,
+       streamed into running statistics: memory does not grow with K) and their mean
+       :math:`\bar g`;
+    2. **curvature** (ascent): moves each weight matrix along the polar factor of its mean
+       gradient, :math:`\mathrm{polar}(G) = U V^\top` for :math:`G = U S V^\top` (Newton-Schulz),
+       each vector along :math:`g / \lVert g \rVert`, scaled by ``rho`` as ``rho_scaling`` says;
+    3. takes the gradient of the mean loss at the perturbed weights, restores the weights exactly;
+    4. **alignment** (descent): adds isotropic Gaussian noise of standard deviation
+       :math:`\gamma D` to that gradient, :math:`D` the disagreement of the :math:`g_k`
+       (``max_disagreement`` clips it), and lets the base optimizer step.
+
+    Args:
+        params: parameters or parameter groups; a group may set its own ``rho`` and ``gamma``.
+        base_optimizer: a :class:`torch.optim.Optimizer` class, built with ``**base_kwargs``.
+        rho: ascent radius.
+        gamma: noise scale: the noise std is ``gamma * disagreement``.
+        disagreement: ``"normalized_std"``, ``"cosine"``, ``"normalized_var"``, ``"raw_std"``
+            or ``"raw_var"`` (see :mod:`torchsage.disagreement`).
+        ns_steps, ns_coefficients: Newton-Schulz iterations and schedule (``"muon"`` or
+            ``"polar_express"``).
+        polar_method: ``"newton_schulz"`` or ``"svd"`` (exact, slow).
+        seed: seeds the noise generator, whose state is part of :meth:`state_dict`; ``None``
+            draws the seed from torch's global generator.
+        rho_scaling: ``"global"`` (default: the whole perturbation has norm ``rho``, as in SAM),
+            ``"layer"`` (``rho * polar(G)`` per matrix) or ``"weight"``
+            (``rho * ||W||_F * polar(G)``, the authors' domain-generalization choice).
+        max_disagreement: clips the disagreement from above before it scales the noise.
+        ns_dtype: precision of the Newton-Schulz iteration (``torch.bfloat16`` on accelerators).
+        model, update_bn_on_perturbed, max_grad_norm, on_nonfinite: see
+            :class:`torchsage.optim.SharpnessAware`.
+
+    With ``rho=0`` and ``gamma=0`` a step is the base optimizer's step on the mean loss;
+    ``gamma=0`` is the curvature-only ablation (:class:`SAGECurvatureOnly`) and ``rho=0`` the
+    alignment-only one (:class:`SAGEAlignmentOnly`, one pass per step).
+
+    Example:
+        >>> import torch
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> opt = SAGE(model.parameters(), torch.optim.SGD, rho=0.05, gamma=0.01, lr=0.1, seed=0)
+        >>> domains = [(torch.randn(16, 4), torch.randint(0, 2, (16,))) for _ in range(3)]
+        >>> def closure():
+        ...     return [torch.nn.functional.cross_entropy(model(x), y) for x, y in domains]
+        >>> info = opt.step(closure)
+        >>> info.disagreement > 0, round(info.perturbation_norm, 6)
+        (True, 0.05)
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Callable[..., Optimizer],
+        rho: float = 0.05,
+        gamma: float = 0.1,
+        disagreement: str = "normalized_std",
+        ns_steps: int = 5,
+        ns_coefficients: Any = "muon",
+        polar_method: str = "newton_schulz",
+        seed: int | None = None,
+        *,
+        rho_scaling: str = "global",
+        max_disagreement: float | None = None,
+        ns_dtype: torch.dtype = torch.float32,
+        model: nn.Module | None = None,
+        update_bn_on_perturbed: bool = False,
+        max_grad_norm: float | None = None,
+        on_nonfinite: str = "raise",
+        **base_kwargs: Any,
+    ) -> None:
+        self.measure = check_measure(disagreement)
+        if max_disagreement is not None and not max_disagreement > 0:
+            raise ValueError(f"max_disagreement must be a positive number or None, got {max_disagreement}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        self.max_disagreement = max_disagreement
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+        ascent = self._make_ascent(
+            scaling=rho_scaling, steps=ns_steps, coefficients=ns_coefficients, method=polar_method, dtype=ns_dtype
+        )
+        super().__init__(
+            params,
+            base_optimizer,
+            ascent,
+            dict(rho=rho, gamma=gamma),
+            model=model,
+            update_bn_on_perturbed=update_bn_on_perturbed,
+            max_grad_norm=max_grad_norm,
+            on_nonfinite=on_nonfinite,
+            **base_kwargs,
+        )
+
+    def _make_ascent(self, **kwargs: Any) -> AscentRule:
+        return PolarAscent(**kwargs)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        gamma = group["gamma"]
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0 <= gamma < math.inf):
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+
+    # -- statistics and noise ----------------------------------------------------------------
+
+    def _wants_statistics(self) -> bool:
+        return True
+
+    def _statistics(self, params: list[Tensor]) -> GradientStatistics:
+        return GradientStatistics(
+            params,
+            cosine=self.ascent.cosine or self.measure == "cosine",
+            elementwise=self.ascent.elementwise,
+        )
+
+    def _measure(self, stats: GradientStatistics | None) -> dict[str, float]:
+        value = float(stats.disagreement(self.measure)) if stats is not None else 0.0
+        if self.max_disagreement is not None:
+            value = min(value, self.max_disagreement)
+        return {"disagreement": value}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def _descent(
+        self, groups: list[tuple[dict[str, Any], list[Tensor]]], measured: dict[str, float]
+    ) -> dict[str, float]:
+        stds = [g["gamma"] * measured["disagreement"] for g, ps in groups if ps]
+        for group, ps in groups:
+            std = group["gamma"] * measured["disagreement"]
+            if not ps or std == 0:
+                continue
+            # One draw per (device, dtype): fewer kernel launches than one per parameter.
+            buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
+            for p in ps:
+                buckets[(p.grad.device, p.grad.dtype)].append(p.grad)
+            for (device, dtype), grads in buckets.items():
+                total = sum(g.numel() for g in grads)
+                noise = torch.randn(total, generator=self._generator(device), device=device, dtype=dtype)
+                pieces = [n.view_as(g) for n, g in zip(noise.split([g.numel() for g in grads]), grads)]
+                torch._foreach_add_(grads, pieces, alpha=std)
+        return {"disagreement": measured["disagreement"], "noise_std": stds[0] if stds else 0.0}
+
+    def _noise_generators_state(self) -> dict[str, Any]:
+        return {"seed": self.seed, "generators": {k: g.get_state() for k, g in self._generators.items()}}
+
+    def _load_noise_generators_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.seed = int(state["seed"])
+        self._generators = {}
+        for key, gen_state in state.get("generators", {}).items():
+            self._generator(torch.device(key)).set_state(gen_state)
+
+
+class SAGECurvatureOnly(SAGE):
+    """Ablation: SAGE's polar-factor ascent without the descent noise (``gamma = 0``)."""
+
+    def __init__(self, params: Any, base_optimizer: Callable[..., Optimizer], rho: float = 0.05, **kwargs: Any):
+        if "gamma" in kwargs:
+            raise ValueError("SAGECurvatureOnly fixes gamma = 0; use SAGE to set it")
+        super().__init__(params, base_optimizer, rho=rho, gamma=0.0, **kwargs)
+
+
+class SAGEAlignmentOnly(SAGE):
+    """Ablation: SAGE's disagreement-scaled noise without the ascent (``rho = 0``, one pass)."""
+
+    def __init__(self, params: Any, base_optimizer: Callable[..., Optimizer], gamma: float = 0.1, **kwargs: Any):
+        if "rho" in kwargs:
+            raise ValueError("SAGEAlignmentOnly fixes rho = 0; use SAGE to set it")
+        super().__init__(params, base_optimizer, rho=0.0, gamma=gamma, **kwargs)
+
+
+class SAGEAlign(SAGE):
+    r"""SAGE "align" variant: an alignment-aware ascent and no descent noise.
+
+    The perturbation direction is
+    :math:`(1 - \lambda)\,\mathrm{polar}(\bar g) + \lambda\,\mathrm{polar}(\sigma \odot \mathrm{sign}(\bar g))`
+    per matrix, :math:`\sigma` the per-coordinate standard deviation of the :math:`g_k`, and
+    :math:`\lambda = \mathrm{clamp}(\lambda_{max} (1 - \text{mean cosine}), 0, \lambda_{max})`.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Callable[..., Optimizer],
+        rho: float = 0.05,
+        lambda_max: float = 0.8,
+        **kwargs: Any,
+    ):
+        if "gamma" in kwargs:
+            raise ValueError("SAGEAlign adds no noise (gamma = 0); use SAGE for noise")
+        self.lambda_max = lambda_max
+        super().__init__(params, base_optimizer, rho=rho, gamma=0.0, **kwargs)
+
+    def _make_ascent(self, **kwargs: Any) -> AscentRule:
+        return AlignedPolarAscent(lambda_max=self.lambda_max, **kwargs)

@@ -1,0 +1,193 @@
+"""Polar factor of a matrix: Newton-Schulz iterations and an exact SVD reference.
+
+The polar factor of ``G = U S V^T`` is ``polar(G) = U V^T``: the orthogonal matrix closest to ``G``.
+SAGE perturbs every weight matrix along ``polar(grad)``, so every direction of the gradient's row
+and column spaces is probed with the same magnitude, whatever its singular value.
+
+Newton-Schulz iterations compute it with matrix products only. After dividing ``G`` by its
+Frobenius norm (so every singular value lies in ``(0, 1]``), each step applies an odd quintic
+``p(x) = a x + b x^3 + c x^5`` to the singular values, written in matrix form as
+``X <- a X + (b A + c A^2) X`` with ``A = X X^T``. Two schedules are provided:
+
+* ``"muon"``: the same quintic every step, ``(3.4445, -4.7750, 2.0315)``. Five steps map singular
+  values at or above about 1e-2 of the Frobenius norm into roughly ``[0.68, 1.13]``: cheap, not
+  exact, and enough for an optimizer direction.
+* ``"polar_express"``: a different quintic per step, each the minimax fit of 1 on the interval the
+  singular values occupy at that step (Amsel et al., 2025). Computed by :func:`polar_express_coefficients`;
+  with 6 to 8 steps the singular values land within about 1e-3 of 1 down to 1e-3 of the Frobenius norm.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MUON_COEFFICIENTS",
+    "newton_schulz_coefficients",
+    "polar_express_coefficients",
+    "polar_factor",
+]
+
+MUON_COEFFICIENTS: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+
+# Fixed point of the minimax fit on a vanishing interval around 1: p(1) = 1, p'(1) = p''(1) = 0.
+_QUINTIC_AT_ONE: tuple[float, float, float] = (15 / 8, -10 / 8, 3 / 8)
+
+
+def _minimax_odd_quintic(lower: float, upper: float) -> tuple[float, float, float, float]:
+    """Remez exchange for the odd quintic closest to 1 in max norm on ``[lower, upper]``.
+
+    The optimum equioscillates at four points: both ends and the two interior extrema of the
+    error, which are the positive roots of ``p'(x) = a + 3 b x^2 + 5 c x^4``. Returns
+    ``(a, b, c, E)`` with ``E`` the maximal error.
+    """
+    if upper - lower < 1e-6 * upper:
+        return (*_QUINTIC_AT_ONE, 0.0)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    points = torch.tensor(
+        [lower, lower + 0.25 * (upper - lower), lower + 0.75 * (upper - lower), upper],
+        dtype=torch.float64,
+    )
+    for _ in range(200):
+        system = torch.stack([points, points**3, points**5, signs], dim=1)
+        a, b, c, err = torch.linalg.solve(system, torch.ones(4, dtype=torch.float64)).tolist()
+        disc = max(9 * b * b - 20 * a * c, 0.0)
+        roots = sorted(((-3 * b - math.sqrt(disc)) / (10 * c), (-3 * b + math.sqrt(disc)) / (10 * c)))
+        interior = [min(max(math.sqrt(max(r, 0.0)), lower), upper) for r in roots]
+        new_points = torch.tensor([lower, *interior, upper], dtype=torch.float64)
+        if torch.allclose(new_points, points, rtol=0.0, atol=1e-14):
+            break
+        points = new_points
+    return a, b, c, abs(err)
+
+
+@functools.lru_cache(maxsize=32)
+def polar_express_coefficients(
+    steps: int = 8, lower: float = 1e-3
+) -> tuple[tuple[float, float, float], ...]:
+    """Per-step quintic coefficients of the Polar Express schedule.
+
+    Starting from the interval ``[lower, 1]`` that holds the singular values of a
+    Frobenius-normalised matrix (those at least ``lower`` times the norm), each step takes the
+    minimax odd quintic of 1 on the current interval and maps the interval through it. The result
+    is computed in float64 and cached.
+
+    Example:
+        >>> coeffs = polar_express_coefficients(steps=8)
+        >>> len(coeffs)
+        8
+        >>> [round(x, 3) for x in coeffs[-1]]
+        [1.875, -1.25, 0.375]
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 < lower < 1.0:
+        raise ValueError(f"lower must lie in (0, 1), got {lower}")
+    coefficients = []
+    lo, hi = lower, 1.0
+    for _ in range(steps):
+        a, b, c, err = _minimax_odd_quintic(lo, hi)
+        coefficients.append((a, b, c))
+        lo, hi = 1.0 - err, 1.0 + err
+    return tuple(coefficients)
+
+
+def newton_schulz_coefficients(
+    steps: int, coefficients: str | Sequence[Sequence[float]] = "muon"
+) -> tuple[tuple[float, float, float], ...]:
+    """The ``(a, b, c)`` triple of every step for a named schedule or an explicit table."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if isinstance(coefficients, str):
+        if coefficients == "muon":
+            return (MUON_COEFFICIENTS,) * steps
+        if coefficients == "polar_express":
+            return polar_express_coefficients(steps)
+        raise ValueError(
+            f"unknown coefficients {coefficients!r}: use 'muon', 'polar_express' or a table"
+        )
+    table = tuple(tuple(float(x) for x in row) for row in coefficients)
+    if any(len(row) != 3 for row in table):
+        raise ValueError("a coefficient table holds one (a, b, c) triple per step")
+    if len(table) == 1:
+        return table * steps
+    if len(table) != steps:
+        raise ValueError(f"coefficient table has {len(table)} rows but steps={steps}")
+    return table
+
+
+def _svd_polar(G: Tensor) -> Tensor:
+    U, S, Vh = torch.linalg.svd(G.to(torch.float64), full_matrices=False)
+    # Directions of (numerically) zero singular values are arbitrary: drop them, as rank does.
+    tol = S.amax(dim=-1, keepdim=True) * max(G.shape[-2:]) * torch.finfo(torch.float64).eps
+    keep = (S > tol).to(torch.float64)
+    return (U * keep.unsqueeze(-2)) @ Vh
+
+
+def polar_factor(
+    G: Tensor,
+    steps: int = 5,
+    coefficients: str | Sequence[Sequence[float]] = "muon",
+    method: str = "newton_schulz",
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Polar factor ``U V^T`` of ``G = U S V^T``, batched over leading dimensions.
+
+    Args:
+        G: tensor of shape ``(..., m, n)``; tall and wide matrices are both accepted. A conv
+            weight is reshaped to ``(out, -1)`` by the caller.
+        steps: Newton-Schulz iterations.
+        coefficients: ``"muon"`` (default), ``"polar_express"`` or a table of ``(a, b, c)``
+            triples (one row, or one row per step).
+        method: ``"newton_schulz"`` or ``"svd"`` (exact, float64; for tests and small layers).
+        dtype: precision of the iteration: ``torch.float32`` (default), ``torch.bfloat16`` or
+            ``torch.float64``. The result is returned in ``G``'s dtype.
+
+    Returns:
+        A tensor of ``G``'s shape and dtype. A zero (or all-subnormal) matrix gives zeros, never
+        NaN; singular values far below the Frobenius norm are not lifted to 1 by Newton-Schulz.
+
+    Example:
+        >>> G = torch.randn(4, 6, dtype=torch.float64)
+        >>> Q = polar_factor(G, method="svd")
+        >>> torch.allclose(Q @ Q.T, torch.eye(4, dtype=torch.float64))
+        True
+        >>> approx = polar_factor(G.float(), steps=8, coefficients="polar_express")
+        >>> (approx.double() - Q).abs().max().item() < 1e-2
+        True
+    """
+    if not isinstance(G, Tensor) or G.ndim < 2:
+        raise ValueError(f"G must be a tensor with at least 2 dimensions, got shape {tuple(G.shape)}")
+    if not G.is_floating_point():
+        raise ValueError(f"G must be a floating-point tensor, got {G.dtype}")
+    if method == "svd":
+        return _svd_polar(G).to(G.dtype)
+    if method != "newton_schulz":
+        raise ValueError(f"unknown method {method!r}: use 'newton_schulz' or 'svd'")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    table = newton_schulz_coefficients(steps, coefficients)
+
+    X = G.to(dtype)
+    transposed = X.shape[-2] > X.shape[-1]
+    if transposed:  # iterate on the wide orientation: the Gram matrix A is the small one
+        X = X.mT
+    # Two-stage normalisation: dividing by the largest entry first keeps the Frobenius norm of a
+    # tiny (even subnormal) matrix from underflowing to zero.
+    scale = X.abs().amax(dim=(-2, -1), keepdim=True)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    X = X / safe
+    norm = torch.linalg.matrix_norm(X.to(torch.float32), keepdim=True).to(dtype)
+    X = torch.where(scale > 0, X / torch.where(norm > 0, norm, torch.ones_like(norm)), 0.0)
+    for a, b, c in table:
+        A = X @ X.mT
+        B = torch.addmm(A, A, A, beta=b, alpha=c) if A.ndim == 2 else b * A + c * (A @ A)
+        X = torch.addmm(X, B, X, beta=a) if X.ndim == 2 else a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
