@@ -67,9 +67,7 @@ def _minimax_odd_quintic(lower: float, upper: float) -> tuple[float, float, floa
 
 
 @functools.lru_cache(maxsize=32)
-def polar_express_coefficients(
-    steps: int = 8, lower: float = 1e-3
-) -> tuple[tuple[float, float, float], ...]:
+def polar_express_coefficients(steps: int = 8, lower: float = 1e-3) -> tuple[tuple[float, float, float], ...]:
     """Per-step quintic coefficients of the Polar Express schedule.
 
     Starting from the interval ``[lower, 1]`` that holds the singular values of a
@@ -108,9 +106,7 @@ def newton_schulz_coefficients(
             return (MUON_COEFFICIENTS,) * steps
         if coefficients == "polar_express":
             return polar_express_coefficients(steps)
-        raise ValueError(
-            f"unknown coefficients {coefficients!r}: use 'muon', 'polar_express' or a table"
-        )
+        raise ValueError(f"unknown coefficients {coefficients!r}: use 'muon', 'polar_express' or a table")
     table = tuple(tuple(float(x) for x in row) for row in coefficients)
     if any(len(row) != 3 for row in table):
         raise ValueError("a coefficient table holds one (a, b, c) triple per step")

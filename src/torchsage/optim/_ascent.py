@@ -41,7 +41,9 @@ Groups = Sequence[tuple[dict[str, Any], list[Tensor]]]
 def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
     if not tensors:
         return torch.zeros(())
-    return torch.stack([n.to(torch.float64) for n in torch._foreach_norm(list(tensors))]).square().sum().sqrt()
+    return (
+        torch.stack([n.to(torch.float64) for n in torch._foreach_norm(list(tensors))]).square().sum().sqrt()
+    )
 
 
 class GradientAscent(AscentRule):

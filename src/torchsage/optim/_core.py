@@ -184,9 +184,7 @@ class SharpnessAware(Optimizer):
         **base_kwargs: Any,
     ) -> None:
         if not callable(base_optimizer):
-            raise ValueError(
-                f"base_optimizer must be a torch.optim.Optimizer class, got {base_optimizer!r}"
-            )
+            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class, got {base_optimizer!r}")
         if isinstance(base_optimizer, type) and not issubclass(base_optimizer, Optimizer):
             raise ValueError(f"base_optimizer must subclass torch.optim.Optimizer, got {base_optimizer!r}")
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):

@@ -104,7 +104,11 @@ class SAGE(SharpnessAware):
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
         ascent = self._make_ascent(
-            scaling=rho_scaling, steps=ns_steps, coefficients=ns_coefficients, method=polar_method, dtype=ns_dtype
+            scaling=rho_scaling,
+            steps=ns_steps,
+            coefficients=ns_coefficients,
+            method=polar_method,
+            dtype=ns_dtype,
         )
         super().__init__(
             params,
@@ -185,7 +189,9 @@ class SAGE(SharpnessAware):
 class SAGECurvatureOnly(SAGE):
     """Ablation: SAGE's polar-factor ascent without the descent noise (``gamma = 0``)."""
 
-    def __init__(self, params: Any, base_optimizer: Callable[..., Optimizer], rho: float = 0.05, **kwargs: Any):
+    def __init__(
+        self, params: Any, base_optimizer: Callable[..., Optimizer], rho: float = 0.05, **kwargs: Any
+    ):
         if "gamma" in kwargs:
             raise ValueError("SAGECurvatureOnly fixes gamma = 0; use SAGE to set it")
         super().__init__(params, base_optimizer, rho=rho, gamma=0.0, **kwargs)
@@ -194,7 +200,9 @@ class SAGECurvatureOnly(SAGE):
 class SAGEAlignmentOnly(SAGE):
     """Ablation: SAGE's disagreement-scaled noise without the ascent (``rho = 0``, one pass)."""
 
-    def __init__(self, params: Any, base_optimizer: Callable[..., Optimizer], gamma: float = 0.1, **kwargs: Any):
+    def __init__(
+        self, params: Any, base_optimizer: Callable[..., Optimizer], gamma: float = 0.1, **kwargs: Any
+    ):
         if "rho" in kwargs:
             raise ValueError("SAGEAlignmentOnly fixes rho = 0; use SAGE to set it")
         super().__init__(params, base_optimizer, rho=0.0, gamma=gamma, **kwargs)
@@ -203,9 +211,10 @@ class SAGEAlignmentOnly(SAGE):
 class SAGEAlign(SAGE):
     r"""SAGE "align" variant: an alignment-aware ascent and no descent noise.
 
-    The perturbation direction is
-    :math:`(1 - \lambda)\,\mathrm{polar}(\bar g) + \lambda\,\mathrm{polar}(\sigma \odot \mathrm{sign}(\bar g))`
-    per matrix, :math:`\sigma` the per-coordinate standard deviation of the :math:`g_k`, and
+    The perturbation direction of a matrix is
+    :math:`(1 - \lambda)\,\mathrm{polar}(\bar g)
+    + \lambda\,\mathrm{polar}(\sigma \odot \mathrm{sign}(\bar g))`,
+    :math:`\sigma` the per-coordinate standard deviation of the :math:`g_k`, and
     :math:`\lambda = \mathrm{clamp}(\lambda_{max} (1 - \text{mean cosine}), 0, \lambda_{max})`.
     """
 
