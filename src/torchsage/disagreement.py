@@ -54,7 +54,7 @@ class GradientStatistics:
         eps: added to ``||g_bar||`` in the normalised measures.
 
     Example:
-        >>> stats = GradientStatistics([torch.zeros(3)])
+        >>> stats = GradientStatistics([torch.zeros(3)], cosine=True)
         >>> for g in ([torch.tensor([1.0, 0.0, 0.0])], [torch.tensor([0.0, 1.0, 0.0])]):
         ...     _ = stats.update(g)
         >>> stats.mean
