@@ -1,0 +1,5 @@
+import sys
+
+from torchsage.cli import main
+
+sys.exit(main())

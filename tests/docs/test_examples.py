@@ -1,0 +1,24 @@
+"""Runs every ```python block of the README and of docs/*.md, in order, one namespace per file."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+@pytest.mark.parametrize("path", [f for f in FILES if BLOCK.search(f.read_text())], ids=lambda p: p.name)
+def test_examples_run(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__docs__"}
+    for i, block in enumerate(BLOCK.findall(path.read_text())):
+        exec(compile(block, f"{path.name}[block {i}]", "exec"), namespace)
+
+
+def test_readme_names_the_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert "make demo" in text and "make test" in text
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
