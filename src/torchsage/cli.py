@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, default=500)
     demo.add_argument("--batch-size", type=_positive_int, default=32, help="per domain")
     demo.add_argument("--lr", type=float, default=0.05)
+    demo.add_argument("--rho", type=float, default=0.05, help="SAM and SAGE ascent radius")
+    demo.add_argument("--gamma", type=float, default=1e-3, help="SAGE noise scale")
     demo.add_argument("--test-env", type=int, default=5, help="held-out domain (5 = 75 degrees)")
     demo.add_argument("--no-progress", action="store_true")
     return parser
@@ -45,12 +47,14 @@ def _demo(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        rho=args.rho,
+        gamma=args.gamma,
         test_env=args.test_env,
         progress=not args.no_progress,
     )
     print(
         f"RotatedDigits, test domain {args.test_env} (trained on the others), "
-        f"{args.steps} steps, batch {args.batch_size} per domain"
+        f"{args.steps} steps, batch {args.batch_size} per domain, rho {args.rho}, gamma {args.gamma}"
     )
     print(format_results(results))
     return 0

@@ -21,17 +21,15 @@ from torchsage.dg import MNISTCNN, rotated_digits
 __all__ = ["DEMO_METHODS", "DemoResult", "run_demo"]
 
 
-def _sgd(params, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-
+_SGD = dict(momentum=0.9, weight_decay=5e-4)
 
 DEMO_METHODS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "SGD": lambda params, lr, seed: _sgd(params, lr),
-    "SAM": lambda params, lr, seed: torchsage.SAM(
-        params, torch.optim.SGD, rho=0.05, lr=lr, momentum=0.9, weight_decay=5e-4
+    "SGD": lambda params, lr, rho, gamma, seed: torch.optim.SGD(params, lr=lr, **_SGD),
+    "SAM": lambda params, lr, rho, gamma, seed: torchsage.SAM(
+        params, torch.optim.SGD, rho=rho, lr=lr, **_SGD
     ),
-    "SAGE": lambda params, lr, seed: torchsage.SAGE(
-        params, torch.optim.SGD, rho=0.05, gamma=0.001, seed=seed, lr=lr, momentum=0.9, weight_decay=5e-4
+    "SAGE": lambda params, lr, rho, gamma, seed: torchsage.SAGE(
+        params, torch.optim.SGD, rho=rho, gamma=gamma, seed=seed, lr=lr, **_SGD
     ),
 }
 
@@ -59,6 +57,8 @@ def run_demo(
     steps: int = 300,
     batch_size: int = 32,
     lr: float = 0.05,
+    rho: float = 0.05,
+    gamma: float = 1e-3,
     test_env: int = 5,
     progress: bool = True,
 ) -> list[DemoResult]:
@@ -78,7 +78,7 @@ def run_demo(
         bar.set_postfix_str(f"{method} seed {seed}")
         torch.manual_seed(seed)
         model = MNISTCNN(1, 10, widths=(32, 64, 64, 64))
-        opt = DEMO_METHODS[method](model.parameters(), lr, seed)
+        opt = DEMO_METHODS[method](model.parameters(), lr, rho, gamma, seed)
         gen = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         for _ in range(steps):

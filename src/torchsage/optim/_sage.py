@@ -38,7 +38,9 @@ class SAGE(SharpnessAware):
         params: parameters or parameter groups; a group may set its own ``rho`` and ``gamma``.
         base_optimizer: a :class:`torch.optim.Optimizer` class, built with ``**base_kwargs``.
         rho: ascent radius.
-        gamma: noise scale: the noise std is ``gamma * disagreement``.
+        gamma: noise scale: the noise std is ``gamma * disagreement``. The noise is absolute (per
+            coordinate), so its effect grows with the learning rate, momentum and parameter count;
+            see docs/usage.md for the measurement behind the default.
         disagreement: ``"normalized_std"``, ``"cosine"``, ``"normalized_var"``, ``"raw_std"``
             or ``"raw_var"`` (see :mod:`torchsage.disagreement`).
         ns_steps, ns_coefficients: Newton-Schulz iterations and schedule (``"muon"`` or
@@ -77,7 +79,7 @@ class SAGE(SharpnessAware):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
-        gamma: float = 0.1,
+        gamma: float = 1e-3,
         disagreement: str = "normalized_std",
         ns_steps: int = 5,
         ns_coefficients: Any = "muon",
@@ -201,7 +203,7 @@ class SAGEAlignmentOnly(SAGE):
     """Ablation: SAGE's disagreement-scaled noise without the ascent (``rho = 0``, one pass)."""
 
     def __init__(
-        self, params: Any, base_optimizer: Callable[..., Optimizer], gamma: float = 0.1, **kwargs: Any
+        self, params: Any, base_optimizer: Callable[..., Optimizer], gamma: float = 1e-3, **kwargs: Any
     ):
         if "rho" in kwargs:
             raise ValueError("SAGEAlignmentOnly fixes rho = 0; use SAGE to set it")
