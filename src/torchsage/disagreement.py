@@ -9,7 +9,9 @@ their mean ``g_bar``, the measures are
 * ``normalized_std``: ``sqrt(V) / ||g_bar||``,
 * ``cosine``: ``1 - mean pairwise cosine similarity`` of the ``g_k`` (range ``[0, 2]``).
 
-All are 0 for K = 1 or for identical gradients.
+All are 0 for K = 1 or for identical non-zero gradients (a zero gradient has cosine 0 with
+everything, itself included). Norms are taken per parameter in the gradients' dtype and summed in
+float64: float32 gradients with a norm below about 1e-22 count as zero.
 
 :class:`GradientStatistics` takes the gradients one distribution at a time, so memory does not
 grow with K. Welford's update keeps the variance non-negative and precise when the gradients
@@ -38,7 +40,7 @@ def check_measure(measure: str) -> str:
 
 
 def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
-    """Squared L2 norm of the concatenation of ``tensors``, accumulated in float64."""
+    """Squared L2 norm of the concatenation of ``tensors``: per-tensor norms summed in float64."""
     norms = torch._foreach_norm(list(tensors))
     return torch.stack([n.to(torch.float64) for n in norms]).square().sum()
 
@@ -51,7 +53,7 @@ class GradientStatistics:
         cosine: also track the normalised gradients (one more gradient-sized buffer), for the
             ``cosine`` measure.
         elementwise: also track the per-coordinate variance (one more gradient-sized buffer).
-        eps: added to ``||g_bar||`` in the normalised measures.
+        eps: added to ``||g_bar||`` (``||g_bar||^2`` for ``normalized_var``).
 
     Example:
         >>> stats = GradientStatistics([torch.zeros(3)], cosine=True)
