@@ -42,7 +42,17 @@ def check_measure(measure: str) -> str:
 def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
     """Squared L2 norm of the concatenation of ``tensors``: per-tensor norms summed in float64."""
     norms = torch._foreach_norm(list(tensors))
-    return torch.stack([n.to(torch.float64) for n in norms]).square().sum()
+    device = norms[0].device
+    if any(n.device != device for n in norms):  # model parallel: gather the scalars on one device
+        norms = [n.to(device) for n in norms]
+    return torch.stack(norms).to(torch.float64).square().sum()
+
+
+def global_norm(tensors: Sequence[Tensor]) -> Tensor:
+    """L2 norm of the concatenation of ``tensors`` (float64 scalar; 0 for an empty list)."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return _sum_of_squares(tensors).sqrt()
 
 
 class GradientStatistics:

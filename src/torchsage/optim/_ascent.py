@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchsage.disagreement import GradientStatistics
+from torchsage.disagreement import GradientStatistics, global_norm
 from torchsage.optim._core import AscentRule
 from torchsage.polar import newton_schulz_coefficients, polar_factor
 
@@ -38,14 +38,6 @@ RHO_SCALINGS: tuple[str, ...] = ("global", "layer", "weight")
 Groups = Sequence[tuple[dict[str, Any], list[Tensor]]]
 
 
-def _global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    if not tensors:
-        return torch.zeros(())
-    return (
-        torch.stack([n.to(torch.float64) for n in torch._foreach_norm(list(tensors))]).square().sum().sqrt()
-    )
-
-
 class GradientAscent(AscentRule):
     """SAM's ascent: ``rho * g / ||g||``, the norm taken over every parameter of every group."""
 
@@ -53,7 +45,7 @@ class GradientAscent(AscentRule):
         self.eps = eps
 
     def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
-        norm = _global_norm([p.grad for _, ps in groups for p in ps])
+        norm = global_norm([p.grad for _, ps in groups for p in ps])
         return [
             torch._foreach_mul([p.grad for p in ps], float(g["rho"] / (norm + self.eps))) if ps else []
             for g, ps in groups
@@ -72,7 +64,7 @@ class AdaptiveGradientAscent(AscentRule):
     def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
         scales = [[p.detach().abs().add_(self.eta) for p in ps] for _, ps in groups]
         scaled = [[t * p.grad for t, p in zip(ts, ps)] for ts, (_, ps) in zip(scales, groups)]
-        norm = _global_norm([x for xs in scaled for x in xs])
+        norm = global_norm([x for xs in scaled for x in xs])
         out = []
         for (g, _), ts, xs in zip(groups, scales, scaled):
             factor = float(g["rho"] / (norm + self.eps))
@@ -128,7 +120,7 @@ class PolarAscent(AscentRule):
 
     def _scale(self, groups: Groups, directions: list[list[Tensor]]) -> list[list[Tensor]]:
         if self.scaling == "global":
-            norm = _global_norm([d for ds in directions for d in ds])
+            norm = global_norm([d for ds in directions for d in ds])
             return [
                 torch._foreach_mul(ds, float(g["rho"] / (norm + self.eps))) if ds else []
                 for (g, _), ds in zip(groups, directions)

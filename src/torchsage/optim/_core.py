@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torchsage.disagreement import GradientStatistics
+from torchsage.disagreement import GradientStatistics, global_norm
 
 __all__ = ["AscentRule", "SharpnessAware", "StepInfo", "frozen_bn_stats"]
 
@@ -352,12 +352,6 @@ class SharpnessAware(Optimizer):
             return f"non-finite gradient in distribution {self._locate_nonfinite(closure, params)} {where}"
         return None
 
-    @staticmethod
-    def _norm(tensors: list[Tensor]) -> Tensor:
-        if not tensors:
-            return torch.zeros((), dtype=torch.float64)
-        return torch.stack([n.double() for n in torch._foreach_norm(tensors)]).square().sum().sqrt()
-
     def _skip(self, params: list[Tensor], names: list[str], losses: Tensor, message: str) -> StepInfo:
         for p in params:
             p.grad = None
@@ -392,7 +386,7 @@ class SharpnessAware(Optimizer):
             names, losses, stats, norms = self._streamed_gradients(closure, params)
         else:
             names, losses = self._mean_gradient(closure, params)
-        grad_norm = self._norm([p.grad for p in params if p.grad is not None])
+        grad_norm = global_norm([p.grad for p in params if p.grad is not None])
         problem = self._problem(closure, params, names, losses, norms, grad_norm, "at the clean weights")
         if problem is not None:
             return self._skip(params, names, losses, problem)
@@ -405,7 +399,7 @@ class SharpnessAware(Optimizer):
             perturbation = [e for es in self.ascent.perturbation(groups, stats) for e in es]
             moved = [p for _, ps in groups for p in ps]
             saved = [p.detach().clone() for p in moved]  # restored bit for bit below
-            perturbation_norm = float(self._norm(perturbation))
+            perturbation_norm = float(global_norm(perturbation))
             if moved:
                 torch._foreach_add_(moved, perturbation)
             del perturbation
@@ -413,7 +407,7 @@ class SharpnessAware(Optimizer):
                 bn = contextlib.nullcontext() if self.update_bn_on_perturbed else frozen_bn_stats(self.model)
                 with bn:
                     pnames, plosses = self._mean_gradient(closure, params)
-                grad_norm = self._norm([p.grad for p in params if p.grad is not None])
+                grad_norm = global_norm([p.grad for p in params if p.grad is not None])
                 problem = self._problem(
                     closure, params, pnames, plosses, None, grad_norm, "at the perturbed weights"
                 )
