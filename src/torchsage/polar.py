@@ -184,11 +184,17 @@ def polar_factor(
     X = X / safe
     # The norm in at least float32 (bf16 would round it to 3 digits), in float64 for a float64 run.
     norm = torch.linalg.matrix_norm(X.to(torch.promote_types(dtype, torch.float32)), keepdim=True).to(dtype)
-    X = torch.where(scale > 0, X / torch.where(norm > 0, norm, torch.ones_like(norm)), 0.0)
+    # X is a fresh tensor here: dividing in place saves one matrix-sized temporary.
+    X.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))  # a zero matrix stays zero
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:]) if X.ndim > 3 else X
+    # Fused multiply-adds: b A + c A^2 and a X + B X in one kernel each.
+    fused = torch.addmm if X.ndim == 2 else torch.baddbmm
     for a, b, c in table:
         A = X @ X.mT
-        B = torch.addmm(A, A, A, beta=b, alpha=c) if A.ndim == 2 else b * A + c * (A @ A)
-        X = torch.addmm(X, B, X, beta=a) if X.ndim == 2 else a * X + B @ X
+        B = fused(A, A, A, beta=b, alpha=c)
+        X = fused(X, B, X, beta=a)
+    X = X.reshape(*batch_shape, *X.shape[-2:])
     if transposed:
         X = X.mT
     return X.to(G.dtype)

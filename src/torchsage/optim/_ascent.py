@@ -112,6 +112,10 @@ class PolarAscent(AscentRule):
                 norm = t.norm()
                 out[i] = t / torch.where(norm > 0, norm, 1.0)
         for (rows, cols, _, _), idx in batches.items():
+            if len(idx) == 1:  # nothing to batch: skip the stacking copy
+                (i,) = idx
+                out[i] = polar_factor(tensors[i].reshape(rows, cols), **self.polar_kwargs).view_as(tensors[i])
+                continue
             stacked = torch.stack([tensors[i].reshape(rows, cols) for i in idx])
             polar = polar_factor(stacked, **self.polar_kwargs)
             for j, i in enumerate(idx):

@@ -397,6 +397,7 @@ class SharpnessAware(Optimizer):
         perturbation_norm = 0.0
         if any(g["rho"] > 0 for g, ps in groups if ps):
             perturbation = [e for es in self.ascent.perturbation(groups, stats) for e in es]
+            stats = None  # its buffers (the clean mean gradient among them) are not needed any more
             moved = [p for _, ps in groups for p in ps]
             saved = [p.detach().clone() for p in moved]  # restored bit for bit below
             perturbation_norm = float(global_norm(perturbation))
