@@ -85,3 +85,12 @@ def test_groups_have_their_own_gamma():
     torch.testing.assert_close(-w2.detach(), g_bar[20_000:])
     noise1 = -w1.detach() - g_bar[:20_000]
     assert noise1.std().item() == pytest.approx(2.0 * info.disagreement, rel=0.03)
+
+
+def test_default_seed_follows_manual_seed_without_consuming_random_numbers():
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    opt = torchsage.SAGE([torch.zeros(2, requires_grad=True)], torch.optim.SGD, lr=0.1)
+    assert torch.equal(torch.rand(3), expected)
+    assert opt.seed == 11

@@ -47,7 +47,8 @@ class SAGE(SharpnessAware):
             ``"polar_express"``).
         polar_method: ``"newton_schulz"`` or ``"svd"`` (exact, slow).
         seed: seeds the noise generator, whose state is part of :meth:`state_dict`; ``None``
-            draws the seed from torch's global generator.
+            takes ``torch.initial_seed()`` (the last ``torch.manual_seed``) without drawing from
+            the global generator, so building SAGE does not shift the random numbers after it.
         rho_scaling: ``"global"`` (default: the whole perturbation has norm ``rho``, as in SAM),
             ``"layer"`` (``rho * polar(G)`` per matrix) or ``"weight"``
             (``rho * ||W||_F * polar(G)``, the authors' domain-generalization choice).
@@ -98,8 +99,8 @@ class SAGE(SharpnessAware):
         self.measure = check_measure(disagreement)
         if max_disagreement is not None and not max_disagreement > 0:
             raise ValueError(f"max_disagreement must be a positive number or None, got {max_disagreement}")
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
+        if seed is None:  # reproducible under torch.manual_seed, without consuming a random draw
+            seed = torch.initial_seed()
         elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
         self.max_disagreement = max_disagreement
