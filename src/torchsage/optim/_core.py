@@ -315,8 +315,10 @@ class SharpnessAware(Optimizer):
         return names, torch.stack(values), stats, torch.stack(norms)
 
     def _locate_nonfinite(self, closure: Closure, params: list[Tensor]) -> str | None:
-        """Which distribution has a non-finite gradient at the current weights (failure path)."""
-        with torch.enable_grad():
+        """Which distribution has a non-finite gradient at the current weights (failure path).
+
+        This extra pass leaves BatchNorm running statistics alone when ``model`` is known."""
+        with torch.enable_grad(), frozen_bn_stats(self.model):
             names, losses, _ = _named_losses(closure())
             items = list(losses)
             names = names or [str(k) for k in range(len(items))]
