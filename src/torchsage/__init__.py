@@ -3,7 +3,9 @@
 from torchsage.disagreement import GradientStatistics, disagreement
 from torchsage.optim import (
     ASAM,
+    GSAM,
     SAGE,
+    SAGM,
     SAM,
     SAGEAlign,
     SAGEAlignmentOnly,
@@ -17,7 +19,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
+    "GSAM",
     "SAGE",
+    "SAGM",
     "SAM",
     "GradientStatistics",
     "SAGEAlign",

@@ -135,3 +135,34 @@ def test_groups_have_their_own_rho():
     e0, e1 = revealed_perturbation(opt, params, mean_targets, closure)
     torch.testing.assert_close(e0, 0.1 * svd_polar(g0), rtol=1e-9, atol=1e-12)
     assert e1.abs().max() < 1e-12  # rounding of C_bar - (W - g) only
+
+
+def diagonal_quadratic(n=12):
+    # L(w) = 0.5 w^T A w - b^T w with diagonal A: g(w) = A w - b, exactly.
+    a = torch.linspace(0.5, 3.0, n, dtype=torch.float64)
+    b = torch.randn(n, dtype=torch.float64)
+    w = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    return w, a, b, lambda: [0.5 * (a * w * w).sum() - (b * w).sum()]
+
+
+def test_gsam_descends_along_the_perturbed_gradient_minus_the_orthogonal_clean_part():
+    w, a, b, closure = diagonal_quadratic()
+    w0 = w.detach().clone()
+    g = a * w0 - b
+    e = 0.1 * g / g.norm()
+    g_p = a * (w0 + e) - b
+    g_orth = g - (g @ g_p) / (g_p @ g_p) * g_p
+    expected = w0 - (g_p - 0.3 * g_orth)
+    torchsage.optim.GSAM([w], torch.optim.SGD, rho=0.1, alpha=0.3, lr=1.0).step(closure)
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-12, atol=1e-12)
+    assert g_orth.norm() > 1e-3  # the correction is not trivially zero here
+
+
+def test_sagm_ascends_with_pullback_and_descends_with_the_mean_of_both_gradients():
+    w, a, b, closure = diagonal_quadratic()
+    w0 = w.detach().clone()
+    g = a * w0 - b
+    e = (0.1 / g.norm() - 0.01) * g
+    g_p = a * (w0 + e) - b
+    torchsage.optim.SAGM([w], torch.optim.SGD, rho=0.1, alpha=0.01, lr=1.0).step(closure)
+    torch.testing.assert_close(w.detach(), w0 - 0.5 * (g + g_p), rtol=1e-12, atol=1e-12)

@@ -21,6 +21,8 @@ ALL = [
     ("SAGECurvatureOnly", lambda ps, **kw: SAGECurvatureOnly(ps, **kw)),
     ("SAGEAlignmentOnly", lambda ps, **kw: SAGEAlignmentOnly(ps, seed=1, **kw)),
     ("SAGEAlign", lambda ps, **kw: SAGEAlign(ps, **kw)),
+    ("GSAM", lambda ps, **kw: torchsage.optim.GSAM(ps, **kw)),
+    ("SAGM", lambda ps, **kw: torchsage.optim.SAGM(ps, **kw)),
 ]
 
 

@@ -1,6 +1,7 @@
 """Ascent rules: how the clean mean gradient becomes a weight perturbation.
 
 * :class:`GradientAscent` (SAM): ``e = rho * g / ||g||`` with the norm over all parameters.
+* :class:`GradientMatchingAscent` (SAGM): ``e = (rho / ||g|| - alpha) g``.
 * :class:`AdaptiveGradientAscent` (ASAM): ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta``.
 * :class:`PolarAscent` (SAGE): every matrix moves along the polar factor of its gradient, every
   vector along its normalised gradient, then the whole is scaled (see ``RHO_SCALINGS``).
@@ -26,6 +27,7 @@ __all__ = [
     "AdaptiveGradientAscent",
     "AlignedPolarAscent",
     "GradientAscent",
+    "GradientMatchingAscent",
     "PolarAscent",
 ]
 
@@ -48,6 +50,25 @@ class GradientAscent(AscentRule):
         norm = global_norm([p.grad for _, ps in groups for p in ps])
         return [
             torch._foreach_mul([p.grad for p in ps], float(g["rho"] / (norm + self.eps))) if ps else []
+            for g, ps in groups
+        ]
+
+
+class GradientMatchingAscent(AscentRule):
+    """SAGM's ascent: ``e = (rho / ||g|| - alpha) g``, SAM's step pulled back by ``alpha g``."""
+
+    def __init__(self, alpha: float = 0.001, eps: float = 1e-12) -> None:
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.alpha = alpha
+        self.eps = eps
+
+    def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
+        norm = global_norm([p.grad for _, ps in groups for p in ps])
+        return [
+            torch._foreach_mul([p.grad for p in ps], float(g["rho"] / (norm + self.eps) - self.alpha))
+            if ps
+            else []
             for g, ps in groups
         ]
 

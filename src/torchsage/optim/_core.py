@@ -238,10 +238,21 @@ class SharpnessAware(Optimizer):
         the gradients (the mean gradient and ``p.grad`` may be the same tensor)."""
         return {}
 
+    #: keep the clean mean gradient for :meth:`_descent` (GSAM and SAGM combine it with the
+    #: perturbed one); costs one gradient copy during the perturbed pass.
+    needs_clean_gradient: bool = False
+
     def _descent(
-        self, groups: list[tuple[dict[str, Any], list[Tensor]]], measured: dict[str, float]
+        self,
+        groups: list[tuple[dict[str, Any], list[Tensor]]],
+        measured: dict[str, float],
+        clean: dict[Tensor, Tensor] | None,
     ) -> dict[str, float]:
-        """Edits the descent gradients in place; returns extra fields for :class:`StepInfo`."""
+        """Edits the descent gradients in place; returns extra fields for :class:`StepInfo`.
+
+        ``clean`` maps each perturbed parameter to its clean mean gradient when
+        :attr:`needs_clean_gradient` is set and a perturbed pass took place, else it is None.
+        """
         return {}
 
     def _noise_generators_state(self) -> dict[str, Any]:
@@ -397,10 +408,13 @@ class SharpnessAware(Optimizer):
         groups = self._active()
         perturbed_loss = math.nan
         perturbation_norm = 0.0
+        clean = None
         if any(g["rho"] > 0 for g, ps in groups if ps):
             perturbation = [e for es in self.ascent.perturbation(groups, stats) for e in es]
             stats = None  # its buffers (the clean mean gradient among them) are not needed any more
             moved = [p for _, ps in groups for p in ps]
+            # The perturbed pass replaces p.grad, so a reference keeps the clean gradient alive.
+            clean = {p: p.grad for p in moved} if self.needs_clean_gradient else None
             saved = [p.detach().clone() for p in moved]  # restored bit for bit below
             perturbation_norm = float(global_norm(perturbation))
             if moved:
@@ -428,7 +442,7 @@ class SharpnessAware(Optimizer):
             if grads:
                 factor = (self.max_grad_norm / (grad_norm + 1e-12)).clamp(max=1.0)
                 torch._foreach_mul_(grads, factor.to(grads[0].dtype))
-        extra = self._descent(groups, measured)
+        extra = self._descent(groups, measured, clean)
         self.base_optimizer.step()
         return StepInfo(
             loss=float(losses.mean()),

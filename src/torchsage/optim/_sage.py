@@ -159,7 +159,10 @@ class SAGE(SharpnessAware):
         return self._generators[key]
 
     def _descent(
-        self, groups: list[tuple[dict[str, Any], list[Tensor]]], measured: dict[str, float]
+        self,
+        groups: list[tuple[dict[str, Any], list[Tensor]]],
+        measured: dict[str, float],
+        clean: dict[Tensor, Tensor] | None,
     ) -> dict[str, float]:
         stds = [g["gamma"] * measured["disagreement"] for g, ps in groups if ps]
         for group, ps in groups:

@@ -1,17 +1,19 @@
-"""SAM and ASAM: the reference sharpness-aware baselines."""
+"""SAM and its variants: ASAM, GSAM and SAGM, the sharpness-aware baselines."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from torchsage.optim._ascent import AdaptiveGradientAscent, GradientAscent
+from torchsage.disagreement import global_norm
+from torchsage.optim._ascent import AdaptiveGradientAscent, GradientAscent, GradientMatchingAscent
 from torchsage.optim._core import SharpnessAware
 
-__all__ = ["ASAM", "SAM"]
+__all__ = ["ASAM", "GSAM", "SAGM", "SAM"]
 
 
 class SAM(SharpnessAware):
@@ -85,3 +87,86 @@ class ASAM(SAM):
         **kwargs: Any,
     ) -> None:
         super().__init__(params, base_optimizer, rho=rho, adaptive=True, eta=eta, **kwargs)
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 <= alpha < float("inf")):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    return float(alpha)
+
+
+class GSAM(SAM):
+    r"""Surrogate-gap guided SAM (Zhuang et al., 2022).
+
+    The ascent is SAM's. The descent uses the perturbed gradient :math:`g_p` minus ``alpha``
+    times the part of the clean gradient :math:`g` orthogonal to it,
+    :math:`g_p - \alpha (g - \frac{\langle g, g_p \rangle}{\lVert g_p \rVert^2} g_p)`, which
+    lowers the surrogate gap :math:`L(w + e) - L(w)` without changing the perturbed loss to
+    first order.
+
+    Args:
+        alpha: weight of the orthogonal correction.
+        Other arguments as :class:`SAM`.
+    """
+
+    needs_clean_gradient = True
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Callable[..., Optimizer],
+        rho: float = 0.05,
+        alpha: float = 0.01,
+        **kwargs: Any,
+    ) -> None:
+        self.alpha = _check_alpha(alpha)
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+
+    def _descent(self, groups, measured, clean: dict[Tensor, Tensor] | None) -> dict[str, float]:
+        if clean is None or self.alpha == 0:
+            return {}
+        params = [p for _, ps in groups for p in ps if p in clean]
+        perturbed = [p.grad for p in params]
+        original = [clean[p] for p in params]
+        dot = sum(torch.sum(a * b) for a, b in zip(original, perturbed))
+        coefficient = float(dot / global_norm(perturbed).square().clamp_min(1e-24))
+        # g_orth = g - coefficient * g_p, so g_p - alpha g_orth = (1 + alpha c) g_p - alpha g
+        torch._foreach_mul_(perturbed, 1.0 + self.alpha * coefficient)
+        torch._foreach_add_(perturbed, original, alpha=-self.alpha)
+        return {}
+
+
+class SAGM(SAM):
+    r"""Sharpness-Aware Gradient Matching (Wang et al., 2023).
+
+    The ascent is :math:`e = (\rho / \lVert g \rVert - \alpha)\, g`; the descent gradient is
+    the average of the clean and the perturbed gradients, :math:`(g + g_p) / 2`, so the empirical
+    loss, the perturbed loss and the gap between them are minimised together.
+
+    Args:
+        alpha: pull-back of the ascent along the gradient.
+        Other arguments as :class:`SAM`.
+    """
+
+    needs_clean_gradient = True
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Callable[..., Optimizer],
+        rho: float = 0.05,
+        alpha: float = 0.001,
+        **kwargs: Any,
+    ) -> None:
+        self.alpha = _check_alpha(alpha)
+        super().__init__(params, base_optimizer, rho=rho, **kwargs)
+        self.ascent = GradientMatchingAscent(alpha=self.alpha)
+
+    def _descent(self, groups, measured, clean: dict[Tensor, Tensor] | None) -> dict[str, float]:
+        if clean is None:
+            return {}
+        params = [p for _, ps in groups for p in ps if p in clean]
+        grads = [p.grad for p in params]
+        torch._foreach_add_(grads, [clean[p] for p in params])
+        torch._foreach_mul_(grads, 0.5)
+        return {}
