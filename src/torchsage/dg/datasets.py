@@ -1,17 +1,46 @@
-"""Multi-domain data sets built from scikit-learn's bundled handwritten digits (no download)."""
+"""Data sets of the domain-generalization harness and their registry.
+
+The embedded ones are built from scikit-learn's bundled handwritten digits (no download):
+
+* ``RotatedDigits``: 6 environments rotated by 0, 15, 30, 45, 60 and 75 degrees, 10 classes, 1x16x16
+  (the analogue of DomainBed's RotatedMNIST);
+* ``ColoredDigits``: 3 environments, label ``digit < 5`` flipped with probability 0.25, the digit
+  drawn in one of 2 channels chosen by the label and flipped with probability 0.1, 0.2 and 0.9,
+  2 classes, 2x8x8 (the analogue of ColoredMNIST).
+
+The real DomainBed image data sets (VLCS, PACS, OfficeHome, TerraIncognita, DomainNet) load from
+``--data-dir`` (see :mod:`torchsage.dg.images`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
-__all__ = ["ROTATED_DIGITS_ANGLES", "load_digits_tensor", "rotate", "rotated_digits"]
+__all__ = [
+    "COLORED_DIGITS_FLIPS",
+    "DATASETS",
+    "ROTATED_DIGITS_ANGLES",
+    "DGDataset",
+    "colored_digits",
+    "environment_names",
+    "get_dataset",
+    "load_digits_tensor",
+    "rotate",
+    "rotated_digits",
+    "seed_hash",
+    "split_environment",
+]
 
 ROTATED_DIGITS_ANGLES: tuple[int, ...] = (0, 15, 30, 45, 60, 75)
+COLORED_DIGITS_FLIPS: tuple[float, ...] = (0.1, 0.2, 0.9)
 
 
 def load_digits_tensor(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,3 +77,138 @@ def rotated_digits(
     images, labels = images[order], labels[order]
     n = len(angles)
     return [TensorDataset(rotate(images[i::n], angle), labels[i::n]) for i, angle in enumerate(angles)]
+
+
+def colored_digits(flips: Sequence[float] = COLORED_DIGITS_FLIPS, seed: int = 0) -> list[TensorDataset]:
+    """ColoredDigits: binary label ``digit < 5`` with 25% label noise; the digit is drawn in the
+    channel given by the label, flipped with each environment's probability, so colour predicts
+    the label well in the first two environments and badly in the last (DomainBed's ColoredMNIST
+    construction on the 8x8 digits). Deterministic given ``seed``."""
+    images, digits = load_digits_tensor(8)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(images), generator=gen)
+    images, digits = images[order], digits[order]
+    envs = []
+    for i, flip in enumerate(flips):
+        x, d = images[i :: len(flips)], digits[i :: len(flips)]
+        labels = (d < 5).long() ^ (torch.rand(len(d), generator=gen) < 0.25).long()
+        colors = labels ^ (torch.rand(len(d), generator=gen) < flip).long()
+        two = torch.cat([x, x], dim=1)
+        two[torch.arange(len(x)), 1 - colors] = 0.0  # keep only the channel of the colour
+        envs.append(TensorDataset(two, labels))
+    return envs
+
+
+def seed_hash(*args: object) -> int:
+    """A stable integer in [0, 2**31) from the arguments (unlike ``hash``, not salted per process)."""
+    return int(hashlib.md5(repr(args).encode()).hexdigest(), 16) % (2**31)
+
+
+@dataclass
+class DGDataset:
+    """A multi-environment data set.
+
+    Attributes:
+        name: registry name.
+        environments: one map-style data set per environment, yielding ``(image, label)``.
+        env_names: display names of the environments.
+        num_classes: number of labels.
+        input_shape: ``(channels, height, width)``.
+        train_environment: returns the training-time view of environment ``i`` (with data
+            augmentation where the data set has one); identity for the embedded sets.
+        checkpoint_freq, steps: DomainBed's defaults for this data set.
+    """
+
+    name: str
+    environments: list[Dataset]
+    env_names: list[str]
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    train_environment: Callable[[int], Dataset] | None = None
+    checkpoint_freq: int = 100
+    steps: int = 5001
+    extra: dict = field(default_factory=dict)
+
+    def training_view(self, i: int) -> Dataset:
+        return self.environments[i] if self.train_environment is None else self.train_environment(i)
+
+
+def _rotated(data_dir: str | None, augment: bool) -> DGDataset:
+    envs = rotated_digits()
+    return DGDataset(
+        "RotatedDigits", envs, [f"{a}deg" for a in ROTATED_DIGITS_ANGLES], 10, (1, 16, 16), steps=1001
+    )
+
+
+def _colored(data_dir: str | None, augment: bool) -> DGDataset:
+    envs = colored_digits()
+    names = [f"{'+' if f < 0.5 else '-'}{round(100 * max(f, 1 - f))}%" for f in COLORED_DIGITS_FLIPS]
+    return DGDataset("ColoredDigits", envs, names, 2, (2, 8, 8), steps=1001)
+
+
+def _image_dataset(name: str) -> Callable[[str | None, bool], DGDataset]:
+    def build(data_dir: str | None, augment: bool) -> DGDataset:
+        from torchsage.dg.images import ImageDataset
+
+        if data_dir is None:
+            raise ValueError(f"{name} loads from a directory: pass --data-dir (the folder holding {name}/)")
+        data = ImageDataset(name, Path(data_dir), augment=augment)
+        return DGDataset(
+            name,
+            list(data.environments),
+            list(data.env_names),
+            data.num_classes,
+            tuple(data.input_shape),
+            train_environment=data.training_environment,
+            checkpoint_freq=1000 if name == "DomainNet" else 300,
+            extra={"images": data},
+        )
+
+    return build
+
+
+#: name -> (environment names, builder(data_dir, augment)). Adding a data set is one entry.
+DATASETS: dict[str, tuple[tuple[str, ...], Callable[[str | None, bool], DGDataset]]] = {
+    "RotatedDigits": (tuple(f"{a}deg" for a in ROTATED_DIGITS_ANGLES), _rotated),
+    "ColoredDigits": (("+90%", "+80%", "-90%"), _colored),
+    "VLCS": (("Caltech101", "LabelMe", "SUN09", "VOC2007"), _image_dataset("VLCS")),
+    "PACS": (("art_painting", "cartoon", "photo", "sketch"), _image_dataset("PACS")),
+    "OfficeHome": (("Art", "Clipart", "Product", "Real_World"), _image_dataset("OfficeHome")),
+    "TerraIncognita": (
+        ("location_100", "location_38", "location_43", "location_46"),
+        _image_dataset("TerraIncognita"),
+    ),
+    "DomainNet": (
+        ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+        _image_dataset("DomainNet"),
+    ),
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+
+
+def environment_names(name: str) -> list[str]:
+    """The environments of a registered data set, without loading it."""
+    _check_name(name)
+    return list(DATASETS[name][0])
+
+
+def get_dataset(name: str, data_dir: str | None = None, augment: bool = False) -> DGDataset:
+    """Builds a registered data set (``augment`` applies to the training views of image sets)."""
+    _check_name(name)
+    return DATASETS[name][1](data_dir, augment)
+
+
+def split_environment(env: Dataset, holdout_fraction: float, seed: int) -> tuple[Subset, Subset]:
+    """Splits an environment into (in, out) parts, ``out`` holding ``holdout_fraction`` of it,
+    with a permutation seeded by ``seed`` (the harness passes a hash of the trial seed and the
+    environment index, so each trial gets its own split)."""
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+    n = len(env)  # type: ignore[arg-type]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_out = int(n * holdout_fraction)
+    return Subset(env, order[n_out:]), Subset(env, order[:n_out])

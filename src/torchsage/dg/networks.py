@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["MNISTCNN"]
+__all__ = ["MNISTCNN", "classifier", "featurizer"]
 
 
 class MNISTCNN(nn.Module):
@@ -40,3 +41,35 @@ class MNISTCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+def featurizer(input_shape: Sequence[int], hparams: dict[str, Any]) -> nn.Module:
+    """The feature extractor named by ``hparams["backbone"]``; it exposes ``n_outputs``."""
+    backbone = hparams["backbone"]
+    if backbone == "mnist_cnn":
+        w = int(hparams.get("cnn_width", 64))
+        return MNISTCNN(input_shape[0], None, widths=(w, 2 * w, 2 * w, 2 * w))
+    if backbone in ("resnet18", "resnet50"):
+        from torchsage.dg.resnet import ResNetFeaturizer
+
+        return ResNetFeaturizer(
+            backbone,
+            weights_path=hparams.get("pretrained_path"),
+            freeze_bn=hparams.get("freeze_bn", True),
+            dropout=hparams.get("dropout", 0.0),
+        )
+    raise ValueError(f"unknown backbone {backbone!r}: use mnist_cnn, resnet18 or resnet50")
+
+
+def classifier(n_features: int, num_classes: int, nonlinear: bool = False) -> nn.Module:
+    """A linear head, or a two-hidden-layer MLP head when ``nonlinear``."""
+    if not nonlinear:
+        return nn.Linear(n_features, num_classes)
+    hidden = max(n_features // 2, num_classes)
+    return nn.Sequential(
+        nn.Linear(n_features, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )

@@ -1,0 +1,128 @@
+"""Hyperparameters of the domain-generalization harness: a default and a seeded random sampler each.
+
+``hparams_seed = 0`` gives the defaults; any other seed draws every hyperparameter from its search
+space, each from its own generator seeded by ``(hparams_seed, name)``, so adding a hyperparameter
+does not change the others' draws. The spaces follow DomainBed (REFERENCES section 3) for the shared
+ones; the sharpness-aware ones search their radius and their own coefficient.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from torchsage.dg.datasets import seed_hash
+
+__all__ = ["SMALL_IMAGE_DATASETS", "default_hparams", "parse_hparams", "random_hparams"]
+
+SMALL_IMAGE_DATASETS = ("RotatedDigits", "ColoredDigits")
+
+Sampler = Callable[[np.random.RandomState], Any]
+
+
+def _choice(values: list[Any]) -> Sampler:
+    return lambda r: values[r.choice(len(values))]
+
+
+def _log_uniform(low: float, high: float) -> Sampler:
+    return lambda r: float(10 ** r.uniform(low, high))
+
+
+def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
+    small = dataset in SMALL_IMAGE_DATASETS
+    h: dict[str, tuple[Any, Sampler]] = {}
+
+    def add(name: str, default: Any, sampler: Sampler | None = None) -> None:
+        h[name] = (default, sampler if sampler is not None else (lambda r, d=default: d))
+
+    # -- shared --------------------------------------------------------------------------------
+    add("backbone", "mnist_cnn" if small else "resnet50")
+    add("cnn_width", 64)  # MNIST CNN channels: (w, 2w, 2w, 2w); DomainBed uses 64
+    add("pretrained_path", None)  # a local ResNet state_dict; no download
+    add("freeze_bn", True)
+    add("data_augmentation", not small)
+    add("nonlinear_classifier", False)
+    add("dropout", 0.0, None if small else _choice([0.0, 0.1, 0.5]))
+    if small:
+        add("lr", 1e-3, _log_uniform(-4.5, -2.5))
+        add("batch_size", 64, lambda r: int(2 ** r.uniform(3, 9)))
+        add("weight_decay", 0.0)
+    else:
+        add("lr", 5e-5, _log_uniform(-5, -3.5))
+        add("batch_size", 32, lambda r: int(2 ** r.uniform(3, 5.5)))
+        add("weight_decay", 0.0, _log_uniform(-6, -2))
+
+    # -- algorithm specific --------------------------------------------------------------------
+    rhos = [0.01, 0.02, 0.05, 0.1, 0.2]
+    if algorithm in ("SAM", "GSAM", "SAGM"):
+        add("rho", 0.05, _choice(rhos))
+    if algorithm == "ASAM":
+        add("rho", 0.5, _choice([0.1, 0.2, 0.5, 1.0, 2.0]))
+        add("eta", 0.01)
+    if algorithm == "GSAM":
+        add("alpha", 0.01, _choice([0.01, 0.02, 0.05, 0.1, 0.2, 0.3]))
+    if algorithm == "SAGM":
+        add("alpha", 0.001, _choice([0.0001, 0.0005, 0.001, 0.005, 0.01]))
+    if algorithm == "CORAL":
+        add("mmd_gamma", 1.0, _log_uniform(-1, 1))
+    if algorithm == "Fishr":
+        add("lambda", 1000.0, _log_uniform(1, 4))
+        add(
+            "penalty_anneal_iters",
+            300 if small else 1500,
+            lambda r: int(r.uniform(0, 500 if small else 5000)),
+        )
+        add("ema", 0.95, lambda r: float(r.uniform(0.90, 0.99)))
+    if algorithm.startswith("SAGE"):
+        if algorithm == "SAGE_AlignmentOnly":
+            add("rho", 0.0)
+        else:
+            add("rho", 0.05, _choice(rhos))
+        add("rho_scaling", "global")
+        add("ns_steps", 5)
+        add("disagreement", "normalized_std", _choice(["normalized_std", "cosine"]))
+        if algorithm in ("SAGE", "SAGE_AlignmentOnly"):
+            add("gamma", 1e-3, _log_uniform(-4, -2))
+        if algorithm == "SAGE_Align":
+            add("lambda_max", 0.8, _choice([0.4, 0.6, 0.8]))
+    return h
+
+
+def default_hparams(algorithm: str, dataset: str) -> dict[str, Any]:
+    """The default hyperparameters (``hparams_seed = 0``)."""
+    return {name: default for name, (default, _) in _space(algorithm, dataset).items()}
+
+
+def random_hparams(algorithm: str, dataset: str, seed: int) -> dict[str, Any]:
+    """A seeded draw from the search space; ``seed = 0`` returns the defaults."""
+    if seed == 0:
+        return default_hparams(algorithm, dataset)
+    return {
+        name: sampler(np.random.RandomState(seed_hash(seed, name)))
+        for name, (_, sampler) in _space(algorithm, dataset).items()
+    }
+
+
+def parse_hparams(text: str | None, algorithm: str, dataset: str) -> dict[str, Any]:
+    """User overrides from a JSON object; unknown names are an error naming them."""
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--hparams is not valid JSON ({error.msg} at position {error.pos}): {text!r}"
+        ) from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--hparams must be a JSON object, got {type(overrides).__name__}")
+    known = _space(algorithm, dataset)
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {', '.join(unknown)} for {algorithm} on {dataset}; "
+            f"known: {', '.join(sorted(known))}"
+        )
+    return overrides

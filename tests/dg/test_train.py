@@ -1,0 +1,160 @@
+"""Training runs: every algorithm on every embedded data set, the record layout, bad input."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from torchsage.dg.algorithms import ALGORITHMS
+from torchsage.dg.datasets import environment_names, get_dataset, seed_hash, split_environment
+from torchsage.dg.hparams import default_hparams, random_hparams
+from torchsage.dg.train import TrainArgs, train
+
+TINY = '{"cnn_width": 8, "batch_size": 8}'
+
+
+@pytest.mark.parametrize("dataset", ["RotatedDigits", "ColoredDigits"])
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_every_algorithm_trains_on_every_embedded_dataset(algorithm, dataset, tmp_path):
+    hparams = json.loads(TINY)
+    if algorithm == "Fishr":
+        hparams["penalty_anneal_iters"] = 2  # exercise the penalty and the optimizer reset
+    out = train(
+        TrainArgs(
+            dataset=dataset,
+            algorithm=algorithm,
+            test_envs=[0],
+            output_dir=str(tmp_path / "run"),
+            steps=4,
+            checkpoint_freq=2,
+            hparams=json.dumps(hparams),
+            progress=False,
+        )
+    )
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and (out / "done").exists()
+    record = json.loads(lines[-1])
+    assert math.isfinite(record["loss"])
+    if algorithm.startswith("SAGE"):
+        assert record["disagreement"] > 0
+
+
+def test_record_layout_follows_domainbed(tmp_path):
+    out = train(
+        TrainArgs(
+            dataset="ColoredDigits",
+            algorithm="SAGE",
+            test_envs=[2],
+            output_dir=str(tmp_path / "run"),
+            steps=5,
+            checkpoint_freq=2,
+            hparams_seed=3,
+            trial_seed=1,
+            seed=7,
+            hparams=TINY,
+            save_model=True,
+            progress=False,
+        )
+    )
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 3, 4]  # every 2 steps and the last
+    r = records[-1]
+    for i in range(3):
+        assert 0.0 <= r[f"env{i}_in_acc"] <= 1.0 and 0.0 <= r[f"env{i}_out_acc"] <= 1.0
+    assert r["args"]["dataset"] == "ColoredDigits" and r["args"]["algorithm"] == "SAGE"
+    assert r["args"]["test_envs"] == [2]
+    assert (r["args"]["hparams_seed"], r["args"]["trial_seed"], r["args"]["seed"]) == (3, 1, 7)
+    expected = random_hparams("SAGE", "ColoredDigits", 3) | json.loads(TINY)
+    assert r["hparams"] == expected
+    assert {"disagreement", "noise_std", "loss", "epoch"} <= set(r)
+    saved = torch.load(out / "model.pt", weights_only=False)
+    assert saved["num_classes"] == 2 and "model" in saved
+
+
+def test_runs_are_reproducible_from_their_seeds(tmp_path):
+    def run(name):
+        args = TrainArgs("RotatedDigits", "SAGE", [5], str(tmp_path / name), steps=3, hparams=TINY, seed=4)
+        args.progress = False
+        return json.loads((train(args) / "results.jsonl").read_text().splitlines()[-1])
+
+    a, b = run("a"), run("b")
+    assert a["env5_in_acc"] == b["env5_in_acc"] and a["loss"] == b["loss"]
+
+
+def test_in_out_splits_follow_the_holdout_fraction_and_the_trial_seed():
+    env = get_dataset("RotatedDigits").environments[0]
+    part_in, part_out = split_environment(env, 0.2, seed_hash(0, 0))
+    assert len(part_out) == int(0.2 * len(env)) and len(part_in) + len(part_out) == len(env)
+    assert not set(part_in.indices) & set(part_out.indices)
+    other_in, _ = split_environment(env, 0.2, seed_hash(1, 0))
+    assert other_in.indices != part_in.indices
+
+
+def test_hparams_registry_defaults_and_seeded_search():
+    assert random_hparams("SAGE", "RotatedDigits", 0) == default_hparams("SAGE", "RotatedDigits")
+    draw = random_hparams("SAGE", "RotatedDigits", 5)
+    assert draw == random_hparams("SAGE", "RotatedDigits", 5)
+    assert draw != random_hparams("SAGE", "RotatedDigits", 6)
+    assert 10**-4.5 <= draw["lr"] <= 10**-2.5 and 8 <= draw["batch_size"] <= 512
+    assert 1e-4 <= draw["gamma"] <= 1e-2 and draw["disagreement"] in ("normalized_std", "cosine")
+    assert default_hparams("SAGE_AlignmentOnly", "PACS")["rho"] == 0.0
+    assert default_hparams("ERM", "PACS")["backbone"] == "resnet50"
+    # every algorithm has hparams for every data set
+    for algorithm in ALGORITHMS:
+        for dataset in ("RotatedDigits", "PACS"):
+            assert "lr" in random_hparams(algorithm, dataset, 2)
+
+
+def test_environment_names():
+    assert environment_names("PACS") == ["art_painting", "cartoon", "photo", "sketch"]
+    assert len(environment_names("RotatedDigits")) == 6
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "MNIST", "--algorithm", "ERM", "--test-envs", "0"], "unknown dataset 'MNIST'"),
+        (["--dataset", "PACS", "--algorithm", "Mixup", "--test-envs", "0"], "unknown algorithm 'Mixup'"),
+        (
+            ["--dataset", "ColoredDigits", "--algorithm", "ERM", "--test-envs", "3"],
+            "test environment 3 out of range",
+        ),
+        (["--dataset", "PACS", "--algorithm", "ERM", "--test-envs", "0"], "--data-dir"),
+        (
+            ["--dataset", "PACS", "--algorithm", "ERM", "--test-envs", "0", "--data-dir", "/nonexistent/x"],
+            "/nonexistent/x",
+        ),
+        (
+            ["--dataset", "ColoredDigits", "--algorithm", "ERM", "--test-envs", "0", "--hparams", "{lr: 1}"],
+            "not valid JSON",
+        ),
+        (
+            [
+                "--dataset",
+                "ColoredDigits",
+                "--algorithm",
+                "ERM",
+                "--test-envs",
+                "0",
+                "--hparams",
+                '{"rho": 1}',
+            ],
+            "unknown hyperparameter",
+        ),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_clear_line(argv, message, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchsage", "dg", "train", *argv, "--output-dir", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (out / "results.jsonl").exists()
