@@ -34,7 +34,68 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--gamma", type=float, default=1e-3, help="SAGE noise scale")
     demo.add_argument("--test-env", type=int, default=5, help="held-out domain (5 = 75 degrees)")
     demo.add_argument("--no-progress", action="store_true")
+    dg = sub.add_parser("dg", help="domain generalization on the DomainBed protocol")
+    dg_sub = dg.add_subparsers(dest="dg_command", required=True, parser_class=_Parser)
+    train = dg_sub.add_parser("train", help="one training run")
+    train.add_argument("--dataset", required=True)
+    train.add_argument("--algorithm", required=True)
+    train.add_argument("--test-envs", type=int, nargs="+", required=True)
+    train.add_argument("--output-dir", required=True)
+    train.add_argument("--data-dir", default=None, help="folder holding the image data sets")
+    train.add_argument("--steps", type=int, default=None, help="default: the data set's")
+    train.add_argument("--checkpoint-freq", type=int, default=None)
+    train.add_argument("--hparams-seed", type=int, default=0, help="0: default hyperparameters")
+    train.add_argument("--trial-seed", type=int, default=0, help="seeds the in/out splits")
+    train.add_argument("--seed", type=int, default=0, help="seeds initialisation and minibatches")
+    train.add_argument("--hparams", default=None, help="JSON object overriding hyperparameters")
+    train.add_argument("--holdout-fraction", type=float, default=0.2)
+    train.add_argument("--save-model", action="store_true", help="write model.pt for diagnostics")
+    train.add_argument("--num-workers", type=int, default=0, help="data loader processes")
+    train.add_argument("--no-progress", action="store_true")
+    sweep = dg_sub.add_parser("sweep", help="datasets x algorithms x test envs x hparams x trials")
+    from torchsage.dg.sweep import add_sweep_arguments
+
+    add_sweep_arguments(sweep)
+    report = dg_sub.add_parser("report", help="result tables per model-selection method")
+    report.add_argument("dir", help="a sweep output directory")
+    report.add_argument("--latex", action="store_true", help="LaTeX tables instead of markdown")
+    report.add_argument("--plot", default=None, help="PNG path (default: DIR/report.png)")
     return parser
+
+
+def _dg(args: argparse.Namespace) -> int:
+    if args.dg_command == "train":
+        from torchsage.dg.train import TrainArgs, train
+
+        out = train(
+            TrainArgs(
+                dataset=args.dataset,
+                algorithm=args.algorithm,
+                test_envs=args.test_envs,
+                output_dir=args.output_dir,
+                data_dir=args.data_dir,
+                steps=args.steps,
+                checkpoint_freq=args.checkpoint_freq,
+                hparams_seed=args.hparams_seed,
+                trial_seed=args.trial_seed,
+                seed=args.seed,
+                hparams=args.hparams,
+                holdout_fraction=args.holdout_fraction,
+                save_model=args.save_model,
+                num_workers=args.num_workers,
+                progress=not args.no_progress,
+            )
+        )
+        print(f"results written to {out / 'results.jsonl'}")
+        return 0
+    if args.dg_command == "sweep":
+        from torchsage.dg.sweep import run_from_args
+
+        return run_from_args(args)
+    from torchsage.dg.report import report
+
+    print(report(args.dir, latex=args.latex, plot_path=args.plot))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -65,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
-    except (ValueError, ImportError, FileNotFoundError) as error:
+        if args.command == "dg":
+            return _dg(args)
+    except (ValueError, ImportError, FileNotFoundError, FloatingPointError) as error:
         print(f"torchsage: error: {error}", file=sys.stderr)
         return 1
     return 0  # pragma: no cover

@@ -7,7 +7,7 @@ goes through its own forward pass, so the per-environment losses are what the sh
 optimizers need; their mean is the loss ERM minimises.
 
 The sharpness-aware algorithms (SAM, ASAM, GSAM, SAGM, SAGE and its variants) are ERM with a
-torchsage optimizer around the same base optimizer (Adam), nothing more.
+torchsage optimizer around the same base optimizer (Adam by default), nothing more.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ Minibatches = Sequence[tuple[Tensor, Tensor]]
 
 
 class Algorithm(nn.Module):
-    """Base class: a network ``featurizer -> classifier`` trained with Adam on the mean loss."""
+    """Base class: a network ``featurizer -> classifier`` and its optimizer (``hparams["optimizer"]``)."""
 
     def __init__(
         self, input_shape: Sequence[int], num_classes: int, num_domains: int, hparams: dict[str, Any]
@@ -43,10 +43,19 @@ class Algorithm(nn.Module):
         self.network = nn.Sequential(self.featurizer, self.classifier)
         self.optimizer = self.make_optimizer()
 
+    def base_optimizer(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        """The base optimizer class and its options: Adam (DomainBed), or SGD with momentum 0.9."""
+        options = {"lr": self.hparams["lr"], "weight_decay": self.hparams["weight_decay"]}
+        name = self.hparams.get("optimizer", "adam")
+        if name == "adam":
+            return torch.optim.Adam, options
+        if name == "sgd":
+            return torch.optim.SGD, {**options, "momentum": 0.9}
+        raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
+
     def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(
-            self.network.parameters(), lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
-        )
+        cls, options = self.base_optimizer()
+        return cls(self.network.parameters(), **options)
 
     def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         raise NotImplementedError
@@ -74,15 +83,10 @@ class _SharpnessAware(Algorithm):
     optimizer_hparams: tuple[str, ...] = ("rho",)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        options = {k: self.hparams[k] for k in self.optimizer_hparams}
-        return self.optimizer_class(
-            self.network.parameters(),
-            torch.optim.Adam,
-            lr=self.hparams["lr"],
-            weight_decay=self.hparams["weight_decay"],
-            model=self.network,  # BatchNorm statistics only from the clean pass
-            **options,
-        )
+        cls, options = self.base_optimizer()
+        options.update({k: self.hparams[k] for k in self.optimizer_hparams})
+        # model=: BatchNorm statistics are updated on the clean pass only
+        return self.optimizer_class(self.network.parameters(), cls, model=self.network, **options)
 
     def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         def closure() -> list[Tensor]:

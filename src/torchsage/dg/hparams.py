@@ -45,6 +45,7 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     add("freeze_bn", True)
     add("data_augmentation", not small)
     add("nonlinear_classifier", False)
+    add("optimizer", "adam")  # or "sgd" (momentum 0.9), the SAGE authors' choice for DG
     add("dropout", 0.0, None if small else _choice([0.0, 0.1, 0.5]))
     if small:
         add("lr", 1e-3, _log_uniform(-4.5, -2.5))
