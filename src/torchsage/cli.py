@@ -52,13 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-model", action="store_true", help="write model.pt for diagnostics")
     train.add_argument("--num-workers", type=int, default=0, help="data loader processes")
     train.add_argument("--no-progress", action="store_true")
-    try:  # TEMPORARY until dg/sweep.py lands
-        from torchsage.dg.sweep import add_sweep_arguments
+    from torchsage.dg.sweep import add_sweep_arguments
 
-        sweep = dg_sub.add_parser("sweep", help="datasets x algorithms x test envs x hparams x trials")
-        add_sweep_arguments(sweep)
-    except ImportError:
-        pass
+    sweep = dg_sub.add_parser("sweep", help="datasets x algorithms x test envs x hparams x trials")
+    add_sweep_arguments(sweep)
     report = dg_sub.add_parser("report", help="result tables per model-selection method")
     report.add_argument("dir", help="a sweep output directory")
     report.add_argument("--latex", action="store_true", help="LaTeX tables instead of markdown")

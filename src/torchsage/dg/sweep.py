@@ -1,0 +1,647 @@
+"""Sweeps of domain-generalization runs: enumerate, launch, resume.
+
+A sweep is the product datasets x algorithms x test environments x hyperparameter seeds x trial
+seeds (the DomainBed protocol). Every element is one :class:`Job`, i.e. one
+``python -m torchsage dg train ...`` process writing to its own run directory. The name of that
+directory is the md5 hash of the canonical JSON of the arguments that define the run, so running
+the same sweep again maps every job to the same directory: finished runs (those holding a ``done``
+file) are skipped, unfinished ones are deleted and rerun from scratch, missing ones are launched.
+
+Seeds follow DomainBed: ``hparams_seed`` 0 means the default hyperparameters and ``k > 0`` the
+``k``-th random draw; ``trial_seed`` seeds the in/out splits; the ``seed`` of initialisation and
+minibatches is a stable hash of (dataset, algorithm, test_envs, hparams_seed, trial_seed), the same
+on every machine and in every process (Python's ``hash`` is salted per process, so it is not used).
+
+Test-environment modes:
+
+* ``"single"``: every environment alone as the test environment (what training-domain validation
+  and oracle selection need).
+* ``"loo"``: additionally every unordered pair ``[t, v]`` with ``t < v``. Leave-one-domain-out
+  selection for test environment ``t`` scores hyperparameters by their accuracy on a held-out
+  training domain ``v``, using the runs that held out both ``t`` and ``v``; both environments of
+  the pair are excluded from training, so ``[t, v]`` and ``[v, t]`` are the same run and one
+  unordered pair suffices. This mode needs at least three environments per data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm.auto import tqdm
+
+__all__ = [
+    "STATES",
+    "TEST_ENV_MODES",
+    "Job",
+    "JobFailure",
+    "SweepSummary",
+    "add_sweep_arguments",
+    "delete_incomplete",
+    "held_out_env_sets",
+    "job_seed",
+    "launch",
+    "make_jobs",
+    "run_from_args",
+    "sweep_status",
+]
+
+#: The states of a job's run directory, in the order they are reported.
+STATES = ("done", "incomplete", "not launched")
+#: The accepted values of ``make_jobs(test_envs=...)``.
+TEST_ENV_MODES = ("single", "loo")
+
+EnvNames = Callable[[str], Sequence[str]]
+AlgorithmNames = Callable[[], Iterable[str]]
+CommandBuilder = Callable[["Job"], Sequence[str]]
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def _hparams_problem(text: str) -> str | None:
+    """What is wrong with a hyperparameter JSON string, or ``None`` when it is a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return f"not valid JSON ({error.msg} at character {error.pos}): {text}"
+    if not isinstance(value, dict):
+        return f"not a JSON object such as '{{\"lr\": 1e-4}}': {text}"
+    return None
+
+
+def _parse_hparams(text: str | None) -> dict[str, Any] | None:
+    """Parses a JSON object of hyperparameters; ``None`` stays ``None``; anything else: ValueError."""
+    if text is None:
+        return None
+    problem = _hparams_problem(text)
+    if problem is not None:
+        raise ValueError(f"hparams is {problem}")
+    return json.loads(text)
+
+
+def job_seed(
+    dataset: str, algorithm: str, test_envs: Sequence[int], hparams_seed: int, trial_seed: int
+) -> int:
+    """The training seed of a run: a stable hash of its identity, in ``[0, 2**31)``.
+
+    md5 of the canonical JSON ``[dataset, algorithm, sorted test_envs, hparams_seed, trial_seed]``,
+    so the value does not depend on the process, the machine or the Python version.
+    """
+    key = _canonical_json([dataset, algorithm, sorted(int(i) for i in test_envs), hparams_seed, trial_seed])
+    return int(hashlib.md5(key.encode()).hexdigest(), 16) % (2**31)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run of a sweep.
+
+    Attributes:
+        root: the sweep's output folder; the run directory is ``root / run_id``.
+        dataset, algorithm, test_envs, hparams_seed, trial_seed, steps, checkpoint_freq,
+        holdout_fraction, data_dir, hparams: the arguments of ``torchsage dg train`` (``hparams``
+            is a JSON object as a string, or ``None``).
+        seed: initialisation and minibatch seed; ``None`` (the default) derives it with
+            :func:`job_seed`.
+        output_dir: the run directory (computed, not an argument).
+
+    The run id hashes every argument except ``root`` and ``data_dir`` (the location of the data
+    does not change the run, so moving the data does not restart finished runs). ``hparams`` is
+    hashed as parsed JSON, so whitespace and key order do not matter.
+    """
+
+    root: Path
+    dataset: str
+    algorithm: str
+    test_envs: tuple[int, ...]
+    hparams_seed: int = 0
+    trial_seed: int = 0
+    seed: int | None = None
+    steps: int | None = None
+    checkpoint_freq: int | None = None
+    holdout_fraction: float = 0.2
+    data_dir: str | None = None
+    hparams: str | None = None
+    output_dir: Path = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: normalise the fields once, here
+        set_(self, "root", Path(self.root))
+        set_(self, "test_envs", tuple(sorted(int(i) for i in self.test_envs)))
+        if not self.test_envs:
+            raise ValueError("a job needs at least one test environment")
+        if len(set(self.test_envs)) != len(self.test_envs):
+            raise ValueError(f"repeated test environment in {list(self.test_envs)}")
+        _parse_hparams(self.hparams)
+        if self.seed is None:
+            seed = job_seed(self.dataset, self.algorithm, self.test_envs, self.hparams_seed, self.trial_seed)
+            set_(self, "seed", seed)
+        set_(self, "output_dir", self.root / self.run_id)
+
+    def key(self) -> dict[str, Any]:
+        """The arguments that define the run (what :attr:`run_id` hashes)."""
+        return {
+            "dataset": self.dataset,
+            "algorithm": self.algorithm,
+            "test_envs": list(self.test_envs),
+            "hparams_seed": self.hparams_seed,
+            "trial_seed": self.trial_seed,
+            "seed": self.seed,
+            "steps": self.steps,
+            "checkpoint_freq": self.checkpoint_freq,
+            "holdout_fraction": self.holdout_fraction,
+            "hparams": _parse_hparams(self.hparams),
+        }
+
+    @property
+    def run_id(self) -> str:
+        """md5 hex digest of the canonical JSON (sorted keys) of :meth:`key`."""
+        return hashlib.md5(_canonical_json(self.key()).encode()).hexdigest()
+
+    @property
+    def state(self) -> str:
+        """``"done"`` (a ``done`` file), ``"incomplete"`` (directory without it) or ``"not launched"``."""
+        if (self.output_dir / "done").exists():
+            return "done"
+        if self.output_dir.exists():
+            return "incomplete"
+        return "not launched"
+
+    def describe(self) -> str:
+        """A short human-readable identity, e.g. ``PACS ERM test_envs=[0] hparams_seed=0 trial_seed=1``."""
+        return (
+            f"{self.dataset} {self.algorithm} test_envs={list(self.test_envs)} "
+            f"hparams_seed={self.hparams_seed} trial_seed={self.trial_seed}"
+        )
+
+    def command(self, python: str = sys.executable, progress: bool = False) -> list[str]:
+        """The argv of the training process (``--no-progress`` unless ``progress``)."""
+        argv = [python, "-m", "torchsage", "dg", "train"]
+        argv += ["--dataset", self.dataset, "--algorithm", self.algorithm]
+        argv += ["--test-envs", *(str(i) for i in self.test_envs)]
+        argv += ["--output-dir", str(self.output_dir)]
+        if self.data_dir is not None:
+            argv += ["--data-dir", str(self.data_dir)]
+        if self.steps is not None:
+            argv += ["--steps", str(self.steps)]
+        if self.checkpoint_freq is not None:
+            argv += ["--checkpoint-freq", str(self.checkpoint_freq)]
+        argv += ["--hparams-seed", str(self.hparams_seed), "--trial-seed", str(self.trial_seed)]
+        argv += ["--seed", str(self.seed), "--holdout-fraction", repr(float(self.holdout_fraction))]
+        if self.hparams is not None:
+            argv += ["--hparams", self.hparams]
+        if not progress:
+            argv.append("--no-progress")
+        return argv
+
+
+def _default_env_names(dataset: str) -> Sequence[str]:
+    from torchsage.dg.datasets import environment_names
+
+    return environment_names(dataset)
+
+
+def _default_algorithm_names() -> Iterable[str]:
+    from torchsage.dg.algorithms import ALGORITHMS
+
+    return ALGORITHMS.keys()
+
+
+def held_out_env_sets(n_envs: int, mode: str = "single") -> list[tuple[int, ...]]:
+    """The test-environment sets of a data set with ``n_envs`` environments.
+
+    ``"single"``: ``(0,), (1,), ...``; ``"loo"``: each ``(i,)`` followed by the pairs ``(i, j)``,
+    ``j > i``. At least one environment is always left for training.
+    """
+    if mode not in TEST_ENV_MODES:
+        raise ValueError(f"unknown test_envs mode {mode!r}: use one of {', '.join(TEST_ENV_MODES)}")
+    needed = 2 if mode == "single" else 3
+    if n_envs < needed:
+        raise ValueError(
+            f"test_envs mode {mode!r} needs at least {needed} environments "
+            f"(one left to train on), got {n_envs}"
+        )
+    if mode == "single":
+        return [(i,) for i in range(n_envs)]
+    out: list[tuple[int, ...]] = []
+    for i in range(n_envs):
+        out.append((i,))
+        out.extend((i, j) for j in range(i + 1, n_envs))
+    return out
+
+
+def _names(values: str | Iterable[str], what: str) -> list[str]:
+    items = [values] if isinstance(values, str) else list(values)
+    if not items:
+        raise ValueError(f"no {what} given: name at least one")
+    return list(dict.fromkeys(items))  # drop repeats, keep order
+
+
+def _positive(value: int | None, name: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def make_jobs(
+    root: str | Path,
+    datasets: str | Iterable[str],
+    algorithms: str | Iterable[str],
+    n_hparams: int,
+    n_trials: int,
+    steps: int | None = None,
+    checkpoint_freq: int | None = None,
+    data_dir: str | None = None,
+    hparams: str | None = None,
+    holdout_fraction: float = 0.2,
+    test_envs: str = "single",
+    env_names: EnvNames | None = None,
+    algorithm_names: AlgorithmNames | None = None,
+) -> list[Job]:
+    """Every job of a sweep, in the order dataset, algorithm, test envs, hparams seed, trial seed.
+
+    Args:
+        root: output folder of the sweep (one run directory per job inside it).
+        datasets, algorithms: names (repeats are dropped).
+        n_hparams: hyperparameter seeds ``0 .. n_hparams - 1`` (0: the defaults).
+        n_trials: trial seeds ``0 .. n_trials - 1``.
+        steps, checkpoint_freq, data_dir, hparams, holdout_fraction: passed to every run.
+        test_envs: ``"single"`` or ``"loo"`` (see the module docstring).
+        env_names: ``dataset -> environment names``; default
+            :func:`torchsage.dg.datasets.environment_names` (raises on unknown data sets).
+        algorithm_names: returns the known algorithms; default the keys of
+            :data:`torchsage.dg.algorithms.ALGORITHMS`.
+
+    Raises:
+        ValueError: unknown mode, data set or algorithm, empty lists, non-positive counts,
+            a holdout fraction outside (0, 1) or malformed ``hparams`` JSON.
+    """
+    if test_envs not in TEST_ENV_MODES:
+        raise ValueError(f"unknown test_envs mode {test_envs!r}: use one of {', '.join(TEST_ENV_MODES)}")
+    dataset_list = _names(datasets, "datasets")
+    algorithm_list = _names(algorithms, "algorithms")
+    _positive(n_hparams, "n_hparams")
+    _positive(n_trials, "n_trials")
+    _positive(steps, "steps")
+    _positive(checkpoint_freq, "checkpoint_freq")
+    if not 0.0 < holdout_fraction < 1.0:
+        raise ValueError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
+    _parse_hparams(hparams)
+    env_names = env_names or _default_env_names
+    known = list((algorithm_names or _default_algorithm_names)())
+    unknown = [a for a in algorithm_list if a not in known]
+    if unknown:
+        raise ValueError(f"unknown algorithm {unknown[0]!r}: use one of {', '.join(known)}")
+    combos = {d: held_out_env_sets(len(env_names(d)), test_envs) for d in dataset_list}
+    jobs = []
+    for dataset in dataset_list:
+        for algorithm in algorithm_list:
+            for envs in combos[dataset]:
+                for hparams_seed in range(n_hparams):
+                    for trial_seed in range(n_trials):
+                        jobs.append(
+                            Job(
+                                root=Path(root),
+                                dataset=dataset,
+                                algorithm=algorithm,
+                                test_envs=envs,
+                                hparams_seed=hparams_seed,
+                                trial_seed=trial_seed,
+                                steps=steps,
+                                checkpoint_freq=checkpoint_freq,
+                                holdout_fraction=holdout_fraction,
+                                data_dir=data_dir,
+                                hparams=hparams,
+                            )
+                        )
+    return jobs
+
+
+def sweep_status(jobs: Iterable[Job]) -> dict[str, int]:
+    """Number of jobs in each state (every key of :data:`STATES` present)."""
+    counts = dict.fromkeys(STATES, 0)
+    for job in jobs:
+        counts[job.state] += 1
+    return counts
+
+
+def delete_incomplete(jobs: Iterable[Job]) -> list[Path]:
+    """Deletes the run directories of unfinished jobs; returns the deleted directories."""
+    deleted = []
+    for job in jobs:
+        if job.state == "incomplete":
+            shutil.rmtree(job.output_dir)
+            deleted.append(job.output_dir)
+    return deleted
+
+
+@dataclass
+class JobFailure:
+    """A job that exited non-zero (or exited 0 without writing ``done``)."""
+
+    output_dir: Path
+    returncode: int
+    message: str
+    description: str = ""
+
+
+@dataclass
+class SweepSummary:
+    """The outcome of :func:`launch`."""
+
+    total: int = 0
+    skipped: int = 0  # already done
+    deleted: int = 0  # incomplete directories removed before their rerun
+    launched: int = 0
+    succeeded: int = 0
+    failed: list[JobFailure] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no job failed."""
+        return not self.failed
+
+    def __str__(self) -> str:
+        restarted = f" ({self.deleted} of them restarted from scratch)" if self.deleted else ""
+        text = (
+            f"{self.total} runs: {self.skipped} already done (skipped), {self.launched} launched{restarted}, "
+            f"{self.succeeded} succeeded, {len(self.failed)} failed."
+        )
+        if self.failed:
+            text += " Failed runs are rerun by the next sweep; their logs are out.txt and err.txt."
+        return text
+
+
+def _last_line(path: Path) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _child_env(processes: int) -> dict[str, str] | None:
+    """With several processes on one machine, split the CPU threads unless the user chose."""
+    if processes <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    return env
+
+
+@dataclass
+class _Running:
+    job: Job
+    proc: subprocess.Popen
+    files: tuple[IO[bytes], IO[bytes]]
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def _start(job: Job, argv: Sequence[str], env: dict[str, str] | None) -> _Running:
+    job.output_dir.mkdir(parents=True, exist_ok=True)
+    out = open(job.output_dir / "out.txt", "wb")  # closed when the job ends
+    err = open(job.output_dir / "err.txt", "wb")
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env)
+    except OSError:
+        out.close()
+        err.close()
+        raise
+    return _Running(job, proc, (out, err))
+
+
+def _stop(running: Iterable[_Running], grace: float = 10.0) -> None:
+    """Terminates the children, waits up to ``grace`` seconds, then kills the rest."""
+    running = list(running)
+    for r in running:
+        if r.proc.poll() is None:
+            r.proc.terminate()
+    deadline = time.monotonic() + grace
+    for r in running:
+        try:
+            r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r.proc.kill()
+            r.proc.wait()
+        r.close()
+
+
+def launch(
+    jobs: Iterable[Job],
+    processes: int = 1,
+    progress: bool = True,
+    python: str = sys.executable,
+    command_builder: CommandBuilder | None = None,
+    poll_interval: float = 0.05,
+) -> SweepSummary:
+    """Runs the jobs that are not done, up to ``processes`` at a time.
+
+    Finished jobs are skipped; unfinished directories are deleted and their jobs rerun from
+    scratch. Each job runs as a subprocess with stdout and stderr in ``out.txt`` and ``err.txt``
+    of its run directory. A job that exits non-zero (or exits 0 without a ``done`` file) is
+    recorded as failed with the last line of its ``err.txt`` and the sweep goes on. On Ctrl-C the
+    children are terminated (killed after 10 s) and ``KeyboardInterrupt`` propagates; their
+    directories stay unfinished and are rerun by the next launch.
+
+    Args:
+        jobs: the jobs (repeats of the same run directory are launched once).
+        processes: how many jobs run at once.
+        progress: a tqdm bar over the jobs on stderr.
+        python: the interpreter of the training processes.
+        command_builder: ``job -> argv``; default ``job.command(python)`` (tests use a fake).
+        poll_interval: seconds between polls of the running children.
+    """
+    _positive(processes, "processes")
+    unique = list({job.output_dir: job for job in jobs}.values())
+    summary = SweepSummary(total=len(unique))
+    todo = []
+    for job in unique:
+        state = job.state
+        if state == "done":
+            summary.skipped += 1
+            continue
+        if state == "incomplete":
+            shutil.rmtree(job.output_dir)
+            summary.deleted += 1
+        todo.append(job)
+    build = command_builder or (lambda job: job.command(python))
+    env = _child_env(processes)
+    bar = tqdm(
+        total=summary.total,
+        initial=summary.skipped,
+        desc="sweep",
+        unit="run",
+        file=sys.stderr,
+        disable=not progress or not todo,
+        dynamic_ncols=True,
+    )
+    pending = list(reversed(todo))  # pop() from the end keeps the original order
+    running: list[_Running] = []
+    try:
+        while pending or running:
+            while pending and len(running) < processes:
+                job = pending.pop()
+                running.append(_start(job, build(job), env))
+                summary.launched += 1
+            still = []
+            for r in running:
+                code = r.proc.poll()
+                if code is None:
+                    still.append(r)
+                    continue
+                r.close()
+                if code == 0 and r.job.state == "done":
+                    summary.succeeded += 1
+                else:
+                    message = _last_line(r.job.output_dir / "err.txt")
+                    if code == 0:
+                        message = "exited 0 without writing its done file" + (
+                            f" ({message})" if message else ""
+                        )
+                    elif not message:
+                        message = f"exit code {code}, nothing on stderr"
+                    summary.failed.append(JobFailure(r.job.output_dir, code, message, r.job.describe()))
+                bar.update(1)
+                bar.set_postfix(failed=len(summary.failed), refresh=False)
+            running = still
+            if running:
+                time.sleep(poll_interval)
+    except BaseException:
+        _stop(running)
+        raise
+    finally:
+        bar.close()
+    order = {job.output_dir: i for i, job in enumerate(todo)}
+    summary.failed.sort(key=lambda failure: order[failure.output_dir])  # job order, not finishing order
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _hparams_type(text: str) -> str:
+    problem = _hparams_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)  # argparse prefixes "argument --hparams: "
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
+    return value
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the options of ``torchsage dg sweep`` to ``parser`` (returned for chaining)."""
+    parser.add_argument("--datasets", nargs="+", required=True, help="data set names")
+    parser.add_argument("--algorithms", nargs="+", required=True, help="algorithm names")
+    parser.add_argument("--n-trials", type=_positive_int, default=3, help="trial seeds 0..T-1 (default 3)")
+    parser.add_argument(
+        "--n-hparams", type=_positive_int, default=20, help="hparams seeds 0..H-1, 0 = defaults (default 20)"
+    )
+    parser.add_argument("--output-dir", required=True, help="sweep folder, one hashed run directory per job")
+    parser.add_argument("--data-dir", default=None, help="folder holding the image data sets")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="default: each data set's")
+    parser.add_argument(
+        "--checkpoint-freq", type=_positive_int, default=None, help="default: each data set's"
+    )
+    parser.add_argument("--hparams", type=_hparams_type, default=None, help="JSON object overriding hparams")
+    parser.add_argument("--holdout-fraction", type=_fraction, default=0.2)
+    parser.add_argument(
+        "--test-envs",
+        choices=TEST_ENV_MODES,
+        default="single",
+        help="single: each environment held out alone; loo: also every pair (leave-one-domain-out selection)",
+    )
+    parser.add_argument("--processes", type=_positive_int, default=1, help="runs at once (default 1)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the runs and their states, launch nothing"
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run_from_args(
+    args: argparse.Namespace,
+    *,
+    env_names: EnvNames | None = None,
+    algorithm_names: AlgorithmNames | None = None,
+    command_builder: CommandBuilder | None = None,
+) -> int:
+    """Runs ``torchsage dg sweep``; returns the exit code (0: every job done, 1: some failed).
+
+    ``--dry-run`` prints one line per job (state and training command) and the counts per state,
+    and launches nothing.
+    Bad arguments raise ValueError (the command line prints it as one line and exits 1).
+    ``env_names``, ``algorithm_names`` and ``command_builder`` are test hooks.
+    """
+    jobs = make_jobs(
+        root=args.output_dir,
+        datasets=args.datasets,
+        algorithms=args.algorithms,
+        n_hparams=args.n_hparams,
+        n_trials=args.n_trials,
+        steps=args.steps,
+        checkpoint_freq=args.checkpoint_freq,
+        data_dir=args.data_dir,
+        hparams=args.hparams,
+        holdout_fraction=args.holdout_fraction,
+        test_envs=args.test_envs,
+        env_names=env_names,
+        algorithm_names=algorithm_names,
+    )
+    if args.dry_run:
+        for job in jobs:
+            print(f"{job.state:<13} {shlex.join(job.command())}")
+        counts = sweep_status(jobs)
+        print(
+            f"dry run: {len(jobs)} runs in {args.output_dir}: "
+            + ", ".join(f"{counts[s]} {s}" for s in STATES)
+            + "; nothing launched."
+        )
+        return 0
+    try:
+        summary = launch(
+            jobs, processes=args.processes, progress=not args.no_progress, command_builder=command_builder
+        )
+    except KeyboardInterrupt:
+        print(
+            "torchsage: sweep interrupted; running jobs were stopped and are rerun by the next sweep.",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"Sweep in {args.output_dir}: {summary}")
+    for failure in summary.failed:
+        print(f"  failed: {failure.output_dir} ({failure.description}): {failure.message}")
+    return 0 if summary.ok else 1
