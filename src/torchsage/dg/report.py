@@ -1,0 +1,284 @@
+"""Result tables and a figure for a sweep, under the three model-selection methods of DomainBed.
+
+:func:`report` reads a sweep directory (see :func:`torchsage.dg.selection.load_records`), applies
+training-domain validation, leave-one-domain-out cross-validation and test-domain validation
+(oracle) (see :mod:`torchsage.dg.selection`), and returns the tables as text: per method and data
+set, a row per algorithm and a column per test environment plus the average, each cell the test
+accuracy in percent as "mean ± std" over trial seeds (population std, ``ddof=0``). Cells without
+results print as "—" (markdown) or "--" (LaTeX) and every incomplete cell is named below its table.
+It also writes a bar chart of the training-domain-validation results (:func:`plot`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+from torchsage.dg.selection import (
+    SELECTION_METHODS,
+    DatasetTable,
+    Summary,
+    TrainingDomainValidation,
+    load_records,
+    summarize,
+)
+
+__all__ = ["env_labels", "format_tables", "plot", "report"]
+
+Fmt = Literal["markdown", "latex"]
+EnvNames = Mapping[str, Sequence[str]]
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def env_labels(dataset: str, n_envs: int, env_names: EnvNames | None = None) -> list[str]:
+    """Column labels of a data set's environments: ``env_names[dataset]`` when given, else the
+    names of the registered data set, else ``env0``, ``env1``, ... (also when the count differs)."""
+    names: Sequence[str] | None = None
+    if env_names is not None:
+        names = env_names.get(dataset)
+    else:
+        try:
+            from torchsage.dg.datasets import environment_names
+
+            names = environment_names(dataset)
+        except (ImportError, ValueError, KeyError):
+            names = None
+    if names is None or len(names) != n_envs:
+        return [f"env{i}" for i in range(n_envs)]
+    return [str(n) for n in names]
+
+
+def _cell_text(mean: float | None, err: float | None, fmt: Fmt) -> str:
+    if mean is None:
+        return "--" if fmt == "latex" else "—"
+    pm = r" $\pm$ " if fmt == "latex" else " ± "
+    text = f"{100 * mean:.1f}"
+    return text if err is None else f"{text}{pm}{100 * err:.1f}"
+
+
+def _table_text(table: DatasetTable, fmt: Fmt, env_names: EnvNames | None, error: str) -> str:
+    labels = env_labels(table.dataset, len(table.test_envs), env_names)
+    header = ["Algorithm", *labels, "Avg"]
+    body = []
+    for row in table.rows:
+        cells = [_cell_text(c.mean, c.std if error == "std" else c.sem, fmt) for c in row.cells]
+        avg = _cell_text(row.avg, row.avg_std if error == "std" else row.avg_sem, fmt)
+        body.append([row.algorithm, *cells, avg])
+    caption = (
+        f"{table.dataset}, {table.method}: test accuracy (%), mean ± {error} over "
+        f"{table.expected_trials} trial{'s' if table.expected_trials != 1 else ''}"
+    )
+    missing = "; ".join(str(m) for m in table.missing)
+    if fmt == "latex":
+        lines = [
+            f"% {caption}",
+            r"\begin{tabular}{l" + "c" * len(labels) + "|c}",
+            r"\hline",
+            " & ".join(_latex_escape(h) for h in header) + r" \\",
+            r"\hline",
+        ]
+        lines += [" & ".join([_latex_escape(r[0]), *r[1:]]) + r" \\" for r in body]
+        lines += [r"\hline", r"\end{tabular}"]
+        if missing:
+            lines.append(f"% missing: {missing}")
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    lines = [
+        f"**{caption}**",
+        "",
+        line(header),
+        "|"
+        + "|".join(("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":") for i, w in enumerate(widths))
+        + "|",
+    ]
+    lines += [line(r) for r in body]
+    if missing:
+        lines += ["", f"missing: {missing}"]
+    return "\n".join(lines)
+
+
+def format_tables(
+    summary: Summary | Sequence[Summary],
+    fmt: Fmt = "markdown",
+    env_names: EnvNames | None = None,
+    error: Literal["std", "sem"] = "std",
+) -> str:
+    """One table per data set per selection method.
+
+    Rows are algorithms, columns the test environments (labelled by :func:`env_labels`) and their
+    average, cells the test accuracy in percent as "mean ± std" with one decimal over trial seeds
+    (``error="sem"`` prints std/sqrt(n) instead, as DomainBed's tables do). The average of a row
+    exists only when every environment has results; its spread is over the per-trial averages of
+    the trial seeds every environment shares. Missing cells print as "—" (markdown) or "--"
+    (LaTeX), and a line below the table names every cell with fewer trials than expected
+    (a LaTeX comment in LaTeX). A data set without any result under a method gets one line saying
+    what the method needs instead of an empty table.
+    """
+    if fmt not in ("markdown", "latex"):
+        raise ValueError(f"fmt must be 'markdown' or 'latex', got {fmt!r}")
+    if error not in ("std", "sem"):
+        raise ValueError(f"error must be 'std' or 'sem', got {error!r}")
+    summaries = [summary] if isinstance(summary, Summary) else list(summary)
+    blocks = []
+    for s in summaries:
+        for table in s.tables:
+            if table.has_results:
+                blocks.append(_table_text(table, fmt, env_names, error))
+            else:
+                note = f"{table.dataset}, {s.method}: no results (this method needs {s.requirement})"
+                blocks.append(f"% {note}" if fmt == "latex" else note)
+    return "\n\n".join(blocks)
+
+
+def plot(summary: Summary, path: str | Path, env_names: EnvNames | None = None) -> Path:
+    """Writes a PNG: one subplot per data set, grouped bars of the mean test accuracy (%) per test
+    environment (and the average) with one bar per algorithm and population-std error bars over
+    trials. Cells without results get no bar. Returns the path written.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError("plotting needs matplotlib: pip install 'torchsage[plot]'") from error
+
+    path = Path(path)
+    tables = list(summary.tables) or [None]
+    groups = max((len(t.test_envs) + 1 for t in summary.tables), default=1)
+    n_algs = max((len(t.rows) for t in summary.tables), default=1)
+    fig = Figure(figsize=(max(6.0, 2.5 + groups * max(0.9, 0.25 * n_algs)), 3.2 * len(tables)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(tables), 1, squeeze=False)[:, 0]
+    for ax, table in zip(axes, tables):
+        if table is None or not table.has_results:
+            ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            if table is not None:
+                ax.set_title(table.dataset)
+            continue
+        labels = [*env_labels(table.dataset, len(table.test_envs), env_names), "Avg"]
+        n_alg = len(table.rows)
+        width = 0.8 / max(n_alg, 1)
+        lows: list[float] = []
+        highs: list[float] = []
+        for k, row in enumerate(table.rows):
+            points = [(c.mean, c.std) for c in row.cells] + [(row.avg, row.avg_std)]
+            xs = [i - 0.4 + width * (k + 0.5) for i, (m, _) in enumerate(points) if m is not None]
+            means = [100 * m for m, _ in points if m is not None]
+            errs = [100 * (e or 0.0) for m, e in points if m is not None]
+            lows += [m - e for m, e in zip(means, errs)]
+            highs += [m + e for m, e in zip(means, errs)]
+            ax.bar(xs, means, width, yerr=errs, capsize=2, label=row.algorithm)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(max(0.0, min(lows) - 5.0), max(100.0, *highs))
+        ax.set_title(f"{table.dataset} ({table.expected_trials} trials)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"{summary.method}: mean ± std over trials")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=120)
+    return path
+
+
+def _run_name(run: Path, root: Path) -> str:
+    try:
+        rel = run.relative_to(root)
+    except ValueError:
+        return str(run)
+    return str(rel) if str(rel) != "." else run.name or str(run)
+
+
+def report(
+    root: str | Path,
+    latex: bool = False,
+    plot_path: str | Path | None = None,
+    *,
+    include_unfinished: bool = False,
+    make_plot: bool = True,
+) -> str:
+    """The full report of a sweep directory as text.
+
+    Loads the records under ``root`` (finished runs only unless ``include_unfinished``), applies
+    the three selection methods and returns, after a few lines naming the unfinished runs that
+    were skipped and the corrupt lines, one heading per method followed by its tables
+    (:func:`format_tables`; markdown, or LaTeX with every other line a ``%`` comment when
+    ``latex``). Unless ``make_plot`` is False it writes :func:`plot` of the training-domain
+    validation results to ``plot_path`` (default ``root/report.png``); without matplotlib the
+    default plot is skipped with a note, a requested ``plot_path`` raises ImportError.
+
+    Raises:
+        ValueError: ``root`` is not a directory, or holds no usable records.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: no such directory")
+    records = load_records(root, include_unfinished=include_unfinished)
+    if not records.records:
+        raise ValueError(
+            f"{root} holds no usable records: {len(records.runs)} run director"
+            f"{'y' if len(records.runs) == 1 else 'ies'} found, {len(records.unfinished)} unfinished, "
+            f"{len(records.corrupt)} corrupt line(s) or file(s)"
+            + ("" if records.runs else " (expected run directories holding results.jsonl and done)")
+        )
+    fmt: Fmt = "latex" if latex else "markdown"
+
+    def note(text: str) -> str:
+        return "\n".join(f"% {t}" if latex and t else t for t in text.split("\n"))
+
+    summaries = [summarize(records.records, m) for m in SELECTION_METHODS]
+    datasets = sorted({r["args"]["dataset"] for r in records.records})
+    header = [
+        f"{'' if latex else '# '}DomainBed results: {root}",
+        "",
+        f"{len(records.runs) - (0 if include_unfinished else len(records.unfinished))} runs, "
+        f"{len(records.records)} checkpoint records, data sets: {', '.join(datasets)}.",
+        "Test accuracy (%) of the selected checkpoint, mean ± std (population, ddof=0) over trial seeds.",
+    ]
+    if records.unfinished:
+        names = ", ".join(_run_name(r, root) for r in records.unfinished)
+        verb = "included" if include_unfinished else "skipped"
+        header.append(f"Unfinished runs {verb} ({len(records.unfinished)}): {names}")
+    if records.corrupt:
+        header.append(f"Corrupt lines or files skipped ({len(records.corrupt)}):")
+        header += [f"- {_run_name(p, root)}: {problem}" for p, problem in records.corrupt]
+    if make_plot:
+        target = root / "report.png" if plot_path is None else Path(plot_path)
+        tdv = next(s for s in summaries if s.method == TrainingDomainValidation.name)
+        try:
+            written = plot(tdv, target)
+            header.append(f"Plot ({tdv.method}): {written}")
+        except ImportError as error:
+            if plot_path is not None:
+                raise
+            header.append(f"Plot skipped: {error}")
+    blocks = [note("\n".join(header))]
+    for s in summaries:
+        heading = f"## {s.method}" if not latex else f"% == {s.method} =="
+        blocks.append(heading + "\n\n" + format_tables(s, fmt))
+    return "\n\n".join(blocks) + "\n"
