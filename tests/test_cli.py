@@ -1,4 +1,4 @@
-"""The command line: the demo end to end on a few steps, and one-line errors for bad input."""
+"""The command line: the demo sweep end to end on a few steps, and one-line errors for bad input."""
 
 import subprocess
 import sys
@@ -6,36 +6,37 @@ import sys
 import pytest
 
 from torchsage.cli import main
-from torchsage.demo import run_demo
 
 
-def test_demo_prints_a_table_for_each_method(capsys):
-    assert main(["demo", "--steps", "3", "--seeds", "1", "--no-progress"]) == 0
+def test_demo_runs_a_sweep_and_prints_the_training_domain_validation_table(tmp_path, capsys):
+    argv = ["demo", "--output-dir", str(tmp_path / "demo"), "--datasets", "ColoredDigits"]
+    argv += ["--algorithms", "ERM", "SAGE", "--n-trials", "1", "--steps", "3", "--no-progress"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    for method in ("SGD", "SAM", "SAGE"):
-        assert f"| {method} |" in out
-    assert "test domain 5" in out
-
-
-def test_demo_trains_the_model():
-    (result,) = run_demo(methods=["SGD"], seeds=[0], steps=60, progress=False)
-    assert result.train_accuracy > 0.3  # chance is 0.1
+    assert "training-domain validation" in out
+    assert "| ERM " in out and "| SAGE " in out and "-90%" in out
+    assert (tmp_path / "demo" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "oracle" in (tmp_path / "demo" / "report.md").read_text()
+    runs = [d for d in (tmp_path / "demo").iterdir() if d.is_dir()]
+    assert len(runs) == 2 * 3 and all((d / "done").exists() for d in runs)
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["demo", "--methods", "SGD,Adam"], "unknown demo method"),
-        (["demo", "--test-env", "9"], "test_env"),
+        (["demo", "--algorithms", "ERM", "Mixup"], "unknown algorithm"),
+        (["demo", "--datasets", "MNIST"], "unknown dataset"),
         (["demo", "--steps", "0"], "positive integer"),
+        (["dg", "report", "/nonexistent/sweep"], "/nonexistent/sweep"),
+        (
+            ["dg", "sweep", "--datasets", "X", "--algorithms", "ERM", "--output-dir", "/tmp/x"],
+            "unknown dataset",
+        ),
     ],
 )
-def test_bad_input_exits_nonzero_with_one_line(argv, message):
+def test_bad_input_exits_nonzero_with_one_line(argv, message, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "torchsage", *argv, "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "torchsage", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -24,15 +25,13 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="torchsage", description="SAGE for multi-distribution learning.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = sub.add_parser("demo", help="SGD, SAM and SAGE on RotatedDigits (embedded data)")
-    demo.add_argument("--methods", default="SGD,SAM,SAGE", help="comma-separated: SGD, SAM, SAGE")
-    demo.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds per method")
-    demo.add_argument("--steps", type=_positive_int, default=500)
-    demo.add_argument("--batch-size", type=_positive_int, default=32, help="per domain")
-    demo.add_argument("--lr", type=float, default=0.05)
-    demo.add_argument("--rho", type=float, default=0.05, help="SAM and SAGE ascent radius")
-    demo.add_argument("--gamma", type=float, default=1e-3, help="SAGE noise scale")
-    demo.add_argument("--test-env", type=int, default=5, help="held-out domain (5 = 75 degrees)")
+    demo = sub.add_parser("demo", help="ERM, SAM and SAGE swept on the embedded digits data sets")
+    demo.add_argument("--output-dir", default="demo_output")
+    demo.add_argument("--datasets", nargs="+", default=["RotatedDigits", "ColoredDigits"])
+    demo.add_argument("--algorithms", nargs="+", default=["ERM", "SAM", "SAGE"])
+    demo.add_argument("--n-trials", type=_positive_int, default=3)
+    demo.add_argument("--steps", type=_positive_int, default=200)
+    demo.add_argument("--processes", type=_positive_int, default=2)
     demo.add_argument("--no-progress", action="store_true")
     dg = sub.add_parser("dg", help="domain generalization on the DomainBed protocol")
     dg_sub = dg.add_subparsers(dest="dg_command", required=True, parser_class=_Parser)
@@ -99,25 +98,23 @@ def _dg(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from torchsage.demo import format_results, run_demo
+    from torchsage.demo import DemoFailed, run_demo
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    results = run_demo(
-        methods=methods,
-        seeds=range(args.seeds),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        rho=args.rho,
-        gamma=args.gamma,
-        test_env=args.test_env,
-        progress=not args.no_progress,
-    )
-    print(
-        f"RotatedDigits, test domain {args.test_env} (trained on the others), "
-        f"{args.steps} steps, batch {args.batch_size} per domain, rho {args.rho}, gamma {args.gamma}"
-    )
-    print(format_results(results))
+    try:
+        tables, plot_path = run_demo(
+            output_dir=args.output_dir,
+            datasets=args.datasets,
+            algorithms=args.algorithms,
+            n_trials=args.n_trials,
+            steps=args.steps,
+            processes=args.processes,
+            progress=not args.no_progress,
+        )
+    except DemoFailed as error:
+        print(f"torchsage: error: demo runs failed: {error}", file=sys.stderr)
+        return 1
+    print(tables)
+    print(f"\nplot: {plot_path}; all selection methods: {Path(args.output_dir) / 'report.md'}")
     return 0
 
 
