@@ -154,6 +154,22 @@ def _pairwise_mean(items: Sequence[Tensor], distance: Callable[[Tensor, Tensor],
     return total / max(pairs, 1)
 
 
+def coral_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean squared difference of the feature means plus that of the (unbiased) covariances."""
+    mean_a, mean_b = a.mean(0, keepdim=True), b.mean(0, keepdim=True)
+    cov_a = (a - mean_a).T @ (a - mean_a) / max(len(a) - 1, 1)
+    cov_b = (b - mean_b).T @ (b - mean_b) / max(len(b) - 1, 1)
+    return (mean_a - mean_b).square().mean() + (cov_a - cov_b).square().mean()
+
+
+def head_gradients(features: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample gradients of the cross-entropy with respect to a linear head ``(W, b)``,
+    flattened as ``[vec(W), b]`` per row: ``(softmax(z) - onehot(y)) f^T`` and
+    ``softmax(z) - onehot(y)``. Differentiable in ``features`` and ``logits``."""
+    residual = logits.softmax(1) - F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return torch.cat([(residual.unsqueeze(2) * features.unsqueeze(1)).flatten(1), residual], dim=1)
+
+
 class CORAL(Algorithm):
     """Deep CORAL (Sun and Saenko, 2016): ERM plus ``mmd_gamma`` times the mean over environment
     pairs of the squared differences of feature means and feature covariances."""
@@ -162,13 +178,7 @@ class CORAL(Algorithm):
         features = [self.featurizer(x) for x, _ in minibatches]
         losses = [F.cross_entropy(self.classifier(f), y) for f, (_, y) in zip(features, minibatches)]
 
-        def distance(a: Tensor, b: Tensor) -> Tensor:
-            mean_a, mean_b = a.mean(0, keepdim=True), b.mean(0, keepdim=True)
-            cov_a = (a - mean_a).T @ (a - mean_a) / max(len(a) - 1, 1)
-            cov_b = (b - mean_b).T @ (b - mean_b) / max(len(b) - 1, 1)
-            return (mean_a - mean_b).square().mean() + (cov_a - cov_b).square().mean()
-
-        penalty = _pairwise_mean(features, distance)
+        penalty = _pairwise_mean(features, coral_distance)
         loss = torch.stack(losses).mean()
         objective = loss + self.hparams["mmd_gamma"] * penalty
         self.optimizer.zero_grad()
@@ -199,9 +209,7 @@ class Fishr(Algorithm):
         losses = [F.cross_entropy(z, y) for z, (_, y) in zip(logits, minibatches)]
         variances = []
         for f, z, (_, y) in zip(features, logits, minibatches):
-            residual = z.softmax(1) - F.one_hot(y, z.shape[1]).to(z.dtype)
-            per_sample = torch.cat([(residual.unsqueeze(2) * f.unsqueeze(1)).flatten(1), residual], dim=1)
-            variances.append(per_sample.var(0, unbiased=False))
+            variances.append(head_gradients(f, z, y).var(0, unbiased=False))
         current = torch.stack(variances)
         if not self._ema_ready:
             smoothed = current
