@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,12 +15,35 @@ from torchsage.dg.hparams import default_hparams, random_hparams
 from torchsage.dg.train import TrainArgs, train
 
 TINY = '{"cnn_width": 8, "batch_size": 8}'
+TINY_IMAGES = {"backbone": "mnist_cnn", "cnn_width": 8, "batch_size": 4, "image_size": 12}
 
 
-@pytest.mark.parametrize("dataset", ["RotatedDigits", "ColoredDigits"])
+def tiny_pacs(data_dir, corrupt=None):
+    """A PACS folder of 4 domains x 2 classes x 5 random 10x10 images (PNG and JPEG)."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    for domain in environment_names("PACS"):
+        for label in ("dog", "house"):
+            folder = data_dir / "PACS" / domain / label
+            folder.mkdir(parents=True)
+            for k in range(5):
+                pixels = rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+                Image.fromarray(pixels, "RGB").save(folder / f"{k}.{'png' if k % 2 else 'jpg'}")
+    if corrupt is not None:
+        bad = data_dir / "PACS" / corrupt / "dog" / "broken.jpg"
+        bad.write_bytes(b"not an image at all")
+        return bad
+    return None
+
+
+@pytest.mark.parametrize("dataset", ["RotatedDigits", "ColoredDigits", "PACS"])
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_every_algorithm_trains_on_every_embedded_dataset(algorithm, dataset, tmp_path):
-    hparams = json.loads(TINY)
+def test_every_algorithm_trains_on_every_tiny_dataset(algorithm, dataset, tmp_path):
+    hparams = dict(TINY_IMAGES) if dataset == "PACS" else json.loads(TINY)
+    data_dir = None
+    if dataset == "PACS":
+        tiny_pacs(tmp_path / "data")
+        data_dir = str(tmp_path / "data")
     if algorithm == "Fishr":
         hparams["penalty_anneal_iters"] = 2  # exercise the penalty and the optimizer reset
     out = train(
@@ -28,6 +52,7 @@ def test_every_algorithm_trains_on_every_embedded_dataset(algorithm, dataset, tm
             algorithm=algorithm,
             test_envs=[0],
             output_dir=str(tmp_path / "run"),
+            data_dir=data_dir,
             steps=4,
             checkpoint_freq=2,
             hparams=json.dumps(hparams),
@@ -157,4 +182,23 @@ def test_bad_input_exits_nonzero_with_one_clear_line(argv, message, tmp_path):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (out / "results.jsonl").exists()
+
+
+def test_a_corrupt_image_stops_the_run_with_one_line_and_no_results(tmp_path):
+    bad = tiny_pacs(tmp_path / "data", corrupt="sketch")
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            *[sys.executable, "-m", "torchsage", "dg", "train", "--dataset", "PACS", "--algorithm", "SAGE"],
+            *["--test-envs", "0", "--data-dir", str(tmp_path / "data"), "--output-dir", str(out)],
+            *["--hparams", json.dumps(TINY_IMAGES), "--steps", "2", "--no-progress"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0], proc.stderr
     assert not (out / "results.jsonl").exists()

@@ -133,26 +133,26 @@ class DGDataset:
         return self.environments[i] if self.train_environment is None else self.train_environment(i)
 
 
-def _rotated(data_dir: str | None, augment: bool) -> DGDataset:
+def _rotated(data_dir: str | None, augment: bool, image_size: int) -> DGDataset:
     envs = rotated_digits()
     return DGDataset(
         "RotatedDigits", envs, [f"{a}deg" for a in ROTATED_DIGITS_ANGLES], 10, (1, 16, 16), steps=1001
     )
 
 
-def _colored(data_dir: str | None, augment: bool) -> DGDataset:
+def _colored(data_dir: str | None, augment: bool, image_size: int) -> DGDataset:
     envs = colored_digits()
     names = [f"{'+' if f < 0.5 else '-'}{round(100 * max(f, 1 - f))}%" for f in COLORED_DIGITS_FLIPS]
     return DGDataset("ColoredDigits", envs, names, 2, (2, 8, 8), steps=1001)
 
 
-def _image_dataset(name: str) -> Callable[[str | None, bool], DGDataset]:
-    def build(data_dir: str | None, augment: bool) -> DGDataset:
+def _image_dataset(name: str) -> Callable[[str | None, bool, int], DGDataset]:
+    def build(data_dir: str | None, augment: bool, image_size: int) -> DGDataset:
         from torchsage.dg.images import ImageDataset
 
         if data_dir is None:
             raise ValueError(f"{name} loads from a directory: pass --data-dir (the folder holding {name}/)")
-        data = ImageDataset(name, Path(data_dir), augment=augment)
+        data = ImageDataset(name, Path(data_dir), augment=augment, image_size=image_size)
         return DGDataset(
             name,
             list(data.environments),
@@ -167,8 +167,8 @@ def _image_dataset(name: str) -> Callable[[str | None, bool], DGDataset]:
     return build
 
 
-#: name -> (environment names, builder(data_dir, augment)). Adding a data set is one entry.
-DATASETS: dict[str, tuple[tuple[str, ...], Callable[[str | None, bool], DGDataset]]] = {
+#: name -> (environment names, builder(data_dir, augment, image_size)). Adding a data set is one entry.
+DATASETS: dict[str, tuple[tuple[str, ...], Callable[[str | None, bool, int], DGDataset]]] = {
     "RotatedDigits": (tuple(f"{a}deg" for a in ROTATED_DIGITS_ANGLES), _rotated),
     "ColoredDigits": (("+90%", "+80%", "-90%"), _colored),
     "VLCS": (("Caltech101", "LabelMe", "SUN09", "VOC2007"), _image_dataset("VLCS")),
@@ -196,10 +196,13 @@ def environment_names(name: str) -> list[str]:
     return list(DATASETS[name][0])
 
 
-def get_dataset(name: str, data_dir: str | None = None, augment: bool = False) -> DGDataset:
-    """Builds a registered data set (``augment`` applies to the training views of image sets)."""
+def get_dataset(
+    name: str, data_dir: str | None = None, augment: bool = False, image_size: int = 224
+) -> DGDataset:
+    """Builds a registered data set. ``augment`` (training views) and ``image_size`` apply to the
+    image sets; the embedded digit sets have fixed sizes."""
     _check_name(name)
-    return DATASETS[name][1](data_dir, augment)
+    return DATASETS[name][1](data_dir, augment, image_size)
 
 
 def split_environment(env: Dataset, holdout_fraction: float, seed: int) -> tuple[Subset, Subset]:

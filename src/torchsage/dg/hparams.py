@@ -44,6 +44,8 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     add("pretrained_path", None)  # a local ResNet state_dict; no download
     add("freeze_bn", True)
     add("data_augmentation", not small)
+    if not small:
+        add("image_size", 224)  # DomainBed's; smaller sizes for quick experiments
     add("nonlinear_classifier", False)
     add("optimizer", "adam")  # or "sgd" (momentum 0.9), the SAGE authors' choice for DG
     add("dropout", 0.0, None if small else _choice([0.0, 0.1, 0.5]))

@@ -128,7 +128,12 @@ def train(args: TrainArgs) -> Path:
         raise ValueError(f"{out} already holds a finished run (delete it or choose another --output-dir)")
 
     torch.manual_seed(args.seed)
-    dataset = get_dataset(args.dataset, args.data_dir, augment=bool(hparams["data_augmentation"]))
+    dataset = get_dataset(
+        args.dataset,
+        args.data_dir,
+        augment=bool(hparams["data_augmentation"]),
+        image_size=int(hparams.get("image_size", 224)),
+    )
     images = dataset.extra.get("images")
     if images is not None:  # a corrupt file stops the run before any result is written
         from torchsage.dg.images import verify
