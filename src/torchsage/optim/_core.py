@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torchsage.disagreement import GradientStatistics, global_norm
+from torchsage.optim._solver import TaskPass, check_solver, solve, task_pass
 
 __all__ = ["AscentRule", "SharpnessAware", "StepInfo", "frozen_bn_stats"]
 
@@ -168,6 +169,12 @@ class SharpnessAware(Optimizer):
             ascent would be undone by its normalisation).
         on_nonfinite: ``"raise"`` a :class:`FloatingPointError` naming the distribution, or
             ``"skip"`` the step; either way parameters and optimizer state are left unchanged.
+        solver: multi-task learning: a torchjd aggregator (``torchjd.aggregation.UPGrad()``, ...),
+            a torchjd scalarizer (``torchjd.scalarization.UW(T)``, ...) or ``"mean"``. The
+            distributions are then tasks: the parameters two or more task losses reach are the
+            shared ones (found from the autograd graph), the disagreement is measured on them, and
+            the descent direction at the perturbed weights is the solver's (see docs/mtl.md).
+            ``None`` (default) descends on the mean loss.
     """
 
     def __init__(
@@ -181,8 +188,14 @@ class SharpnessAware(Optimizer):
         update_bn_on_perturbed: bool = False,
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
+        solver: Any = None,
         **base_kwargs: Any,
     ) -> None:
+        if solver is not None and ascent.needs_statistics:
+            raise ValueError(
+                f"{type(self).__name__} does not take a solver: its ascent needs the statistics of "
+                "all parameters, a solver measures the shared ones"
+            )
         if not callable(base_optimizer):
             raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class, got {base_optimizer!r}")
         if isinstance(base_optimizer, type) and not issubclass(base_optimizer, Optimizer):
@@ -198,6 +211,7 @@ class SharpnessAware(Optimizer):
         self.update_bn_on_perturbed = update_bn_on_perturbed
         self.max_grad_norm = max_grad_norm
         self.on_nonfinite = on_nonfinite
+        self.solver = check_solver(solver)
         super().__init__(params, defaults)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         if not isinstance(self.base_optimizer, Optimizer):
@@ -325,6 +339,53 @@ class SharpnessAware(Optimizer):
         names = names or [str(k) for k in range(len(values))]
         return names, torch.stack(values), stats, torch.stack(norms)
 
+    def _task_gradients(
+        self, closure: Closure, params: list[Tensor], statistics: bool, mean: bool = True
+    ) -> tuple[list[str], Tensor, GradientStatistics | None, Tensor | None, TaskPass]:
+        """Multi-task pass: the task losses' Jacobian on the shared parameters, each head's own
+        gradient, the statistics of the shared rows (when asked) and, with ``mean``, the mean
+        gradient in ``p.grad``. Returns (names, losses, statistics, per-task norms, the pass)."""
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            names, losses, _ = _named_losses(closure())
+            items = list(losses)
+            names = names or [str(k) for k in range(len(items))]
+            checked = [_check_loss(x, n) for x, n in zip(items, names)]
+            if not checked:
+                raise ValueError("the closure returned no loss")
+            tp = task_pass(names, checked, params)
+        stats, norms = None, None
+        if statistics and tp.shared:
+            stats = self._statistics(tp.shared)
+            norms = torch.stack([stats.update(tp.rows(k)) for k in range(len(checked))])
+        if mean:
+            T = len(checked)
+            for p, j in zip(tp.shared, tp.jacobian):
+                p.grad = j.mean(0)
+            for p, _, g in tp.owned:
+                p.grad = g / T
+        return names, tp.losses, stats, norms, tp
+
+    def _solve(self, tp: TaskPass, params: list[Tensor]) -> Tensor:
+        """Replaces ``p.grad`` by the solver's direction; returns its global norm."""
+        for p in params:
+            p.grad = None
+        solve(self.solver, tp, {id(p) for p in params})
+        return global_norm([p.grad for p in params if p.grad is not None])
+
+    def _update_solver(self, closure: Closure, before: Tensor) -> None:
+        """Solvers that learn from the step's effect (FAMO) see the clean task losses before the
+        step and the losses on the same batch after it (one forward, BatchNorm left alone)."""
+        update = getattr(self.solver, "update", None)
+        if not callable(update):
+            return
+        with torch.no_grad(), frozen_bn_stats(self.model):
+            self.solver(before)  # records the losses before the step: the clean ones, not the perturbed
+            _, after, _ = _named_losses(closure())
+            after = torch.stack([x.detach().reshape(()) for x in after])
+        update(after)
+
     def _locate_nonfinite(self, closure: Closure, params: list[Tensor]) -> str | None:
         """Which distribution has a non-finite gradient at the current weights (failure path).
 
@@ -394,8 +455,12 @@ class SharpnessAware(Optimizer):
                 f"{type(self).__name__}.step needs a closure returning the per-distribution losses"
             )
         params = self._all_params()
-        stats, norms = None, None
-        if self._wants_statistics():
+        stats, norms, tp = None, None, None
+        if self.solver is not None and (
+            self._wants_statistics() or not any(g["rho"] > 0 for g in self.param_groups)
+        ):
+            names, losses, stats, norms, tp = self._task_gradients(closure, params, self._wants_statistics())
+        elif self._wants_statistics():
             names, losses, stats, norms = self._streamed_gradients(closure, params)
         else:
             names, losses = self._mean_gradient(closure, params)
@@ -409,9 +474,10 @@ class SharpnessAware(Optimizer):
         perturbed_loss = math.nan
         perturbation_norm = 0.0
         clean = None
-        if any(g["rho"] > 0 for g, ps in groups if ps):
+        perturbed = any(g["rho"] > 0 for g, ps in groups if ps)
+        if perturbed:
             perturbation = [e for es in self.ascent.perturbation(groups, stats) for e in es]
-            stats = None  # its buffers (the clean mean gradient among them) are not needed any more
+            stats = tp = None  # their buffers (the clean mean gradient among them) are not needed any more
             moved = [p for _, ps in groups for p in ps]
             # The perturbed pass replaces p.grad, so a reference keeps the clean gradient alive.
             clean = {p: p.grad for p in moved} if self.needs_clean_gradient else None
@@ -423,8 +489,13 @@ class SharpnessAware(Optimizer):
             try:
                 bn = contextlib.nullcontext() if self.update_bn_on_perturbed else frozen_bn_stats(self.model)
                 with bn:
-                    pnames, plosses = self._mean_gradient(closure, params)
-                grad_norm = global_norm([p.grad for p in params if p.grad is not None])
+                    if self.solver is not None:
+                        pnames, plosses, _, _, ptp = self._task_gradients(closure, params, False, mean=False)
+                        grad_norm = self._solve(ptp, params)
+                        del ptp
+                    else:
+                        pnames, plosses = self._mean_gradient(closure, params)
+                        grad_norm = global_norm([p.grad for p in params if p.grad is not None])
                 problem = self._problem(
                     closure, params, pnames, plosses, None, grad_norm, "at the perturbed weights"
                 )
@@ -436,6 +507,15 @@ class SharpnessAware(Optimizer):
             if problem is not None:
                 return self._skip(params, names, losses, problem)
             groups = self._active()
+        elif self.solver is not None:
+            if tp is None:  # rho > 0 only in groups without gradients: no perturbed pass after all
+                names, losses, _, _, tp = self._task_gradients(closure, params, False, mean=False)
+            grad_norm = self._solve(tp, params)
+            tp = None
+            if not torch.isfinite(grad_norm):
+                problem = f"non-finite descent direction from the solver {self.solver!r}"
+                return self._skip(params, names, losses, problem)
+            groups = self._active()
 
         if self.max_grad_norm is not None:
             grads = [p.grad for _, ps in groups for p in ps]
@@ -444,6 +524,8 @@ class SharpnessAware(Optimizer):
                 torch._foreach_mul_(grads, factor.to(grads[0].dtype))
         extra = self._descent(groups, measured, clean)
         self.base_optimizer.step()
+        if self.solver is not None:
+            self._update_solver(closure, losses)
         return StepInfo(
             loss=float(losses.mean()),
             losses=tuple(losses.tolist()),

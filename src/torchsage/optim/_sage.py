@@ -56,6 +56,10 @@ class SAGE(SharpnessAware):
         ns_dtype: precision of the Newton-Schulz iteration (``torch.bfloat16`` on accelerators).
         model, update_bn_on_perturbed, max_grad_norm, on_nonfinite: see
             :class:`torchsage.optim.SharpnessAware`.
+        solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
+            forms the descent direction from the perturbed task losses; the ascent stays the polar
+            factor of the mean task gradient and the noise follows the disagreement of the task
+            gradients on the shared parameters (see :class:`torchsage.optim.SharpnessAware`).
 
     With ``rho=0`` and ``gamma=0`` a step is the base optimizer's step on the mean loss;
     ``gamma=0`` is the curvature-only ablation (:class:`SAGECurvatureOnly`) and ``rho=0`` the
@@ -94,6 +98,7 @@ class SAGE(SharpnessAware):
         update_bn_on_perturbed: bool = False,
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
+        solver: Any = None,
         **base_kwargs: Any,
     ) -> None:
         self.measure = check_measure(disagreement)
@@ -122,6 +127,7 @@ class SAGE(SharpnessAware):
             update_bn_on_perturbed=update_bn_on_perturbed,
             max_grad_norm=max_grad_norm,
             on_nonfinite=on_nonfinite,
+            solver=solver,
             **base_kwargs,
         )
 

@@ -32,6 +32,9 @@ class SAM(SharpnessAware):
         eta: ASAM's offset in ``T = |w| + eta``.
         model, update_bn_on_perturbed, max_grad_norm, on_nonfinite: see
             :class:`torchsage.optim.SharpnessAware`.
+        solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
+            forms the descent direction from the perturbed task losses. With ``rho=0`` a step is
+            exactly the solver's plain step, in one pass.
 
     The closure returns one scalar loss per distribution (or one scalar); SAM descends on their
     mean, like SAGE, so the two compare on equal terms.
@@ -58,6 +61,7 @@ class SAM(SharpnessAware):
         update_bn_on_perturbed: bool = False,
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
+        solver: Any = None,
         **base_kwargs: Any,
     ) -> None:
         ascent = AdaptiveGradientAscent(eta=eta) if adaptive else GradientAscent()
@@ -70,6 +74,7 @@ class SAM(SharpnessAware):
             update_bn_on_perturbed=update_bn_on_perturbed,
             max_grad_norm=max_grad_norm,
             on_nonfinite=on_nonfinite,
+            solver=solver,
             **base_kwargs,
         )
         self.adaptive = adaptive
