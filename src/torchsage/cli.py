@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help="a sweep output directory")
     report.add_argument("--latex", action="store_true", help="LaTeX tables instead of markdown")
     report.add_argument("--plot", default=None, help="PNG path (default: DIR/report.png)")
+    from torchsage.mtl.train import add_mtl_commands
+
+    add_mtl_commands(sub, _Parser)
     return parser
 
 
@@ -125,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "dg":
             return _dg(args)
+        if args.command == "mtl":
+            from torchsage.mtl.train import run_mtl
+
+            return run_mtl(args)
     except (ValueError, ImportError, FileNotFoundError, FloatingPointError) as error:
         print(f"torchsage: error: {error}", file=sys.stderr)
         return 1
