@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torchsage.disagreement import GradientStatistics, global_norm
+from torchsage.optim._distributed import LocalStream, make_data_parallel
 from torchsage.optim._solver import TaskPass, check_solver, solve, task_pass
 
 __all__ = ["AscentRule", "SharpnessAware", "StepInfo", "frozen_bn_stats"]
@@ -175,6 +176,12 @@ class SharpnessAware(Optimizer):
             shared ones (found from the autograd graph), the disagreement is measured on them, and
             the descent direction at the perturbed weights is the solver's (see docs/mtl.md).
             ``None`` (default) descends on the mean loss.
+        process_group: data-parallel training (see docs/distributed.md): ``"auto"`` (default)
+            averages every gradient over the default ``torch.distributed`` group when one is
+            initialized with two or more processes; a group object uses that group; ``None``
+            turns communication off. Parameters start from rank 0's.
+        layout: what each process holds: ``"shards"`` (a shard of every distribution's batch)
+            or ``"domains"`` (whole distributions, the statistics are merged across processes).
     """
 
     def __init__(
@@ -189,6 +196,8 @@ class SharpnessAware(Optimizer):
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        process_group: Any = "auto",
+        layout: str = "shards",
         **base_kwargs: Any,
     ) -> None:
         if solver is not None and ascent.needs_statistics:
@@ -223,6 +232,9 @@ class SharpnessAware(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         for group in self.param_groups:
             self._check_group(group)
+        self._parallel = make_data_parallel(process_group, layout, model, self.solver)
+        if self._parallel is not None:
+            self._parallel.broadcast_state(self._all_params())
 
     # -- options -----------------------------------------------------------------------------
 
@@ -294,7 +306,7 @@ class SharpnessAware(Optimizer):
                 if not checked:
                     raise ValueError("the closure returned no loss")
                 torch.stack(checked).mean().backward()
-                return names, torch.stack([x.detach() for x in checked])
+                return names, self._share_mean(params, torch.stack([x.detach() for x in checked]))
             values = []
             for k, loss in enumerate(losses):  # one graph alive at a time; divide by K below
                 loss = _check_loss(loss, str(k))
@@ -305,7 +317,17 @@ class SharpnessAware(Optimizer):
         present = [p.grad for p in params if p.grad is not None]
         if present:
             torch._foreach_div_(present, float(len(values)))
-        return [str(k) for k in range(len(values))], torch.stack(values)
+        return [str(k) for k in range(len(values))], self._share_mean(params, torch.stack(values))
+
+    def _share_mean(self, params: list[Tensor], losses: Tensor) -> Tensor:
+        """Data-parallel: averages the mean gradient over the processes; the losses to report."""
+        return losses if self._parallel is None else self._parallel.mean_gradient(params, losses)
+
+    def _communication(self, clean: bool) -> contextlib.AbstractContextManager[Any]:
+        """Data-parallel: the context of a clean or perturbed pass (DDP's no_sync and so on)."""
+        if self._parallel is None:
+            return contextlib.nullcontext()
+        return self._parallel.clean_pass() if clean else self._parallel.perturbed_pass()
 
     def _streamed_gradients(
         self, closure: Closure, params: list[Tensor]
@@ -323,21 +345,26 @@ class SharpnessAware(Optimizer):
         with torch.enable_grad():
             names, losses, lazy = _named_losses(closure())
             count = None if lazy else len(losses)  # type: ignore[arg-type]
+            stream = LocalStream(stats) if self._parallel is None else self._parallel.stream(stats, count)
             for k, loss in enumerate(losses):
                 loss = _check_loss(loss, names[k] if names else str(k))
                 values.append(loss.detach())
                 # A list may share one forward graph across distributions: keep it until the last.
                 loss.backward(retain_graph=count is not None and k < count - 1)
-                norms.append(stats.update([p.grad for p in params], inplace=True))
+                stream.add([p.grad for p in params])
                 for i, p in enumerate(params):
                     seen[i] = seen[i] or p.grad is not None
                     p.grad = None
         if not values:
             raise ValueError("the closure returned no loss")
+        norms = stream.finish()
+        reported = torch.stack(values)
+        if self._parallel is not None:
+            reported, seen = self._parallel.finish_stream(stats, reported, seen)
         for p, m, used in zip(params, stats.mean, seen):
             p.grad = m if used else None  # parameters no loss reached keep no gradient
         names = names or [str(k) for k in range(len(values))]
-        return names, torch.stack(values), stats, torch.stack(norms)
+        return names, reported, stats, torch.stack(norms)
 
     def _task_gradients(
         self, closure: Closure, params: list[Tensor], statistics: bool, mean: bool = True
@@ -355,6 +382,8 @@ class SharpnessAware(Optimizer):
             if not checked:
                 raise ValueError("the closure returned no loss")
             tp = task_pass(names, checked, params)
+        if self._parallel is not None:
+            self._parallel.reduce_task_pass(tp)
         stats, norms = None, None
         if statistics and tp.shared:
             stats = self._statistics(tp.shared)
@@ -384,13 +413,16 @@ class SharpnessAware(Optimizer):
             self.solver(before)  # records the losses before the step: the clean ones, not the perturbed
             _, after, _ = _named_losses(closure())
             after = torch.stack([x.detach().reshape(()) for x in after])
+            if self._parallel is not None:
+                after = self._parallel.reduce_losses(after)
         update(after)
 
     def _locate_nonfinite(self, closure: Closure, params: list[Tensor]) -> str | None:
         """Which distribution has a non-finite gradient at the current weights (failure path).
 
         This extra pass leaves BatchNorm running statistics alone when ``model`` is known."""
-        with torch.enable_grad(), frozen_bn_stats(self.model):
+        local = contextlib.nullcontext() if self._parallel is None else self._parallel.no_sync()
+        with torch.enable_grad(), frozen_bn_stats(self.model), local:
             names, losses, _ = _named_losses(closure())
             items = list(losses)
             names = names or [str(k) for k in range(len(items))]
@@ -423,7 +455,12 @@ class SharpnessAware(Optimizer):
             if len(bad):
                 return f"non-finite gradient in distribution {names[int(bad[0, 0])]} {where}"
         if not torch.isfinite(grad_norm):
-            return f"non-finite gradient in distribution {self._locate_nonfinite(closure, params)} {where}"
+            name = self._locate_nonfinite(closure, params)
+            if name is None and self._parallel is not None:
+                return f"non-finite gradient on another process {where}"
+            return f"non-finite gradient in distribution {name} {where}"
+        if self._parallel is not None and self._parallel.remote_problem:
+            return f"non-finite loss on another process {where}"
         return None
 
     def _skip(self, params: list[Tensor], names: list[str], losses: Tensor, message: str) -> StepInfo:
@@ -456,14 +493,17 @@ class SharpnessAware(Optimizer):
             )
         params = self._all_params()
         stats, norms, tp = None, None, None
-        if self.solver is not None and (
-            self._wants_statistics() or not any(g["rho"] > 0 for g in self.param_groups)
-        ):
-            names, losses, stats, norms, tp = self._task_gradients(closure, params, self._wants_statistics())
-        elif self._wants_statistics():
-            names, losses, stats, norms = self._streamed_gradients(closure, params)
-        else:
-            names, losses = self._mean_gradient(closure, params)
+        with self._communication(clean=True):
+            if self.solver is not None and (
+                self._wants_statistics() or not any(g["rho"] > 0 for g in self.param_groups)
+            ):
+                names, losses, stats, norms, tp = self._task_gradients(
+                    closure, params, self._wants_statistics()
+                )
+            elif self._wants_statistics():
+                names, losses, stats, norms = self._streamed_gradients(closure, params)
+            else:
+                names, losses = self._mean_gradient(closure, params)
         grad_norm = global_norm([p.grad for p in params if p.grad is not None])
         problem = self._problem(closure, params, names, losses, norms, grad_norm, "at the clean weights")
         if problem is not None:
@@ -488,7 +528,7 @@ class SharpnessAware(Optimizer):
             del perturbation
             try:
                 bn = contextlib.nullcontext() if self.update_bn_on_perturbed else frozen_bn_stats(self.model)
-                with bn:
+                with bn, self._communication(clean=False):
                     if self.solver is not None:
                         pnames, plosses, _, _, ptp = self._task_gradients(closure, params, False, mean=False)
                         grad_norm = self._solve(ptp, params)
@@ -509,7 +549,8 @@ class SharpnessAware(Optimizer):
             groups = self._active()
         elif self.solver is not None:
             if tp is None:  # rho > 0 only in groups without gradients: no perturbed pass after all
-                names, losses, _, _, tp = self._task_gradients(closure, params, False, mean=False)
+                with self._communication(clean=True):
+                    names, losses, _, _, tp = self._task_gradients(closure, params, False, mean=False)
             grad_norm = self._solve(tp, params)
             tp = None
             if not torch.isfinite(grad_norm):

@@ -60,6 +60,9 @@ class SAGE(SharpnessAware):
             forms the descent direction from the perturbed task losses; the ascent stays the polar
             factor of the mean task gradient and the noise follows the disagreement of the task
             gradients on the shared parameters (see :class:`torchsage.optim.SharpnessAware`).
+        process_group, layout: data-parallel training over ``torch.distributed`` (see
+            :class:`torchsage.optim.SharpnessAware` and docs/distributed.md); the noise seed is
+            rank 0's, so every process draws the same noise.
 
     With ``rho=0`` and ``gamma=0`` a step is the base optimizer's step on the mean loss;
     ``gamma=0`` is the curvature-only ablation (:class:`SAGECurvatureOnly`) and ``rho=0`` the
@@ -99,6 +102,8 @@ class SAGE(SharpnessAware):
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        process_group: Any = "auto",
+        layout: str = "shards",
         **base_kwargs: Any,
     ) -> None:
         self.measure = check_measure(disagreement)
@@ -128,8 +133,14 @@ class SAGE(SharpnessAware):
             max_grad_norm=max_grad_norm,
             on_nonfinite=on_nonfinite,
             solver=solver,
+            process_group=process_group,
+            layout=layout,
             **base_kwargs,
         )
+        if self._parallel is not None:  # one noise stream for all replicas
+            params = self._all_params()
+            device = params[0].device if params else torch.device("cpu")
+            self.seed = self._parallel.agree_seed(self.seed, device)
 
     def _make_ascent(self, **kwargs: Any) -> AscentRule:
         return PolarAscent(**kwargs)

@@ -35,6 +35,8 @@ class SAM(SharpnessAware):
         solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
             forms the descent direction from the perturbed task losses. With ``rho=0`` a step is
             exactly the solver's plain step, in one pass.
+        process_group, layout: data-parallel training over ``torch.distributed`` (see
+            :class:`torchsage.optim.SharpnessAware` and docs/distributed.md).
 
     The closure returns one scalar loss per distribution (or one scalar); SAM descends on their
     mean, like SAGE, so the two compare on equal terms.
@@ -62,6 +64,8 @@ class SAM(SharpnessAware):
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        process_group: Any = "auto",
+        layout: str = "shards",
         **base_kwargs: Any,
     ) -> None:
         ascent = AdaptiveGradientAscent(eta=eta) if adaptive else GradientAscent()
@@ -75,6 +79,8 @@ class SAM(SharpnessAware):
             max_grad_norm=max_grad_norm,
             on_nonfinite=on_nonfinite,
             solver=solver,
+            process_group=process_group,
+            layout=layout,
             **base_kwargs,
         )
         self.adaptive = adaptive
