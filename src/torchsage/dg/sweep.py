@@ -21,6 +21,11 @@ Test-environment modes:
   training domain ``v``, using the runs that held out both ``t`` and ``v``; both environments of
   the pair are excluded from training, so ``[t, v]`` and ``[v, t]`` are the same run and one
   unordered pair suffices. This mode needs at least three environments per data set.
+
+Launchers: ``"local"`` (the default) runs the training processes on this machine; ``"submitit"``
+submits them to Slurm as one job array through submitit (:func:`launch_submitit`), each array
+task running the same ``torchsage dg train`` command in the same hashed run directory, so the two
+launchers can be mixed and either one resumes what the other left unfinished.
 """
 
 from __future__ import annotations
@@ -42,16 +47,19 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 __all__ = [
+    "LAUNCHERS",
     "STATES",
     "TEST_ENV_MODES",
     "Job",
     "JobFailure",
+    "SlurmOptions",
     "SweepSummary",
     "add_sweep_arguments",
     "delete_incomplete",
     "held_out_env_sets",
     "job_seed",
     "launch",
+    "launch_submitit",
     "make_jobs",
     "run_from_args",
     "sweep_status",
@@ -61,6 +69,8 @@ __all__ = [
 STATES = ("done", "incomplete", "not launched")
 #: The accepted values of ``make_jobs(test_envs=...)``.
 TEST_ENV_MODES = ("single", "loo")
+#: The accepted values of ``torchsage dg sweep --launcher``.
+LAUNCHERS = ("local", "submitit")
 
 EnvNames = Callable[[str], Sequence[str]]
 AlgorithmNames = Callable[[], Iterable[str]]
@@ -441,6 +451,31 @@ def _stop(running: Iterable[_Running], grace: float = 10.0) -> None:
         r.close()
 
 
+def _todo(jobs: Iterable[Job]) -> tuple[SweepSummary, list[Job]]:
+    """Skips finished jobs, deletes unfinished directories; returns the summary so far and the
+    jobs to run (repeats of one run directory once)."""
+    unique = list({job.output_dir: job for job in jobs}.values())
+    summary = SweepSummary(total=len(unique))
+    todo = []
+    for job in unique:
+        state = job.state
+        if state == "done":
+            summary.skipped += 1
+            continue
+        if state == "incomplete":
+            shutil.rmtree(job.output_dir)
+            summary.deleted += 1
+        todo.append(job)
+    return summary, todo
+
+
+def _failure_message(job: Job, code: int) -> str:
+    message = _last_line(job.output_dir / "err.txt")
+    if code == 0:
+        return "exited 0 without writing its done file" + (f" ({message})" if message else "")
+    return message or f"exit code {code}, nothing on stderr"
+
+
 def launch(
     jobs: Iterable[Job],
     processes: int = 1,
@@ -467,18 +502,7 @@ def launch(
         poll_interval: seconds between polls of the running children.
     """
     _positive(processes, "processes")
-    unique = list({job.output_dir: job for job in jobs}.values())
-    summary = SweepSummary(total=len(unique))
-    todo = []
-    for job in unique:
-        state = job.state
-        if state == "done":
-            summary.skipped += 1
-            continue
-        if state == "incomplete":
-            shutil.rmtree(job.output_dir)
-            summary.deleted += 1
-        todo.append(job)
+    summary, todo = _todo(jobs)
     build = command_builder or (lambda job: job.command(python))
     env = _child_env(processes)
     bar = tqdm(
@@ -508,13 +532,7 @@ def launch(
                 if code == 0 and r.job.state == "done":
                     summary.succeeded += 1
                 else:
-                    message = _last_line(r.job.output_dir / "err.txt")
-                    if code == 0:
-                        message = "exited 0 without writing its done file" + (
-                            f" ({message})" if message else ""
-                        )
-                    elif not message:
-                        message = f"exit code {code}, nothing on stderr"
+                    message = _failure_message(r.job, code)
                     summary.failed.append(JobFailure(r.job.output_dir, code, message, r.job.describe()))
                 bar.update(1)
                 bar.set_postfix(failed=len(summary.failed), refresh=False)
@@ -528,6 +546,203 @@ def launch(
         bar.close()
     order = {job.output_dir: i for i, job in enumerate(todo)}
     summary.failed.sort(key=lambda failure: order[failure.output_dir])  # job order, not finishing order
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Slurm through submitit
+
+#: submitit's executors: ``slurm`` (sbatch), ``local`` (subprocesses on this machine, for tests and
+#: single nodes) and ``debug`` (in this process, one after another).
+SUBMITIT_CLUSTERS = ("slurm", "local", "debug")
+
+
+def _import_submitit() -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise ImportError('the submitit launcher needs submitit: pip install "torchsage[cluster]"') from None
+    return submitit
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Resources of every array task of a submitit sweep (``None``: the cluster's default).
+
+    Attributes:
+        partition: Slurm partition.
+        time_min: wall-clock limit of one run, minutes.
+        gpus: GPUs per task.
+        cpus: CPUs per task; also the training process's ``OMP_NUM_THREADS`` unless that is set.
+        mem_gb: memory per task, GB.
+        array_parallelism: how many runs of the array run at once.
+        extra: further ``#SBATCH`` options, e.g. ``{"account": "proj", "qos": "high"}``.
+        setup: shell lines run before each task (``module load ...``, ``source venv/bin/activate``).
+        cluster: submitit executor, one of :data:`SUBMITIT_CLUSTERS`.
+        folder: submitit's folder (scripts, pickles, logs); default ``<sweep>/.submitit``, which
+            the report ignores (a hidden folder).
+    """
+
+    partition: str | None = None
+    time_min: int | None = None
+    gpus: int | None = None
+    cpus: int | None = None
+    mem_gb: float | None = None
+    array_parallelism: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    cluster: str = "slurm"
+    folder: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.cluster not in SUBMITIT_CLUSTERS:
+            raise ValueError(
+                f"unknown submitit cluster {self.cluster!r}: use one of {', '.join(SUBMITIT_CLUSTERS)}"
+            )
+        for name in ("time_min", "cpus", "array_parallelism"):
+            _positive(getattr(self, name), name)
+        gpus = self.gpus
+        if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0):
+            raise ValueError(f"gpus must be a non-negative integer, got {gpus!r}")
+        if self.mem_gb is not None and not self.mem_gb > 0:
+            raise ValueError(f"mem_gb must be a positive number, got {self.mem_gb!r}")
+
+    def parameters(self) -> dict[str, Any]:
+        """The keyword arguments of ``submitit.AutoExecutor.update_parameters``."""
+        params: dict[str, Any] = {"name": "torchsage-sweep"}
+        time_min = self.time_min
+        if time_min is None and self.cluster == "local":
+            time_min = 7 * 24 * 60  # the local executor's own default is 2 minutes
+        optional = {
+            "timeout_min": time_min,
+            "gpus_per_node": self.gpus,
+            "cpus_per_task": self.cpus,
+            "mem_gb": self.mem_gb,
+            "slurm_partition": self.partition,
+            "slurm_array_parallelism": self.array_parallelism,
+            "slurm_additional_parameters": dict(self.extra) or None,
+            "slurm_setup": list(self.setup) or None,
+            "local_setup": list(self.setup) or None,
+        }
+        params.update({k: v for k, v in optional.items() if v is not None})
+        return params
+
+
+def _submitted_run(argv: Sequence[str], output_dir: str, threads: int | None) -> int:
+    """Body of one array task (runs on the cluster node): the training command with its stdout
+    and stderr in the run directory, as the local launcher runs it. Returns the exit code."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = None
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(out / "out.txt", "wb") as stdout, open(out / "err.txt", "wb") as stderr:
+        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env)
+    return proc.returncode
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _task_error(error: BaseException) -> str:
+    """The exception line of a failed task's traceback, which submitit frames with dashed lines
+    and follows with the paths of its logs."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    rules = [i for i, line in enumerate(lines) if set(line) == {"-"}]
+    if len(rules) >= 2 and rules[-1] > rules[0] + 1:
+        return lines[rules[-1] - 1]
+    return lines[0] if lines else type(error).__name__
+
+
+def launch_submitit(
+    jobs: Iterable[Job],
+    options: SlurmOptions | None = None,
+    progress: bool = True,
+    python: str = sys.executable,
+    command_builder: CommandBuilder | None = None,
+    poll_interval: float = 2.0,
+) -> SweepSummary:
+    """Submits the jobs that are not done as one submitit job array and waits for them.
+
+    Finished jobs are skipped and unfinished directories deleted, as by :func:`launch`; every
+    array task runs the job's training command (``job.command(python)``) in its run directory
+    with ``out.txt`` and ``err.txt`` there, and submitit's own logs in ``options.folder``. A run
+    that exits non-zero, exits without a ``done`` file, or whose task fails (time limit, node
+    failure) is recorded as failed and rerun by the next sweep. On Ctrl-C the array's tasks are
+    cancelled and ``KeyboardInterrupt`` propagates.
+
+    Args:
+        jobs: the jobs (repeats of the same run directory are submitted once).
+        options: the resources; default :class:`SlurmOptions` ``()`` (the cluster's defaults).
+        progress: a tqdm bar over the jobs on stderr.
+        python: the interpreter of the training processes (the same path must exist on the nodes).
+        command_builder: ``job -> argv``; default ``job.command(python)`` (tests use a fake).
+        poll_interval: seconds between polls of the tasks' states.
+
+    Raises:
+        ImportError: submitit is not installed.
+        ValueError: submitit refused the executor or its parameters.
+    """
+    options = options or SlurmOptions()
+    submitit = _import_submitit()
+    summary, todo = _todo(jobs)
+    if not todo:
+        return summary
+    build = command_builder or (lambda job: job.command(python))
+    folder = options.folder or (todo[0].root / ".submitit")
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster=options.cluster)
+        executor.update_parameters(**options.parameters())
+    except (NameError, RuntimeError, TypeError, AssertionError) as error:
+        raise ValueError(f"submitit refused the {options.cluster} executor: {_first_line(error)}") from None
+    argvs = [list(build(job)) for job in todo]
+    submitted = executor.map_array(
+        _submitted_run, argvs, [str(job.output_dir) for job in todo], [options.cpus] * len(todo)
+    )
+    summary.launched = len(submitted)
+    bar = tqdm(
+        total=summary.total,
+        initial=summary.skipped,
+        desc=f"sweep ({options.cluster})",
+        unit="run",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    waiting = list(zip(todo, submitted))
+    try:
+        while waiting:
+            still = []
+            for job, task in waiting:
+                if not task.done():
+                    still.append((job, task))
+                    continue
+                try:
+                    code = int(task.result())
+                except Exception as error:  # the task itself failed: time limit, node, pickling
+                    message = f"submitit task {task.job_id} failed: {_task_error(error)}"
+                    summary.failed.append(JobFailure(job.output_dir, -1, message, job.describe()))
+                else:
+                    if code == 0 and job.state == "done":
+                        summary.succeeded += 1
+                    else:
+                        message = _failure_message(job, code)
+                        summary.failed.append(JobFailure(job.output_dir, code, message, job.describe()))
+                bar.update(1)
+                bar.set_postfix(failed=len(summary.failed), refresh=False)
+            waiting = still
+            if waiting:
+                time.sleep(poll_interval)
+    except BaseException:
+        for _, task in waiting:
+            task.cancel(check=False)
+        raise
+    finally:
+        bar.close()
+    order = {job.output_dir: i for i, job in enumerate(todo)}
+    summary.failed.sort(key=lambda failure: order[failure.output_dir])
     return summary
 
 
@@ -562,6 +777,71 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _slurm_time(text: str) -> int:
+    """Minutes, or Slurm's ``[D-]HH:MM[:SS]``, as whole minutes (seconds round up)."""
+    text = text.strip()
+    try:
+        if text.isdigit():
+            minutes = int(text)
+        else:
+            days, _, clock = text.rpartition("-")
+            parts = [int(x) for x in clock.split(":")]
+            if not 2 <= len(parts) <= 3 or any(x < 0 for x in parts):
+                raise ValueError
+            hours, mins, secs = (*parts, 0) if len(parts) == 2 else parts
+            minutes = (int(days) if days else 0) * 1440 + hours * 60 + mins + (1 if secs else 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected minutes or [D-]HH:MM[:SS] (e.g. 90, 01:30:00, 2-00:00), got {text!r}"
+        ) from None
+    if minutes < 1:
+        raise argparse.ArgumentTypeError(f"expected at least one minute, got {text!r}")
+    return minutes
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. account=myproject), got {text!r}")
+    return key, value
+
+
+#: ``torchsage dg sweep`` options that only the submitit launcher reads (argparse dest names).
+_SUBMITIT_OPTIONS = (
+    "slurm_partition",
+    "slurm_time",
+    "slurm_gpus",
+    "slurm_cpus",
+    "slurm_mem",
+    "slurm_array_parallelism",
+    "slurm_extra",
+    "slurm_setup",
+    "submitit_cluster",
+    "submitit_dir",
+)
+
+
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the options of ``torchsage dg sweep`` to ``parser`` (returned for chaining)."""
     parser.add_argument("--datasets", nargs="+", required=True, help="data set names")
@@ -584,7 +864,45 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         default="single",
         help="single: each environment held out alone; loo: also every pair (leave-one-domain-out selection)",
     )
-    parser.add_argument("--processes", type=_positive_int, default=1, help="runs at once (default 1)")
+    parser.add_argument(
+        "--processes", type=_positive_int, default=1, help="local launcher: runs at once (default 1)"
+    )
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="local",
+        help="local (default): processes on this machine; submitit: a Slurm job array "
+        '(pip install "torchsage[cluster]")',
+    )
+    slurm = parser.add_argument_group("submitit launcher (Slurm)")
+    slurm.add_argument("--slurm-partition", default=None, help="partition")
+    slurm.add_argument(
+        "--slurm-time", type=_slurm_time, default=None, help="time limit per run: minutes or [D-]HH:MM[:SS]"
+    )
+    slurm.add_argument("--slurm-gpus", type=_non_negative_int, default=None, help="GPUs per run")
+    slurm.add_argument("--slurm-cpus", type=_positive_int, default=None, help="CPUs per run")
+    slurm.add_argument("--slurm-mem", type=_positive_float, default=None, help="memory per run, GB")
+    slurm.add_argument(
+        "--slurm-array-parallelism", type=_positive_int, default=None, help="runs of the array at once"
+    )
+    slurm.add_argument(
+        "--slurm-extra",
+        type=_key_value,
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. account=proj or qos=high (repeatable)",
+    )
+    slurm.add_argument(
+        "--slurm-setup", action="append", default=None, metavar="LINE", help="shell line run before each run"
+    )
+    slurm.add_argument(
+        "--submitit-cluster",
+        choices=SUBMITIT_CLUSTERS,
+        default=None,
+        help="slurm (default); local: subprocesses here (testing); debug: in this process",
+    )
+    slurm.add_argument("--submitit-dir", default=None, help="submitit logs (default OUTPUT_DIR/.submitit)")
     parser.add_argument(
         "--dry-run", action="store_true", help="list the runs and their states, launch nothing"
     )
@@ -598,13 +916,15 @@ def run_from_args(
     env_names: EnvNames | None = None,
     algorithm_names: AlgorithmNames | None = None,
     command_builder: CommandBuilder | None = None,
+    poll_interval: float = 2.0,
 ) -> int:
     """Runs ``torchsage dg sweep``; returns the exit code (0: every job done, 1: some failed).
 
     ``--dry-run`` prints one line per job (state and training command) and the counts per state,
     and launches nothing.
     Bad arguments raise ValueError (the command line prints it as one line and exits 1).
-    ``env_names``, ``algorithm_names`` and ``command_builder`` are test hooks.
+    ``env_names``, ``algorithm_names``, ``command_builder`` and ``poll_interval`` (seconds between
+    polls of submitit's tasks) are test hooks.
     """
     jobs = make_jobs(
         root=args.output_dir,
@@ -621,6 +941,13 @@ def run_from_args(
         env_names=env_names,
         algorithm_names=algorithm_names,
     )
+    launcher = getattr(args, "launcher", "local")
+    if launcher == "local":
+        given = [name for name in _SUBMITIT_OPTIONS if getattr(args, name, None) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --launcher submitit")
+    elif args.processes != 1:
+        raise ValueError("--processes is for the local launcher; use --slurm-array-parallelism with submitit")
     if args.dry_run:
         for job in jobs:
             print(f"{job.state:<13} {shlex.join(job.command())}")
@@ -632,9 +959,30 @@ def run_from_args(
         )
         return 0
     try:
-        summary = launch(
-            jobs, processes=args.processes, progress=not args.no_progress, command_builder=command_builder
-        )
+        if launcher == "submitit":
+            options = SlurmOptions(
+                partition=args.slurm_partition,
+                time_min=args.slurm_time,
+                gpus=args.slurm_gpus,
+                cpus=args.slurm_cpus,
+                mem_gb=args.slurm_mem,
+                array_parallelism=args.slurm_array_parallelism,
+                extra=dict(args.slurm_extra or []),
+                setup=tuple(args.slurm_setup or ()),
+                cluster=args.submitit_cluster or "slurm",
+                folder=Path(args.submitit_dir) if args.submitit_dir else None,
+            )
+            summary = launch_submitit(
+                jobs,
+                options,
+                progress=not args.no_progress,
+                command_builder=command_builder,
+                poll_interval=poll_interval,
+            )
+        else:
+            summary = launch(
+                jobs, processes=args.processes, progress=not args.no_progress, command_builder=command_builder
+            )
     except KeyboardInterrupt:
         print(
             "torchsage: sweep interrupted; running jobs were stopped and are rerun by the next sweep.",
