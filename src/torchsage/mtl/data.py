@@ -43,6 +43,7 @@ __all__ = [
     "DenseDataset",
     "NYUv2",
     "digit_sources",
+    "horizontal_flip",
     "multi_digits",
     "multi_digits_pairs",
     "overlay",
@@ -188,7 +189,7 @@ def random_scale_crop(
     return resize(image, "bilinear"), out
 
 
-def _hflip(image: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+def horizontal_flip(image: Tensor, targets: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """Mirrors left-right; the x component of a surface normal changes sign."""
     out = {task: target.flip(-1) for task, target in targets.items()}
     if "normal" in out:
@@ -273,7 +274,7 @@ class DenseDataset(Dataset):
         if self.augment:
             image, targets = random_scale_crop(image, targets)
             if torch.rand(()) < 0.5:
-                image, targets = _hflip(image, targets)
+                image, targets = horizontal_flip(image, targets)
         return image, targets
 
 
