@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     from torchsage.mtl.train import add_mtl_commands
 
     add_mtl_commands(sub, _Parser)
+    from torchsage.diagnostics.command import add_arguments as add_diagnose_arguments
+
+    diagnose = sub.add_parser("diagnose", help="alignment and curvature terms of a saved model, or sandbox")
+    add_diagnose_arguments(diagnose)
     return parser
 
 
@@ -132,6 +136,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from torchsage.mtl.train import run_mtl
 
             return run_mtl(args)
+        if args.command == "diagnose":
+            from torchsage.diagnostics.command import run as run_diagnose
+
+            return run_diagnose(args)
     except (ValueError, ImportError, FileNotFoundError, FloatingPointError) as error:
         print(f"torchsage: error: {error}", file=sys.stderr)
         return 1

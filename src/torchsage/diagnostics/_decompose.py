@@ -135,7 +135,7 @@ def _check_arguments(
 
 def decompose(
     model: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
+    loss_fn: Callable[[Any, Any], Tensor] | Sequence[Callable[[Any, Any], Tensor]],
     batches: Sequence[Any],
     *,
     damping: float = 0.0,
@@ -188,7 +188,9 @@ def decompose(
 
     Args:
         model: the network; called as ``model(inputs)``.
-        loss_fn: ``loss_fn(output, targets)`` returning a scalar.
+        loss_fn: ``loss_fn(output, targets)`` returning a scalar, or a list or tuple with one such
+            function per distribution (e.g. the tasks of a multi-task model, each reading its own
+            head of the output).
         batches: one entry per distribution: an ``(inputs, targets)`` pair, or an iterable of such
             pairs (a loader; its batches are drawn once and kept, so shuffling or augmentation
             cannot change the loss between products). A pair whose two entries are themselves
@@ -231,6 +233,16 @@ def decompose(
     if isinstance(batches, (str, bytes)) or not isinstance(batches, Sequence) or len(batches) == 0:
         raise ValueError("batches must be a non-empty sequence with one entry per distribution")
     data = [as_batches(source, k) for k, source in enumerate(batches)]
+    if isinstance(loss_fn, (list, tuple)):
+        if len(loss_fn) != len(batches):
+            raise ValueError(
+                f"loss_fn lists {len(loss_fn)} functions but batches has {len(batches)} distributions"
+            )
+        for k, fn in enumerate(loss_fn):
+            if not callable(fn):
+                raise ValueError(f"loss_fn[{k}] is not callable")
+    elif not callable(loss_fn):
+        raise ValueError("loss_fn must be callable or a list of one callable per distribution")
     params = check_params([p for p in model.parameters() if p.requires_grad] if params is None else params)
     num_params = sum(p.numel() for p in params)
     use_exact = exact is True or (exact == "auto" and num_params <= exact_limit)

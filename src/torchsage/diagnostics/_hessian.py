@@ -184,12 +184,13 @@ class MeanHessian:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: Callable[[Any, Any], Tensor],
+        loss_fn: Callable[[Any, Any], Tensor] | Sequence[Callable[[Any, Any], Tensor]],
         batches: Sequence[Sequence[Batch]],
         params: Sequence[Tensor],
     ) -> None:
         self.model = model
-        self.loss_fn = loss_fn
+        # one loss function per distribution (a multi-task model's tasks read different outputs)
+        self.loss_fns = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn] * len(batches)
         self.batches = batches
         self.params = list(params)
         self.device = self.params[0].device
@@ -200,7 +201,8 @@ class MeanHessian:
 
     def _loss(self, k: int, b: int) -> Tensor:
         inputs, targets = self.batches[k][b]
-        loss = self.loss_fn(self.model(to_device(inputs, self.device)), to_device(targets, self.device))
+        loss_fn = self.loss_fns[k]
+        loss = loss_fn(self.model(to_device(inputs, self.device)), to_device(targets, self.device))
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise ValueError("loss_fn must return a scalar tensor")
         if not bool(torch.isfinite(loss).all()):
