@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MultiLeNet", "SegNet", "SegNetMTAN", "SegNetSplit"]
+__all__ = ["MultiLeNet", "SegNet", "SegNetMTAN", "SegNetSplit", "max_unpool"]
 
 
 class MultiLeNet(nn.Module):
@@ -108,6 +108,23 @@ def _finish(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
     return outputs
 
 
+def max_unpool(x: Tensor, indices: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Inverse of 2x2, stride-2 max pooling: each value returns to the position its window's
+    maximum came from (``indices`` as returned by ``max_pool2d(..., return_indices=True)``), zeros
+    elsewhere, on a ``size`` grid.
+
+    Equals ``F.max_unpool2d(x, indices, 2, 2, output_size=size)`` but, the windows being
+    disjoint, is written as a mask product, which torch's deterministic mode accepts.
+    """
+    h, w = x.shape[-2:]
+    height, width = int(size[0]), int(size[1])
+    up = x.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    source = indices.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    position = torch.arange(height * width, device=x.device).view(height, width)[: 2 * h, : 2 * w]
+    out = up * (source == position)
+    return F.pad(out, (0, width - 2 * w, 0, height - 2 * h))
+
+
 def _init_weights(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
@@ -167,7 +184,7 @@ class SegNet(nn.Module):
         dec_in, dec_first, dec_last = [], [], []
         for k in range(5):
             j = 4 - k
-            u = F.max_unpool2d(h, indices[j], 2, 2, output_size=sizes[j])
+            u = max_unpool(h, indices[j], sizes[j])
             a = self.dec_first[k](u)
             h = self.dec_rest[k](a)
             dec_in.append(u)
