@@ -56,7 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a run directory or model.pt from `dg train --save-model` (or `mtl train`), or 'sandbox'",
     )
     parser.add_argument("--output", default=None, help="output folder (default: the model's folder)")
-    parser.add_argument("--batch-size", type=_positive_int, default=256, help="samples per distribution")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="samples per distribution (default: 256 for DG models, the run's batch size for MTL models)",
+    )
     parser.add_argument(
         "--envs", type=int, nargs="+", default=None, help="environments to use (default: the training ones)"
     )
@@ -173,17 +178,23 @@ def load_dg_model(
     return network, batches, [names[i] for i in chosen]
 
 
-def _load_mtl(path: Path, batch_size: int) -> tuple[torch.nn.Module, list[Any], list[Any], list[str]]:
+def _load_mtl(
+    path: Path, checkpoint: dict[str, Any], args: argparse.Namespace
+) -> tuple[torch.nn.Module, list[Any], list[Any], list[str]]:
     try:
-        from torchsage.mtl.train import load_for_diagnostics  # type: ignore[attr-defined]
+        from torchsage.mtl.train import load_for_diagnostics
     except ImportError:
         raise DiagnoseError(
             f"{path} is a multi-task checkpoint, but this installation has no "
             "torchsage.mtl.train.load_for_diagnostics to load it"
         ) from None
-    model, batches, loss_fns = load_for_diagnostics(path, n_batches=1, batch_size=batch_size)
-    names = getattr(model, "task_names", None) or [f"task{k}" for k in range(len(batches))]
-    return model, list(batches), list(loss_fns), list(names)
+    model, batches, loss_fns = load_for_diagnostics(
+        path, n_batches=1, batch_size=args.batch_size, data_dir=args.data_dir, seed=args.seed
+    )
+    names = [str(t) for t in checkpoint.get("tasks", [])]
+    if len(names) != len(batches):
+        names = [f"task{k}" for k in range(len(batches))]
+    return model, list(batches), list(loss_fns), names
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -267,12 +278,12 @@ def _diagnose_model(args: argparse.Namespace) -> int:
 
     path, checkpoint = _load_checkpoint(args.target)
     if "benchmark" in checkpoint:
-        model, batches, loss_fn, names = _load_mtl(path, args.batch_size)
+        model, batches, loss_fn, names = _load_mtl(path, checkpoint, args)
+        batch_size = args.batch_size  # None: the run's
         kind: dict[str, Any] = {"kind": "mtl", "benchmark": checkpoint["benchmark"]}
     else:
-        model, batches, names = load_dg_model(
-            checkpoint, args.batch_size, args.envs, args.split, args.data_dir
-        )
+        batch_size = 256 if args.batch_size is None else args.batch_size
+        model, batches, names = load_dg_model(checkpoint, batch_size, args.envs, args.split, args.data_dir)
         loss_fn = torch.nn.functional.cross_entropy
         kind = {
             "kind": "dg",
@@ -309,7 +320,7 @@ def _diagnose_model(args: argparse.Namespace) -> int:
         "source": str(path),
         **kind,
         "distributions": names,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size,
         "settings": {
             k: getattr(args, k)
             for k in (
