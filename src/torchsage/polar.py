@@ -22,11 +22,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "LOW_PRECISION_MARGIN",
     "MUON_COEFFICIENTS",
     "newton_schulz_coefficients",
     "polar_express_coefficients",
@@ -68,14 +70,27 @@ def _minimax_odd_quintic(lower: float, upper: float) -> tuple[float, float, floa
     return a, b, c, abs(err)
 
 
+#: Relative widening of every fitted interval of the Polar Express schedule in low precision.
+LOW_PRECISION_MARGIN = 0.01
+
+
 @functools.lru_cache(maxsize=32)
-def polar_express_coefficients(steps: int = 8, lower: float = 1e-3) -> tuple[tuple[float, float, float], ...]:
+def polar_express_coefficients(
+    steps: int = 8, lower: float = 1e-3, margin: float = 0.0
+) -> tuple[tuple[float, float, float], ...]:
     """Per-step quintic coefficients of the Polar Express schedule.
 
     Starting from the interval ``[lower, 1]`` that holds the singular values of a
     Frobenius-normalised matrix (those at least ``lower`` times the norm), each step takes the
     minimax odd quintic of 1 on the current interval and maps the interval through it. The result
     is computed in float64 and cached.
+
+    ``margin > 0`` fits every step on its interval widened by the factor ``1 + margin`` (the upper
+    end multiplied, the lower end of every step after the first divided). The early quintics
+    have large coefficients and grow fast just above their interval, so a singular value that
+    rounding pushes past the interval's end is blown up by the next steps; in bfloat16 this
+    happens to a large share of random matrices. :func:`polar_factor` uses
+    :data:`LOW_PRECISION_MARGIN` in bfloat16 and float16, and no margin otherwise.
 
     Example:
         >>> coeffs = polar_express_coefficients(steps=8)
@@ -88,26 +103,34 @@ def polar_express_coefficients(steps: int = 8, lower: float = 1e-3) -> tuple[tup
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 < lower < 1.0:
         raise ValueError(f"lower must lie in (0, 1), got {lower}")
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must lie in [0, 1), got {margin}")
     coefficients = []
-    lo, hi = lower, 1.0
+    widen = 1.0 + margin
+    lo, hi = lower, widen
     for _ in range(steps):
         a, b, c, err = _minimax_odd_quintic(lo, hi)
         coefficients.append((a, b, c))
-        lo, hi = 1.0 - err, 1.0 + err
+        lo, hi = (1.0 - err) / widen, (1.0 + err) * widen
     return tuple(coefficients)
 
 
 def newton_schulz_coefficients(
-    steps: int, coefficients: str | Sequence[Sequence[float]] = "muon"
+    steps: int, coefficients: str | Sequence[Sequence[float]] = "muon", dtype: torch.dtype = torch.float32
 ) -> tuple[tuple[float, float, float], ...]:
-    """The ``(a, b, c)`` triple of every step for a named schedule or an explicit table."""
+    """The ``(a, b, c)`` triple of every step for a named schedule or an explicit table.
+
+    ``dtype`` is the precision of the iteration: in bfloat16 and float16 the Polar Express
+    schedule is fitted with :data:`LOW_PRECISION_MARGIN` (see :func:`polar_express_coefficients`).
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if isinstance(coefficients, str):
         if coefficients == "muon":
             return (MUON_COEFFICIENTS,) * steps
         if coefficients == "polar_express":
-            return polar_express_coefficients(steps)
+            low = dtype in (torch.bfloat16, torch.float16)
+            return polar_express_coefficients(steps, margin=LOW_PRECISION_MARGIN if low else 0.0)
         raise ValueError(f"unknown coefficients {coefficients!r}: use 'muon', 'polar_express' or a table")
     table = tuple(tuple(float(x) for x in row) for row in coefficients)
     if any(len(row) != 3 for row in table):
@@ -128,12 +151,43 @@ def _svd_polar(G: Tensor) -> Tensor:
     return (U * keep.unsqueeze(-2)) @ Vh
 
 
+def _newton_schulz(X: Tensor, table: tuple[tuple[float, float, float], ...]) -> Tensor:
+    """The iterations on a normalised, wide ``(m, n)`` or ``(batch, m, n)`` matrix."""
+    # Fused multiply-adds: b A + c A^2 and a X + B X in one kernel each.
+    fused = torch.addmm if X.ndim == 2 else torch.baddbmm
+    for a, b, c in table:
+        A = X @ X.mT
+        B = fused(A, A, A, beta=b, alpha=c)
+        X = fused(X, B, X, beta=a)
+    return X
+
+
+_compiled_kernel: Any = None
+
+
+def _compiled_newton_schulz(X: Tensor, table: tuple[tuple[float, float, float], ...]) -> Tensor:
+    """:func:`_newton_schulz` through ``torch.compile`` (built once, on first use)."""
+    global _compiled_kernel
+    if _compiled_kernel is None:
+        # dynamic: one graph serves every layer shape instead of one recompilation per shape.
+        _compiled_kernel = torch.compile(_newton_schulz, dynamic=True, fullgraph=True)
+    try:
+        return _compiled_kernel(X, table)
+    except Exception as error:  # the backend's errors have no common base class
+        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise RuntimeError(
+            f"torch.compile of the Newton-Schulz kernel failed on this build ({type(error).__name__}: "
+            f"{first.strip()}); use compile=False"
+        ) from error
+
+
 def polar_factor(
     G: Tensor,
     steps: int = 5,
     coefficients: str | Sequence[Sequence[float]] = "muon",
     method: str = "newton_schulz",
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ) -> Tensor:
     """Polar factor ``U V^T`` of ``G = U S V^T``, batched over leading dimensions.
 
@@ -146,6 +200,9 @@ def polar_factor(
         method: ``"newton_schulz"`` or ``"svd"`` (exact, float64; for tests and small layers).
         dtype: precision of the iteration: ``torch.float32`` (default), ``torch.bfloat16`` or
             ``torch.float64``. The result is returned in ``G``'s dtype.
+        compile: run the iterations through ``torch.compile`` (compiled on first use, one graph
+            for every shape). What it buys depends on the device: see docs/benchmarks.md. A
+            build where compilation fails raises ``RuntimeError`` naming the backend's error.
 
     Returns:
         A tensor of ``G``'s shape and dtype. A zero matrix gives zeros; tiny (even subnormal)
@@ -171,7 +228,9 @@ def polar_factor(
         raise ValueError(f"unknown method {method!r}: use 'newton_schulz' or 'svd'")
     if dtype not in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
-    table = newton_schulz_coefficients(steps, coefficients)
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    table = newton_schulz_coefficients(steps, coefficients, dtype)
 
     X = G.to(dtype)
     transposed = X.shape[-2] > X.shape[-1]
@@ -188,12 +247,7 @@ def polar_factor(
     X.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))  # a zero matrix stays zero
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:]) if X.ndim > 3 else X
-    # Fused multiply-adds: b A + c A^2 and a X + B X in one kernel each.
-    fused = torch.addmm if X.ndim == 2 else torch.baddbmm
-    for a, b, c in table:
-        A = X @ X.mT
-        B = fused(A, A, A, beta=b, alpha=c)
-        X = fused(X, B, X, beta=a)
+    X = (_compiled_newton_schulz if compile else _newton_schulz)(X, table)
     X = X.reshape(*batch_shape, *X.shape[-2:])
     if transposed:
         X = X.mT

@@ -101,7 +101,8 @@ class PolarAscent(AscentRule):
 
     Args:
         scaling: one of :data:`RHO_SCALINGS`.
-        steps, coefficients, method, dtype: passed to :func:`torchsage.polar_factor`.
+        steps, coefficients, method, dtype, compile: passed to :func:`torchsage.polar_factor`
+            (``compile=True`` runs the Newton-Schulz iterations through ``torch.compile``).
     """
 
     def __init__(
@@ -112,14 +113,19 @@ class PolarAscent(AscentRule):
         method: str = "newton_schulz",
         dtype: torch.dtype = torch.float32,
         eps: float = 1e-12,
+        compile: bool = False,
     ) -> None:
         if scaling not in RHO_SCALINGS:
             raise ValueError(f"unknown rho scaling {scaling!r}: use one of {', '.join(RHO_SCALINGS)}")
         if method not in ("newton_schulz", "svd"):
             raise ValueError(f"unknown polar method {method!r}: use 'newton_schulz' or 'svd'")
         newton_schulz_coefficients(steps, coefficients)  # validates steps and coefficients
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         self.scaling = scaling
-        self.polar_kwargs = dict(steps=steps, coefficients=coefficients, method=method, dtype=dtype)
+        self.polar_kwargs = dict(
+            steps=steps, coefficients=coefficients, method=method, dtype=dtype, compile=compile
+        )
         self.eps = eps
 
     def directions(self, tensors: Sequence[Tensor]) -> list[Tensor]:
