@@ -82,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=_positive_int, default=2000, help="sandbox: Monte Carlo draws")
     parser.add_argument("--steps", type=_positive_int, default=800, help="sandbox: training steps per method")
+    parser.add_argument("--dim", type=_positive_int, default=20, help="sandbox: number of parameters")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -348,7 +349,11 @@ def _diagnose_sandbox(args: argparse.Namespace) -> int:
 
     out = Path(args.output) if args.output is not None else Path("sandbox_output")
     paths = run_sandbox(
-        out, repeats=max(args.repeats, 2), steps=max(args.steps, 2), progress=not args.no_progress
+        out,
+        repeats=max(args.repeats, 2),
+        steps=max(args.steps, 2),
+        dim=args.dim,
+        progress=not args.no_progress,
     )
     print(paths["tables"].read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
