@@ -206,3 +206,20 @@ def test_autocast_names_unknown_precision():
         autocast("cpu", "fp8")
     with autocast("cpu", None):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_gradscaler_step_on_a_two_pass_optimizer_is_a_clear_error():
+    model = make_model()
+    opt = OPTIMIZERS["SAM"](model.parameters())
+    data = batches()
+
+    def closure():
+        return [F.cross_entropy(model(x), y) for x, y in data]
+
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))  # the usual loop scales a loss first
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"use torchsage\.amp\.scaled_step\(optimizer, closure, scaler\)"):
+        scaler.step(opt, closure)
+    assert_same_state(before, model, opt)
+    assert not opt.step(closure).skipped  # the optimizer is usable afterwards

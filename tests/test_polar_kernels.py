@@ -193,3 +193,36 @@ def test_sage_bf16_perturbation_tracks_float32():
     assert a.loss == b.loss
     assert b.perturbed_loss == pytest.approx(a.perturbed_loss, rel=1e-2)
     assert b.perturbation_norm == pytest.approx(0.5, rel=1e-5)  # global scaling: the norm is rho
+
+
+def test_outer_autocast_does_not_change_the_iteration_precision():
+    gen = torch.Generator().manual_seed(9)
+    G = torch.randn(2, 10, 14, generator=gen)
+    plain = polar_factor(G)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (G @ G.mT).dtype == torch.bfloat16  # autocast is on for matrix products here
+        inside = polar_factor(G)
+    assert torch.equal(inside, plain)
+
+
+def test_sage_ns_compile_routes_through_the_compiled_kernel(monkeypatch):
+    from torchsage import polar
+
+    seen = []
+
+    def fake_compiled(X, table):  # stands in for the compiled kernel: records, then runs eagerly
+        seen.append(tuple(X.shape))
+        return polar._newton_schulz(X, table)
+
+    monkeypatch.setattr(polar, "_compiled_newton_schulz", fake_compiled)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+    data = [(torch.randn(10, 6), torch.randint(0, 3, (10,))) for _ in range(2)]
+    twin = copy.deepcopy(model)
+    infos = []
+    for m, flag in ((model, True), (twin, False)):
+        opt = torchsage.SAGE(m.parameters(), torch.optim.SGD, rho=0.1, gamma=0.0, ns_compile=flag, lr=0.1)
+        infos.append(opt.step(lambda m=m: [torch.nn.functional.cross_entropy(m(x), y) for x, y in data]))
+    assert sorted(seen) == [(3, 12), (6, 12)]  # both weight matrices, in the wide orientation
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)

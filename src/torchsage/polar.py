@@ -19,6 +19,7 @@ Frobenius norm (so every singular value lies in ``(0, 1]``), each step applies a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -165,6 +166,15 @@ def _newton_schulz(X: Tensor, table: tuple[tuple[float, float, float], ...]) -> 
 _compiled_kernel: Any = None
 
 
+def _autocast_off(device_type: str) -> Any:
+    """Disables autocast for ``device_type`` when it is on (else does nothing)."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # torch < 2.4, or a device type autocast does not know
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
+
+
 def _compiled_newton_schulz(X: Tensor, table: tuple[tuple[float, float, float], ...]) -> Tensor:
     """:func:`_newton_schulz` through ``torch.compile`` (built once, on first use)."""
     global _compiled_kernel
@@ -247,7 +257,8 @@ def polar_factor(
     X.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))  # a zero matrix stays zero
     batch_shape = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:]) if X.ndim > 3 else X
-    X = (_compiled_newton_schulz if compile else _newton_schulz)(X, table)
+    with _autocast_off(X.device.type):  # ``dtype`` decides the precision, not an outer autocast
+        X = (_compiled_newton_schulz if compile else _newton_schulz)(X, table)
     X = X.reshape(*batch_shape, *X.shape[-2:])
     if transposed:
         X = X.mT

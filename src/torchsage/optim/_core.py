@@ -268,6 +268,10 @@ class SharpnessAware(Optimizer):
     #: perturbed one); costs one gradient copy during the perturbed pass.
     needs_clean_gradient: bool = False
 
+    # GradScaler.step hands optimizers with this flag the scale instead of unscaling their stale
+    # gradients itself; step() turns that call into a clear error (see torchsage.amp.scaled_step).
+    _step_supports_amp_scaling: bool = True
+
     def _descent(
         self,
         groups: list[tuple[dict[str, Any], list[Tensor]]],
@@ -490,6 +494,13 @@ class SharpnessAware(Optimizer):
         if closure is None:
             raise ValueError(
                 f"{type(self).__name__}.step needs a closure returning the per-distribution losses"
+            )
+        if "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:  # set by GradScaler.step
+            self.__dict__.pop("found_inf", None)
+            self.__dict__.pop("grad_scale", None)
+            raise ValueError(
+                "GradScaler.step cannot drive a two-pass step (it would scale neither pass): use "
+                "torchsage.amp.scaled_step(optimizer, closure, scaler), then scaler.update()"
             )
         params = self._all_params()
         stats, norms, tp = None, None, None

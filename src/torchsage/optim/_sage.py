@@ -53,7 +53,10 @@ class SAGE(SharpnessAware):
             ``"layer"`` (``rho * polar(G)`` per matrix) or ``"weight"``
             (``rho * ||W||_F * polar(G)``, the authors' domain-generalization choice).
         max_disagreement: clips the disagreement from above before it scales the noise.
-        ns_dtype: precision of the Newton-Schulz iteration (``torch.bfloat16`` on accelerators).
+        ns_dtype: precision of the Newton-Schulz iteration (``torch.bfloat16`` on accelerators;
+            accuracy against float64 in docs/benchmarks.md).
+        ns_compile: run the Newton-Schulz iterations through ``torch.compile`` (see
+            docs/benchmarks.md for what it buys; matrices of equal shape are always batched).
         model, update_bn_on_perturbed, max_grad_norm, on_nonfinite: see
             :class:`torchsage.optim.SharpnessAware`.
         solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
@@ -97,6 +100,7 @@ class SAGE(SharpnessAware):
         rho_scaling: str = "global",
         max_disagreement: float | None = None,
         ns_dtype: torch.dtype = torch.float32,
+        ns_compile: bool = False,
         model: nn.Module | None = None,
         update_bn_on_perturbed: bool = False,
         max_grad_norm: float | None = None,
@@ -122,6 +126,7 @@ class SAGE(SharpnessAware):
             coefficients=ns_coefficients,
             method=polar_method,
             dtype=ns_dtype,
+            compile=ns_compile,
         )
         super().__init__(
             params,
