@@ -232,12 +232,13 @@ def _title(solver: str) -> str:
     return "STL" if solver == "stl" else SOLVERS[solver].title if solver in SOLVERS else solver
 
 
-def _fmt(cell: Cell, percent: bool, fmt: str) -> str:
+def _fmt(cell: Cell, percent: bool, fmt: str, digits: int | None = None) -> str:
     if cell.mean is None:
         return "--" if fmt == "latex" else "—"
     scale = 100.0 if percent else 1.0
     pm = r" $\pm$ " if fmt == "latex" else " ± "
-    digits = 2 if percent or abs(cell.mean) >= 1 else 4
+    if digits is None:
+        digits = 2 if percent or abs(cell.mean) >= 1 else 4
     return f"{scale * cell.mean:.{digits}f}{pm}{scale * cell.std:.{digits}f}"
 
 

@@ -626,15 +626,15 @@ def sweep(
     dry_run: bool = False,
 ) -> list[Path]:
     """Runs solvers x methods x seeds of one benchmark, ``processes`` at a time, each run a
-    ``torchsage mtl train`` process with one thread (``OMP_NUM_THREADS=1``).
+    ``torchsage mtl train`` command with one thread, in a pool of ``processes`` worker processes.
 
     Finished runs (a ``done`` file) are skipped; unfinished ones restart. ``stl`` runs (plain
     only) go first so that every other run records Delta-m% against them (``--stl-dir``).
     ``train_options`` are extra ``mtl train`` options (e.g. ``["--epochs", "3"]``). Each run's
     output goes to ``log.txt`` in its directory. Returns the run directories that failed.
     """
-    import subprocess
-    import sys
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     bench = get_benchmark(benchmark)
     for s in solvers:
@@ -667,31 +667,40 @@ def sweep(
         for _, _d, argv in todo:
             print("torchsage " + " ".join(argv))
         return []
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     failed: list[Path] = []
     bar = tqdm(total=len(todo), disable=not progress, desc=f"mtl sweep {bench.name}")
-    for stage in (0, 1):
-        queue = [j for j in todo if j[0] == stage]
-        running: list[tuple[Path, Any, Any]] = []
-        while queue or running:
-            while queue and len(running) < processes:
-                _, d, argv = queue.pop(0)
+    # worker processes import torch once and run many jobs (a fresh interpreter per run costs
+    # seconds of imports); each job runs with one thread and writes its output to log.txt
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
+        for stage in (0, 1):  # stl runs first: the others read their metrics
+            futures = {}
+            for _, d, argv in (j for j in todo if j[0] == stage):
                 d.mkdir(parents=True, exist_ok=True)
-                log = open(d / "log.txt", "w")  # closed when the process ends
-                cmd = [sys.executable, "-m", "torchsage", *argv]
-                running.append((d, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-            time.sleep(0.2)
-            for item in list(running):
-                d, proc, log = item
-                if proc.poll() is None:
-                    continue
-                log.close()
-                running.remove(item)
-                if proc.returncode != 0:
-                    failed.append(d)
+                futures[pool.submit(_sweep_job, argv, str(d / "log.txt"))] = d
+            for future in as_completed(futures):
+                if future.result() != 0:
+                    failed.append(futures[future])
                 bar.update(1)
     bar.close()
     return failed
+
+
+def _sweep_job(argv: list[str], log: str) -> int:
+    """Runs ``torchsage <argv>`` in this (worker) process with its output in ``log``."""
+    import contextlib
+    import traceback
+
+    from torchsage.cli import main
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        try:
+            return main(argv)
+        except BaseException:  # a crashed run is reported as failed, the sweep goes on
+            traceback.print_exc()
+            return 1
 
 
 # -- command line -------------------------------------------------------------------------------
