@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,14 +46,31 @@ def test_segmentation_metric_skips_absent_classes():
 def test_depth_metric_by_hand():
     pred = torch.tensor([[[[1.0, 2.0], [5.0, 7.0]]]])
     target = torch.tensor([[[[2.0, 2.0], [4.0, 0.0]]]])  # last pixel invalid
-    m = M.DepthMetric()
-    m.update(pred, target)
-    out = m.compute()
-    assert out["absErr"] == pytest.approx((1 + 0 + 1) / 3)
-    assert out["relErr"] == pytest.approx((1 / 2 + 0 + 1 / 4) / 3)
-    m.update(torch.tensor([[[[3.0]]]]), torch.tensor([[[[1.0]]]]))  # pooled, not per batch
-    assert m.compute()["absErr"] == pytest.approx((1 + 0 + 1 + 2) / 4)
-    assert m.compute()["relErr"] == pytest.approx((1 / 2 + 0 + 1 / 4 + 2) / 4)
+    for average in ("batches", "pixels"):
+        m = M.DepthMetric(average)
+        m.update(pred, target)
+        out = m.compute()
+        assert out["absErr"] == pytest.approx((1 + 0 + 1) / 3)
+        assert out["relErr"] == pytest.approx((1 / 2 + 0 + 1 / 4) / 3)
+
+
+def test_depth_metric_over_batches_and_pixels():
+    pred = torch.tensor([[[[1.0, 2.0], [5.0, 7.0]]]])
+    target = torch.tensor([[[[2.0, 2.0], [4.0, 0.0]]]])
+    second = (torch.tensor([[[[3.0]]]]), torch.tensor([[[[1.0]]]]))
+    empty = (torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))  # no valid pixel: skipped
+    pooled, batched = M.DepthMetric("pixels"), M.DepthMetric("batches")
+    for m in (pooled, batched):
+        m.update(pred, target)
+        m.update(*second)
+        m.update(*empty)
+    assert pooled.compute() == pytest.approx(
+        {"absErr": (1 + 0 + 1 + 2) / 4, "relErr": (1 / 2 + 1 / 4 + 2) / 4}
+    )
+    # batch means 2/3 and 2 (abs), 1/4 and 2 (rel), averaged over the two batches
+    assert batched.compute() == pytest.approx({"absErr": (2 / 3 + 2) / 2, "relErr": (1 / 4 + 2) / 2})
+    with pytest.raises(ValueError, match="average"):
+        M.DepthMetric("images")
 
 
 def _unit(degrees):
@@ -60,11 +78,12 @@ def _unit(degrees):
     return [math.cos(r), math.sin(r), 0.0]
 
 
-def test_normal_metric_angles_of_known_vectors():
+@pytest.mark.parametrize("average", ["batches", "pixels"])
+def test_normal_metric_angles_of_known_vectors(average):
     angles = [0.0, 90.0, 45.0, 10.0, 25.0, 35.0]
     target = torch.tensor([[1.0, 0.0, 0.0]] * 6 + [[0.0, 0.0, 0.0]])  # the last pixel is invalid
     pred = torch.tensor([_unit(a) for a in angles] + [[1.0, 0.0, 0.0]]) * 3.0  # not unit length
-    m = M.NormalMetric()
+    m = M.NormalMetric(average)
     m.update(pred.T.reshape(1, 3, 1, 7), target.T.reshape(1, 3, 1, 7))
     out = m.compute()
     assert out["mean"] == pytest.approx(sum(angles) / 6, abs=1e-6)
@@ -73,21 +92,39 @@ def test_normal_metric_angles_of_known_vectors():
     assert out["22.5"] == pytest.approx(2 / 6)
     assert out["30"] == pytest.approx(3 / 6)
     m.update(torch.tensor(_unit(80.0)).reshape(1, 3, 1, 1), torch.tensor([1.0, 0, 0]).reshape(1, 3, 1, 1))
-    assert m.compute()["median"] == pytest.approx(35.0, abs=1e-3)  # odd count: the middle one
+    out = m.compute()
+    if average == "pixels":  # 0 10 25 35 45 80 90: the middle one
+        assert out["median"] == pytest.approx(35.0, abs=1e-3)
+        assert out["mean"] == pytest.approx((sum(angles) + 80) / 7)
+        assert out["30"] == pytest.approx(3 / 7)
+    else:  # batch values (30, 80) for the median, (34.1666.., 80) for the mean, (1/2, 0) below 30
+        assert out["median"] == pytest.approx((30 + 80) / 2, abs=1e-6)
+        assert out["mean"] == pytest.approx((sum(angles) / 6 + 80) / 2)
+        assert out["30"] == pytest.approx(1 / 4)
 
 
-def test_normal_metric_median_against_sorting():
+def _numpy_angles(pred, target):
+    p, t = pred.double().numpy(), target.double().numpy()
+    cos = (p * t).sum(1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(t, axis=1))
+    return np.degrees(np.arccos(np.clip(cos, -1, 1))).ravel()
+
+
+def test_normal_metric_median_against_numpy():
     gen = torch.Generator().manual_seed(0)
-    pred = torch.randn(2, 3, 9, 11, generator=gen)
-    target = torch.randn(2, 3, 9, 11, generator=gen)
-    m = M.NormalMetric()
-    m.update(pred, target)
-    cos = (pred * target).sum(1) / (pred.norm(dim=1) * target.norm(dim=1))
-    angles = torch.rad2deg(torch.acos(cos.double())).flatten().sort().values
-    n = len(angles)
-    expected = (angles[(n - 1) // 2] + angles[n // 2]) / 2
-    assert m.compute()["median"] == pytest.approx(float(expected), abs=1e-3)
-    assert m.compute()["mean"] == pytest.approx(float(angles.mean()), abs=1e-4)
+    pred = torch.randn(2, 3, 9, 12, generator=gen)
+    target = torch.randn(2, 3, 9, 12, generator=gen)
+    pooled = M.NormalMetric("pixels")
+    pooled.update(pred, target)
+    pooled.update(pred[:0], target[:0])  # an empty batch changes nothing
+    angles = _numpy_angles(pred, target)
+    assert pooled.compute()["median"] == pytest.approx(np.median(angles), abs=1e-3)
+    assert pooled.compute()["mean"] == pytest.approx(angles.mean(), abs=1e-9)
+    # per batch: the mean of the two images' medians (even pixel counts: numpy's midpoint)
+    batched = M.NormalMetric("batches")
+    batched.update(pred[:1], target[:1])
+    batched.update(pred[1:], target[1:])
+    medians = [np.median(_numpy_angles(pred[i : i + 1], target[i : i + 1])) for i in range(2)]
+    assert batched.compute()["median"] == pytest.approx(np.mean(medians), abs=1e-9)
 
 
 def test_accuracy_metric():
