@@ -553,7 +553,7 @@ def method_table(rows: Sequence[dict[str, Any]]) -> str:
         by.setdefault(r["method"], []).append(r)
     lines = [
         "| method | held-out excess | alignment part E(w_bar) | curvature part | alignment A (decompose) "
-        "| tr(H) (Hutchinson) | top eigenvalue | descent noise std |",
+        "| tr(H) (decompose) | top eigenvalue | descent noise std |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in by.items():
