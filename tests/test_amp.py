@@ -10,6 +10,7 @@ copies of the parameters and optimizer state for skipped steps.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -223,3 +224,58 @@ def test_gradscaler_step_on_a_two_pass_optimizer_is_a_clear_error():
         scaler.step(opt, closure)
     assert_same_state(before, model, opt)
     assert not opt.step(closure).skipped  # the optimizer is usable afterwards
+
+
+# -- the domain-generalization training loop ------------------------------------------------------
+
+TINY = '{"cnn_width": 8, "batch_size": 8}'
+
+
+def read_records(path):
+    import json
+
+    return [json.loads(line) for line in (path / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_dg_training_runs_under_autocast(amp, tmp_path):
+    from torchsage.dg.train import TrainArgs, train
+
+    out = train(
+        TrainArgs(
+            "RotatedDigits", "SAGE", [5], str(tmp_path / amp), steps=2, hparams=TINY, amp=amp, progress=False
+        )
+    )
+    (record,) = read_records(out)
+    assert record["args"]["amp"] == amp
+    assert math.isfinite(record["loss"]) and 0.0 <= record["env0_in_acc"] <= 1.0
+    assert (out / "done").exists()
+
+
+def test_dg_fp16_needs_a_sharpness_aware_algorithm(tmp_path):
+    from torchsage.dg.train import TrainArgs, train
+
+    with pytest.raises(ValueError, match=r"--amp fp16 needs loss scaling.*not ERM: use --amp bf16"):
+        train(TrainArgs("RotatedDigits", "ERM", [5], str(tmp_path), steps=1, hparams=TINY, amp="fp16"))
+    with pytest.raises(ValueError, match="--amp must be one of bf16, fp16, got 'fp8'"):
+        train(TrainArgs("RotatedDigits", "SAGE", [5], str(tmp_path), steps=1, hparams=TINY, amp="fp8"))
+    assert not any(tmp_path.iterdir())  # checked before anything is written
+
+
+def test_loss_scaled_optimizer_steps_and_updates_the_scaler():
+    from torchsage.amp import LossScaledOptimizer
+
+    data = batches()
+    plain_model, wrapped_model = make_model(), make_model()
+    plain = OPTIMIZERS["SAM"](plain_model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    wrapped = LossScaledOptimizer(OPTIMIZERS["SAM"](wrapped_model.parameters()), scaler)
+    for _ in range(3):
+        plain.step(lambda: [F.cross_entropy(plain_model(x), y) for x, y in data])
+        wrapped.step(lambda: [F.cross_entropy(wrapped_model(x), y) for x, y in data])
+    assert scaler.get_scale() == 2.0**11  # updated once per step, growing after each finite step
+    assert wrapped.param_groups is wrapped.optimizer.param_groups  # attributes are the optimizer's
+    for a, b in zip(plain_model.parameters(), wrapped_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="wraps torchsage's two-pass optimizers, got SGD"):
+        LossScaledOptimizer(torch.optim.SGD(plain_model.parameters(), lr=0.1), scaler)

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from torchsage.optim._core import SharpnessAware, StepInfo
 
-__all__ = ["AMP_DTYPES", "autocast", "scaled_step"]
+__all__ = ["AMP_DTYPES", "LossScaledOptimizer", "autocast", "scaled_step"]
 
 #: ``--amp`` names -> autocast dtypes.
 AMP_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -162,3 +162,28 @@ def scaled_step(
     state["found_inf_per_device"] = {found_inf.device: found_inf}
     state["stage"] = type(state["stage"]).STEPPED
     return _unscaled(info, scale)
+
+
+class LossScaledOptimizer:
+    """A two-pass optimizer whose ``step(closure)`` is :func:`scaled_step` followed by
+    ``scaler.update()``: hands float16 loss scaling to code that only calls ``optimizer.step``.
+
+    Every other attribute (``param_groups``, ``state_dict``, ...) is the wrapped optimizer's; the
+    scaler's own state is ``self.scaler.state_dict()``.
+    """
+
+    def __init__(self, optimizer: SharpnessAware, scaler: torch.amp.GradScaler) -> None:
+        if not isinstance(optimizer, SharpnessAware):
+            raise ValueError(
+                f"LossScaledOptimizer wraps torchsage's two-pass optimizers, got {type(optimizer).__name__}"
+            )
+        self.optimizer = optimizer
+        self.scaler = scaler
+
+    def step(self, closure: Callable[[], Any]) -> StepInfo:
+        info = scaled_step(self.optimizer, closure, self.scaler)
+        self.scaler.update()
+        return info
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["optimizer"], name)

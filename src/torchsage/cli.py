@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--holdout-fraction", type=float, default=0.2)
     train.add_argument("--save-model", action="store_true", help="write model.pt for diagnostics")
     train.add_argument("--num-workers", type=int, default=0, help="data loader processes")
+    train.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast (fp16: loss-scaled)")
     train.add_argument("--no-progress", action="store_true")
     from torchsage.dg.sweep import add_sweep_arguments
 
@@ -89,6 +90,7 @@ def _dg(args: argparse.Namespace) -> int:
                 holdout_fraction=args.holdout_fraction,
                 save_model=args.save_model,
                 num_workers=args.num_workers,
+                amp=args.amp,
                 progress=not args.no_progress,
             )
         )

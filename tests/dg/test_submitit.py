@@ -263,3 +263,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (extra, lines)
     assert not any(tmp_path.iterdir())  # nothing was launched
+
+
+def test_amp_reaches_the_command_and_the_run_id_only_when_set(tmp_path):
+    fake = dict(env_names=fake_env_names, algorithm_names=lambda: ["ERM"])
+    plain = two_jobs(tmp_path)
+    mixed = sweep.make_jobs(tmp_path, "Two", "ERM", 1, 1, amp="bf16", **fake)
+    assert "--amp" not in plain[0].command()
+    assert plain[0].command()[-1] == "--no-progress"
+    argv = mixed[0].command()
+    assert argv[argv.index("--amp") + 1] == "bf16"
+    assert "amp" not in plain[0].key() and mixed[0].key()["amp"] == "bf16"
+    assert plain[0].run_id != mixed[0].run_id  # a bf16 run is another run
+    with pytest.raises(ValueError, match="amp must be 'bf16', 'fp16' or None, got 'fp8'"):
+        sweep.make_jobs(tmp_path, "Two", "ERM", 1, 1, amp="fp8", **fake)

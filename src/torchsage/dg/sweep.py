@@ -121,8 +121,9 @@ class Job:
     Attributes:
         root: the sweep's output folder; the run directory is ``root / run_id``.
         dataset, algorithm, test_envs, hparams_seed, trial_seed, steps, checkpoint_freq,
-        holdout_fraction, data_dir, hparams: the arguments of ``torchsage dg train`` (``hparams``
-            is a JSON object as a string, or ``None``).
+        holdout_fraction, data_dir, hparams, amp: the arguments of ``torchsage dg train``
+            (``hparams`` is a JSON object as a string, or ``None``; ``amp`` is ``"bf16"``,
+            ``"fp16"`` or ``None``).
         seed: initialisation and minibatch seed; ``None`` (the default) derives it with
             :func:`job_seed`.
         output_dir: the run directory (computed, not an argument).
@@ -144,6 +145,7 @@ class Job:
     holdout_fraction: float = 0.2
     data_dir: str | None = None
     hparams: str | None = None
+    amp: str | None = None
     output_dir: Path = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -173,6 +175,8 @@ class Job:
             "checkpoint_freq": self.checkpoint_freq,
             "holdout_fraction": self.holdout_fraction,
             "hparams": _parse_hparams(self.hparams),
+            # only when set, so the directories of full-precision runs keep their names
+            **({"amp": self.amp} if self.amp is not None else {}),
         }
 
     @property
@@ -212,6 +216,8 @@ class Job:
         argv += ["--seed", str(self.seed), "--holdout-fraction", repr(float(self.holdout_fraction))]
         if self.hparams is not None:
             argv += ["--hparams", self.hparams]
+        if self.amp is not None:
+            argv += ["--amp", self.amp]
         if not progress:
             argv.append("--no-progress")
         return argv
@@ -278,6 +284,7 @@ def make_jobs(
     test_envs: str = "single",
     env_names: EnvNames | None = None,
     algorithm_names: AlgorithmNames | None = None,
+    amp: str | None = None,
 ) -> list[Job]:
     """Every job of a sweep, in the order dataset, algorithm, test envs, hparams seed, trial seed.
 
@@ -286,7 +293,7 @@ def make_jobs(
         datasets, algorithms: names (repeats are dropped).
         n_hparams: hyperparameter seeds ``0 .. n_hparams - 1`` (0: the defaults).
         n_trials: trial seeds ``0 .. n_trials - 1``.
-        steps, checkpoint_freq, data_dir, hparams, holdout_fraction: passed to every run.
+        steps, checkpoint_freq, data_dir, hparams, holdout_fraction, amp: passed to every run.
         test_envs: ``"single"`` or ``"loo"`` (see the module docstring).
         env_names: ``dataset -> environment names``; default
             :func:`torchsage.dg.datasets.environment_names` (raises on unknown data sets).
@@ -304,6 +311,8 @@ def make_jobs(
     _positive(n_hparams, "n_hparams")
     _positive(n_trials, "n_trials")
     _positive(steps, "steps")
+    if amp not in (None, "bf16", "fp16"):
+        raise ValueError(f"amp must be 'bf16', 'fp16' or None, got {amp!r}")
     _positive(checkpoint_freq, "checkpoint_freq")
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
@@ -333,6 +342,7 @@ def make_jobs(
                                 holdout_fraction=holdout_fraction,
                                 data_dir=data_dir,
                                 hparams=hparams,
+                                amp=amp,
                             )
                         )
     return jobs
@@ -858,6 +868,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--hparams", type=_hparams_type, default=None, help="JSON object overriding hparams")
     parser.add_argument("--holdout-fraction", type=_fraction, default=0.2)
+    parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast of every run")
     parser.add_argument(
         "--test-envs",
         choices=TEST_ENV_MODES,
@@ -940,6 +951,7 @@ def run_from_args(
         test_envs=args.test_envs,
         env_names=env_names,
         algorithm_names=algorithm_names,
+        amp=getattr(args, "amp", None),
     )
     launcher = getattr(args, "launcher", "local")
     if launcher == "local":

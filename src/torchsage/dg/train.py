@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from torchsage.amp import AMP_DTYPES, LossScaledOptimizer, autocast
 from torchsage.dg.algorithms import Algorithm, get_algorithm
 from torchsage.dg.datasets import environment_names, get_dataset, seed_hash, split_environment
 from torchsage.dg.hparams import parse_hparams, random_hparams
@@ -49,6 +50,7 @@ class TrainArgs:
     save_model: bool = False
     num_workers: int = 0
     progress: bool = True
+    amp: str | None = None  # autocast of the training steps: "bf16", "fp16" (loss-scaled) or None
 
 
 def _check(args: TrainArgs) -> dict[str, Any]:
@@ -71,6 +73,14 @@ def _check(args: TrainArgs) -> dict[str, Any]:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0.0 < args.holdout_fraction < 1.0:
         raise ValueError(f"--holdout-fraction must lie in (0, 1), got {args.holdout_fraction}")
+    if args.amp is not None:
+        if args.amp not in AMP_DTYPES:
+            raise ValueError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {args.amp!r}")
+        if args.amp == "fp16" and not hasattr(get_algorithm(args.algorithm), "optimizer_class"):
+            raise ValueError(
+                f"--amp fp16 needs loss scaling, which torchsage does for the sharpness-aware "
+                f"algorithms only, not {args.algorithm}: use --amp bf16"
+            )
     hparams = random_hparams(args.algorithm, args.dataset, args.hparams_seed)
     hparams.update(parse_hparams(args.hparams, args.algorithm, args.dataset))
     return hparams
@@ -156,6 +166,10 @@ def train(args: TrainArgs) -> Path:
         dataset.input_shape, dataset.num_classes, len(train_envs), hparams
     )
 
+    device_type = next(algorithm.parameters()).device.type
+    if args.amp == "fp16":  # both passes' losses scaled, gradients unscaled by the optimizer
+        algorithm.optimizer = LossScaledOptimizer(algorithm.optimizer, torch.amp.GradScaler(device_type))
+
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     results.unlink(missing_ok=True)  # an unfinished earlier attempt restarts from scratch
@@ -171,7 +185,9 @@ def train(args: TrainArgs) -> Path:
     for step in bar:
         algorithm.train()
         minibatches = [next(s) for s in streams]
-        for key, value in algorithm.update(minibatches, step).items():
+        with autocast(device_type, args.amp):  # forward passes in bf16/fp16, weights stay float32
+            logged_now = algorithm.update(minibatches, step)
+        for key, value in logged_now.items():
             logged[key].append(float(value))
         if (step + 1) % checkpoint_freq == 0 or step == steps - 1:
             algorithm.eval()
