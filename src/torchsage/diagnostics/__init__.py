@@ -15,6 +15,11 @@ mean :math:`\\bar g`, :math:`d_k = g_k - \\bar g` and the mean Hessian
 blocks work on flat vectors and any symmetric ``matvec``: :func:`hessian_vector_product`,
 :func:`conjugate_gradient`, :func:`hutchinson_trace` and :func:`lanczos`.
 
+:mod:`torchsage.diagnostics.sandbox` is a problem where both terms and the held-out excess risk
+are known in closed form (linear regression with distribution shift), with the counterexample
+showing that neither term bounds the other; ``torchsage diagnose`` (:mod:`.command`) runs
+:func:`decompose` on a saved model or reproduces the sandbox (see docs/theory.md).
+
 Example:
     >>> import torch
     >>> from torchsage.diagnostics import conjugate_gradient
