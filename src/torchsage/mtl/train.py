@@ -759,7 +759,8 @@ def add_mtl_commands(sub: Any, parser_class: Any) -> None:
     toy_p = mtl_sub.add_parser("toy", help="two-task toy problem: trajectories with and without SAGE")
     toy_p.add_argument("--output", required=True, help="folder for mtl_toy.png")
     toy_p.add_argument("--solvers", nargs="+", default=None, help=f"default: {' '.join(TOY_SOLVERS)}")
-    toy_p.add_argument("--steps", type=int, default=20000, help="Adam steps (lr 1e-3) per trajectory")
+    toy_p.add_argument("--steps", type=int, default=20000, help="Adam steps per trajectory")
+    toy_p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     toy_p.add_argument("--rho", type=float, default=0.05)
     toy_p.add_argument("--gamma", type=float, default=1e-3)
     toy_p.add_argument("--seed", type=int, default=0)
@@ -837,6 +838,7 @@ def _toy_from_cli(args: Any) -> int:
         {name: functools.partial(make_solver, name, 2) for name in names},
         path,
         steps=args.steps,
+        lr=args.lr,
         rho=args.rho,
         gamma=args.gamma,
         seed=args.seed,
