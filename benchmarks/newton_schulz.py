@@ -238,17 +238,18 @@ def speed(
 
 
 def speed_table(rows: list[dict], variants: Sequence[str]) -> str:
+    compiled = "batched+compile" in variants
     head = "| model | matrices | shapes | " + " | ".join(f"{v} ms" for v in variants)
-    head += " | batched speed-up | compile speed-up (batched) |"
-    lines = [head, "|---|--:|--:|" + "--:|" * (len(variants) + 2)]
+    head += " | batched speed-up |"
+    head += " compile speed-up (batched) |" if compiled else ""
+    lines = [head, "|---|--:|--:|" + "--:|" * (len(variants) + 1 + compiled)]
     for r in rows:
         cells = " | ".join(f"{r.get(f'{v}_ms', math.nan):.2f}" for v in variants)
-        batched = r.get("loop_ms", math.nan) / r.get("batched_ms", math.nan)
-        compiled = r.get("batched_ms", math.nan) / r.get("batched+compile_ms", math.nan)
-        lines.append(
-            f"| {r['model']} | {r['matrices']} | {r['distinct_shapes']} | {cells} "
-            f"| {batched:.2f}x | {compiled:.2f}x |"
-        )
+        line = f"| {r['model']} | {r['matrices']} | {r['distinct_shapes']} | {cells} "
+        line += f"| {r.get('loop_ms', math.nan) / r.get('batched_ms', math.nan):.2f}x |"
+        if compiled:
+            line += f" {r.get('batched_ms', math.nan) / r.get('batched+compile_ms', math.nan):.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -320,6 +321,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if warm:
             print("\nwarm-up including compilation: " + "; ".join(warm))
         out["speed"] = rows
+        eager = ("loop", "batched")
+        rows = speed(models, rounds=rounds, variants=eager, dtype=torch.bfloat16, progress=progress)
+        print(f"\n### The same in bfloat16 (eager, median of {rounds} rounds)\n")
+        print(speed_table(rows, eager))
+        out["speed_bf16"] = rows
     if args.json:
         write_json(args.json, out)
 
