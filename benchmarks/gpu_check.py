@@ -8,7 +8,8 @@ Sections (each one runs even if an earlier one failed; its error is printed and 
    ``benchmarks/newton_schulz.py``: orthogonality error, RMS distance to the exact factor, and the
    distance between the bf16 and the float32 results);
 2. **ns_speed**: milliseconds to orthogonalise every gradient matrix of a few model shapes, float32
-   and bfloat16, eager and ``torch.compile``d, matrices of equal shape batched (SAGE's ascent);
+   and bfloat16, eager and ``torch.compile``d, matrices of equal shape batched (SAGE's ascent),
+   and float32 one matrix at a time (``fp32 loop``: what batching buys);
 3. **step_time**: one optimisation step of ERM, SAM, SAGE (float32 Newton-Schulz), SAGE with
    bf16 Newton-Schulz and SAGE with the compiled kernel, on the models and random batches of
    ``benchmarks/step_time.py`` (``_models.py``), medians of interleaved rounds, with the
@@ -90,7 +91,9 @@ def ns_speed(models: Sequence[str], device: str, rounds: int, compile: bool) -> 
     rows = []
     for model in models:
         grads = [g.to(device) for g in ns.gradient_like(GPU_MODEL_SHAPES[model])]
-        calls: dict[str, Callable[[], object]] = {}
+        calls: dict[str, Callable[[], object]] = {
+            "fp32 loop": lambda g=grads: [torchsage.polar_factor(x.reshape(x.shape[0], -1)) for x in g]
+        }
         for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
             for compiled in (False, True) if compile else (False,):
                 ascent = torchsage.optim.PolarAscent(dtype=dtype, compile=compiled)
@@ -124,7 +127,7 @@ def ns_speed(models: Sequence[str], device: str, rounds: int, compile: bool) -> 
 
 
 def ns_speed_table(rows: list[dict]) -> str:
-    variants = ["fp32", "bf16", "fp32+compile", "bf16+compile"]
+    variants = ["fp32 loop", "fp32", "bf16", "fp32+compile", "bf16+compile"]
     present = [v for v in variants if any(f"{v}_ms" in r for r in rows)]
     lines = [
         "| model | matrices | " + " | ".join(f"{v} ms" for v in present) + " | fp32/bf16 |",
