@@ -156,3 +156,25 @@ def test_bad_input_is_one_line_and_exit_code_2(run_dir, tmp_path, capsys):
             main(argv)
         assert exit_info.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_diagnose_multi_task_checkpoint_uses_one_loss_per_task(tmp_path, capsys):
+    from torchsage.mtl.train import load_for_diagnostics
+
+    run = tmp_path / "mtl"
+    argv = ["mtl", "train", "--benchmark", "multidigits", "--solver", "ls", "--output-dir", str(run)]
+    argv += ["--save-model", "--epochs", "1", "--n-train", "32", "--n-test", "16", "--width", "4"]
+    assert main([*argv, "--batch-size", "8", "--device", "cpu", "--no-progress"]) == 0
+    code = main(["diagnose", str(run), "--batch-size", "8", "--damping", "5", *FAST])
+    assert code == 0, capsys.readouterr().err
+    payload = json.loads((run / "diagnose.json").read_text())
+    assert payload["kind"] == "mtl" and payload["distributions"] == ["left", "right"]
+    # reference: each task's gradient by plain autograd on the same batches
+    model, batches, loss_fns = load_for_diagnostics(run, n_batches=1, batch_size=8, seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = []
+    for (x, y), fn in zip(batches, loss_fns):
+        grads = torch.autograd.grad(fn(model(x), y), params, allow_unused=True)
+        norms.append(float(torch.cat([g.reshape(-1) for g in grads if g is not None]).norm()))
+    assert payload["report"]["grad_norms"] == pytest.approx(norms, rel=1e-4)
+    assert payload["report"]["K"] == 2
