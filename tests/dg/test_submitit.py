@@ -277,3 +277,14 @@ def test_amp_reaches_the_command_and_the_run_id_only_when_set(tmp_path):
     assert plain[0].run_id != mixed[0].run_id  # a bf16 run is another run
     with pytest.raises(ValueError, match="amp must be 'bf16', 'fp16' or None, got 'fp8'"):
         sweep.make_jobs(tmp_path, "Two", "ERM", 1, 1, amp="fp8", **fake)
+
+
+def test_relative_run_directories_resolve_from_the_submission_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    jobs = two_jobs(Path("sweep"))  # relative root, as `--output-dir sweep` gives
+    summary = launch_submitit(
+        jobs, SlurmOptions(cluster="debug"), progress=False, command_builder=fake_builder(), poll_interval=0
+    )
+    assert summary.succeeded == 2
+    for job in jobs:
+        assert (tmp_path / job.output_dir / "done").exists()

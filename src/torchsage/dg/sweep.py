@@ -638,16 +638,19 @@ class SlurmOptions:
         return params
 
 
-def _submitted_run(argv: Sequence[str], output_dir: str, threads: int | None) -> int:
+def _submitted_run(argv: Sequence[str], output_dir: str, threads: int | None, cwd: str | None = None) -> int:
     """Body of one array task (runs on the cluster node): the training command with its stdout
-    and stderr in the run directory, as the local launcher runs it. Returns the exit code."""
+    and stderr in the run directory, as the local launcher runs it, from the directory the sweep
+    was submitted from (relative paths in ``argv`` keep their meaning). Returns the exit code."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = None
     if threads is not None and "OMP_NUM_THREADS" not in os.environ:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(out / "out.txt", "wb") as stdout, open(out / "err.txt", "wb") as stderr:
-        proc = subprocess.run(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env)
+        proc = subprocess.run(
+            list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env, cwd=cwd
+        )
     return proc.returncode
 
 
@@ -709,7 +712,11 @@ def launch_submitit(
         raise ValueError(f"submitit refused the {options.cluster} executor: {_first_line(error)}") from None
     argvs = [list(build(job)) for job in todo]
     submitted = executor.map_array(
-        _submitted_run, argvs, [str(job.output_dir) for job in todo], [options.cpus] * len(todo)
+        _submitted_run,
+        argvs,
+        [str(job.output_dir.resolve()) for job in todo],
+        [options.cpus] * len(todo),
+        [os.getcwd()] * len(todo),
     )
     summary.launched = len(submitted)
     bar = tqdm(
