@@ -173,6 +173,7 @@ def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, caps
         (["--benchmark", "cityscapes", "--solver", "ls", "--data-dir", "/nonexistent/cs"], "/nonexistent/cs"),
         (["--benchmark", "multidigits", "--solver", "ls", "--sage", "--sam"], "exclude each other"),
         (["--benchmark", "multidigits", "--solver", "ls", "--epochs", "0"], "--epochs"),
+        (["--benchmark", "multidigits", "--solver", "ls", "--device", "warp9"], "device 'warp9'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):

@@ -253,6 +253,10 @@ class MTLArgs:
     save_model: bool = False
     progress: bool = True
     solver_options: dict[str, Any] = field(default_factory=dict)
+    #: "cpu", "cuda", "cuda:1", ...; None: "cuda" when available, else "cpu"
+    device: str | None = None
+    #: data loader worker processes (NYUv2 / Cityscapes)
+    num_workers: int = 0
 
     @property
     def method(self) -> str:
@@ -294,7 +298,15 @@ def _resolved(args: MTLArgs) -> tuple[Benchmark, dict[str, Any]]:
     for key in ("rho", "gamma"):
         if not (cfg[key] >= 0 and math.isfinite(cfg[key])):
             raise ValueError(f"--{key} must be a number >= 0, got {cfg[key]!r}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"device {device!r} is not usable here: {error}") from None
     cfg["solver"] = solver
+    cfg["device"] = device
     return bench, cfg
 
 
@@ -324,8 +336,11 @@ def _make_optimizer(
 class _Loader:
     """Seeded shuffled minibatches of a data set, a new order every epoch (tensors sliced directly)."""
 
-    def __init__(self, data: Dataset, batch_size: int, seed: int, shuffle: bool) -> None:
+    def __init__(
+        self, data: Dataset, batch_size: int, seed: int, shuffle: bool, num_workers: int = 0
+    ) -> None:
         self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+        self.num_workers = num_workers
         self.generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -340,21 +355,40 @@ class _Loader:
                 yield tuple(t[idx] for t in self.data.tensors)
             return
         yield from DataLoader(
-            self.data, batch_size=self.batch_size, shuffle=self.shuffle, generator=self.generator
+            self.data,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            generator=self.generator,
+            num_workers=self.num_workers,
+            persistent_workers=False,
         )
+
+
+def _to(x: Any, device: torch.device | str) -> Any:
+    """Moves a tensor, or the tensors of a dict, to ``device``."""
+    if isinstance(x, Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
 
 
 @torch.no_grad()
 def _evaluate(
-    bench: Benchmark, models: Mapping[str, nn.Module], data: Dataset, batch_size: int
+    bench: Benchmark,
+    models: Mapping[str, nn.Module],
+    data: Dataset,
+    batch_size: int,
+    device: str = "cpu",
+    num_workers: int = 0,
 ) -> dict[str, float]:
     """Test metrics ``task/metric``; ``models[task]`` is the model that answers for ``task``."""
     accumulators = bench.metrics()
     distinct = {id(m): m for m in models.values()}
     for m in distinct.values():
         m.eval()
-    for raw in _Loader(data, batch_size, 0, shuffle=False):
-        x, targets = bench.batch(raw)
+    for raw in _Loader(data, batch_size, 0, shuffle=False, num_workers=num_workers):
+        x, targets = _to(bench.batch(raw), device)
         outputs = {i: m(x) for i, m in distinct.items()}
         for task in bench.tasks:
             accumulators[task].update(outputs[id(models[task])][task], targets[task])
@@ -444,14 +478,16 @@ def train(args: MTLArgs) -> Path:
     torch.manual_seed(args.seed)
     solver = None
     if stl:  # one model per task, each trained on its own loss
-        models = {task: bench.build(cfg["width"]) for task in bench.tasks}
+        models = {task: bench.build(cfg["width"]).to(cfg["device"]) for task in bench.tasks}
         optimizers = {
             task: _make_optimizer(models[task].parameters(), None, args.method, cfg, args.seed, models[task])
             for task in bench.tasks
         }
     else:
-        model = bench.build(cfg["width"])
+        model = bench.build(cfg["width"]).to(cfg["device"])
         solver = spec(len(bench.tasks), **args.solver_options)
+        if isinstance(solver, nn.Module):  # UW's log-variances, FAMO's logits and bounds
+            solver.to(cfg["device"])
         params: Any = model.parameters()
         if spec.needs_parameters:  # UW's log-variances are learned with the model
             params = [{"params": list(model.parameters())}, {"params": list(solver.parameters())}]
@@ -461,13 +497,15 @@ def train(args: MTLArgs) -> Path:
     if bench.step_lr is not None:
         schedulers = [torch.optim.lr_scheduler.StepLR(o, *bench.step_lr) for o in optimizers.values()]
     losses = bench.losses()
-    loader = _Loader(train_set, cfg["batch_size"], args.seed, shuffle=True)
+    loader = _Loader(train_set, cfg["batch_size"], args.seed, shuffle=True, num_workers=args.num_workers)
 
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
     results.unlink(missing_ok=True)  # an unfinished earlier attempt restarts from scratch
     record_args = {
-        k: v for k, v in asdict(args).items() if k not in ("progress", "output_dir", "stl_dir", "save_model")
+        k: v
+        for k, v in asdict(args).items()
+        if k not in ("progress", "output_dir", "stl_dir", "save_model", "device", "num_workers")
     }
     record_args.update(cfg, method=args.method, tasks=list(bench.tasks))
     start = time.perf_counter()
@@ -476,7 +514,7 @@ def train(args: MTLArgs) -> Path:
         task_losses: dict[str, list[float]] = {t: [] for t in bench.tasks}
         logged: dict[str, list[float]] = {"disagreement": [], "noise_std": []}
         for raw in tqdm(loader, disable=not args.progress, desc=f"epoch {epoch}", leave=False):
-            x, targets = bench.batch(raw)
+            x, targets = _to(bench.batch(raw), cfg["device"])
             if stl:
                 for task in bench.tasks:
                     info = _step(optimizers[task], models[task], (task,), losses, x, targets)
@@ -492,7 +530,14 @@ def train(args: MTLArgs) -> Path:
             solver.step()  # DWA: close the epoch's loss average
         for s in schedulers:
             s.step()
-        metrics = _evaluate(bench, models, test_set, bench.eval_batch_size or cfg["batch_size"])
+        metrics = _evaluate(
+            bench,
+            models,
+            test_set,
+            bench.eval_batch_size or cfg["batch_size"],
+            cfg["device"],
+            args.num_workers,
+        )
         record: dict[str, Any] = {"epoch": epoch}
         record.update({f"loss/{t}": _mean(v) for t, v in task_losses.items()})
         record.update(metrics)
@@ -510,6 +555,10 @@ def train(args: MTLArgs) -> Path:
     return out
 
 
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def _save_model(
     out: Path,
     bench: Benchmark,
@@ -525,9 +574,9 @@ def _save_model(
         "args": record_args,
     }
     if stl:
-        payload["models"] = {t: m.state_dict() for t, m in models.items()}
+        payload["models"] = {t: _cpu_state(m) for t, m in models.items()}
     else:
-        payload["model"] = next(iter(models.values())).state_dict()
+        payload["model"] = _cpu_state(next(iter(models.values())))
     tmp = out / "model.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(out / "model.pt")
@@ -581,7 +630,7 @@ def load_for_diagnostics(
     model.eval()
     fields = {f for f in MTLArgs.__dataclass_fields__}
     kwargs = {k: v for k, v in saved.items() if k in fields}
-    kwargs.update(output_dir=str(file.parent), augment=False)
+    kwargs.update(output_dir=str(file.parent), augment=False, device="cpu")
     if data_dir is not None:
         kwargs["data_dir"] = data_dir
     train_set, _ = bench.load(MTLArgs(**kwargs))
@@ -726,6 +775,8 @@ def add_mtl_commands(sub: Any, parser_class: Any) -> None:
         p.add_argument("--width", type=int, default=None, help="channel width of the network")
         p.add_argument("--n-train", type=int, default=None, help="MultiDigits training pairs")
         p.add_argument("--n-test", type=int, default=None, help="MultiDigits test pairs")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+        p.add_argument("--num-workers", type=int, default=None, help="data loader processes")
         p.add_argument("--no-progress", action="store_true")
 
     train_p = mtl_sub.add_parser("train", help="one training run")
@@ -793,6 +844,8 @@ def _train_from_cli(args: Any) -> int:
             stl_dir=args.stl_dir,
             save_model=args.save_model,
             progress=not args.no_progress,
+            device=args.device,
+            num_workers=args.num_workers or 0,
         )
     )
     print(f"results written to {out / 'results.jsonl'}")
@@ -801,7 +854,8 @@ def _train_from_cli(args: Any) -> int:
 
 def _sweep_from_cli(args: Any) -> int:
     options: list[str] = []
-    for name in ("rho", "gamma", "epochs", "data_dir", "batch_size", "lr", "width", "n_train", "n_test"):
+    names = ("rho", "gamma", "epochs", "data_dir", "batch_size", "lr", "width", "n_train", "n_test", "device")
+    for name in (*names, "num_workers"):
         value = getattr(args, name)
         if value is not None:
             options += [f"--{name.replace('_', '-')}", str(value)]
