@@ -239,7 +239,8 @@ def _fmt(cell: Cell, percent: bool, fmt: str, digits: int | None = None) -> str:
     pm = r" $\pm$ " if fmt == "latex" else " ± "
     if digits is None:
         digits = 2 if percent or abs(cell.mean) >= 1 else 4
-    return f"{scale * cell.mean:.{digits}f}{pm}{scale * cell.std:.{digits}f}"
+    mean = round(scale * cell.mean, digits) + 0.0  # + 0.0: no "-0.00"
+    return f"{mean:.{digits}f}{pm}{scale * cell.std:.{digits}f}"
 
 
 def format_table(table: Table, fmt: Literal["markdown", "latex"] = "markdown") -> str:
@@ -259,7 +260,9 @@ def format_table(table: Table, fmt: Literal["markdown", "latex"] = "markdown") -
             name += "*"
         cells = [_fmt(row.metrics[k], k.rsplit("/", 1)[-1] in _PERCENT, fmt) for k in table.metric_names]
         dm = (
-            _fmt(row.delta_m, False, fmt) if table.baseline is not None else ("--" if fmt == "latex" else "—")
+            _fmt(row.delta_m, False, fmt, digits=2)
+            if table.baseline is not None
+            else ("--" if fmt == "latex" else "—")
         )
         gain = ""
         plain = table.row(row.solver, "plain")
