@@ -56,6 +56,7 @@ __all__ = [
     "DataParallel",
     "FlatBuffers",
     "average_gradients",
+    "check_counts",
     "control",
     "make_data_parallel",
     "merge_statistics",
@@ -175,36 +176,42 @@ class Control:
     remote_problem: bool
 
 
-def control(comm: Communicator, layout: str, losses: Tensor, present: Sequence[bool]) -> Control:
-    """One float64 all-reduce of ``[losses (shards only), K_r, K_r^2, non-finite count, present]``.
+def _count_error(n: int, total: float, k: int) -> ValueError:
+    return ValueError(
+        "layout='shards' needs the same number of losses on every process (a shard of every "
+        f"distribution); the {n} processes returned {total:.0f} in all, this one {k}: "
+        "use layout='domains' when processes hold different distributions"
+    )
 
-    The shards layout needs the same ``K`` on every process: all processes see the same sums and
-    raise the same :class:`ValueError` otherwise (``N sum K_r^2 = (sum K_r)^2`` only when all
-    ``K_r`` are equal).
-    """
+
+def check_counts(comm: Communicator, k: int, device: torch.device) -> None:
+    """Shards layout, before the first gradient collective: the same ``K`` on every process, or
+    the same :class:`ValueError` on all of them (``N sum K_r^2 = (sum K_r)^2`` only when all
+    ``K_r`` are equal); without it, collectives of different sizes would meet."""
+    vec = comm.all_reduce(torch.tensor([k, k * k], dtype=torch.float64, device=device))
+    total, squares = float(vec[0]), float(vec[1])
+    if comm.world_size * squares != total * total:
+        raise _count_error(comm.world_size, total, k)
+
+
+def control(comm: Communicator, layout: str, losses: Tensor, present: Sequence[bool]) -> Control:
+    """A float64 all-reduce of ``[K_r, K_r^2, non-finite count, present flags]`` (fixed size), then
+    in the shards layout one of the losses, after checking that every process has the same ``K``
+    (every process sees the same sums, so all raise the same :class:`ValueError` otherwise)."""
     k = int(losses.numel())
     bad = float((~torch.isfinite(losses)).sum())
-    device = losses.device
-    head = losses.to(torch.float64) if layout == "shards" else losses.new_zeros(0, dtype=torch.float64)
-    tail = torch.tensor([k, k * k, bad, *(1.0 if x else 0.0 for x in present)], dtype=torch.float64)
-    vec = comm.all_reduce(torch.cat([head, tail.to(device)]))
     n = comm.world_size
-    total, squares, bad_total = (float(v) for v in vec[len(head) : len(head) + 3])
+    head = [k, k * k, bad, *(1.0 if x else 0.0 for x in present)]
+    vec = comm.all_reduce(torch.tensor(head, dtype=torch.float64, device=losses.device))
+    total, squares, bad_total = (float(v) for v in vec[:3])
     equal = n * squares == total * total
-    if layout == "shards" and not equal:
-        raise ValueError(
-            "layout='shards' needs the same number of losses on every process (a shard of every "
-            f"distribution); the {n} processes returned {total:.0f} in all, this one {k}: "
-            "use layout='domains' when processes hold different distributions"
-        )
-    flags = vec[len(head) + 3 :].tolist()
-    if layout == "shards":
-        reduced = (vec[:k] / n).to(losses.dtype)
-        count = k
-    else:
-        reduced = losses
-        count = int(total)
-    return Control(reduced, [f > 0 for f in flags], count, equal, bad_total > bad)
+    flags = [f > 0 for f in vec[3:].tolist()]
+    if layout == "domains":
+        return Control(losses, flags, int(total), equal, bad_total > bad)
+    if not equal:
+        raise _count_error(n, total, k)
+    summed = comm.all_reduce(losses.detach().to(torch.float64).clone())
+    return Control((summed / n).to(losses.dtype), flags, k, equal, bad_total > bad)
 
 
 def average_gradients(
@@ -260,6 +267,8 @@ class ShardStream(LocalStream):
         rows = max(1, (BUCKET_BYTES if bucket_bytes is None else bucket_bytes) // row_bytes)
         # An iterator's length is unknown: a modest stack then, not a bucket sized for thousands.
         self.flat = FlatBuffers(like, min(rows, count if count else 16))
+        if count and like:
+            check_counts(comm, count, like[0].device)
         self.filled = 0
 
     def add(self, grads: Sequence[Tensor | None]) -> None:

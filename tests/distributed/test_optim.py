@@ -1,0 +1,150 @@
+"""Distributed SAGE and SAM: 2 processes (gloo, CPU) under torchrun against the single-process run
+on the union of the shards, replicas bit for bit, the noise seed, non-finite agreement, DDP, and
+the bytes all-reduced against the hand-counted payload."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torchsage
+from torchsage.optim._distributed import LAYOUTS, make_data_parallel
+
+HERE = Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("dist_worker", HERE / "dist_worker.py")
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+RUNNABLE = [n for n in worker.SCENARIOS if not worker.SCENARIOS[n].get("unequal")]
+
+
+def torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """2 processes on this machine; --standalone picks a free port for the rendezvous."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return subprocess.run(
+        [*cmd, str(script), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    proc = torchrun(HERE / "dist_worker.py", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {
+        name: [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in (0, 1)]
+        for name in worker.SCENARIOS
+    }
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_matches_single_process_on_the_union(results, name):
+    ranks = results[name]
+    reference = worker.run(name, None, 1)
+    for rank in ranks:
+        for p, q in zip(rank["params"], reference["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # the scenario moves the weights well beyond the tolerance, so a wrong reduction shows
+    torch.manual_seed(100)
+    start = worker.build_model(worker.SCENARIOS[name])
+    moved = max(float((p - q.detach()).abs().max()) for p, q in zip(reference["params"], start.parameters()))
+    assert moved > 1e-2
+    expected_skips = [s == 1 and bool(worker.SCENARIOS[name].get("nan")) for s in range(worker.STEPS)]
+    for rank in ranks:
+        assert [i["skipped"] for i in rank["infos"]] == expected_skips
+        for mine, ref in zip(rank["infos"], reference["infos"]):
+            if not math.isnan(ref["disagreement"]):
+                assert mine["disagreement"] == pytest.approx(ref["disagreement"], rel=1e-5)
+            if worker.SCENARIOS[name]["layout"] == "shards" and not mine["skipped"]:
+                assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-6)  # the union's losses
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+def test_replicas_are_bit_identical(results, name):
+    r0, r1 = results[name]
+    assert all(torch.equal(p, q) for p, q in zip(r0["params"], r1["params"]))
+    if worker.SCENARIOS[name]["opt"] != "SAM":
+        # seed=None: rank 1 started from torch.initial_seed() = 101; rank 0's 100 wins
+        assert r0["seed"] == r1["seed"] == 100
+    if worker.SCENARIOS[name]["kw"].get("gamma", 0) > 0:
+        assert r0["generators"].keys() == r1["generators"].keys() == {"cpu"}
+        assert torch.equal(r0["generators"]["cpu"], r1["generators"]["cpu"])
+        noise = [i["noise_std"] for i in r0["infos"] if not i["skipped"]]
+        assert noise == [i["noise_std"] for i in r1["infos"] if not i["skipped"]] and min(noise) > 0
+
+
+def _union_gradients(name):
+    torch.manual_seed(100)
+    model = worker.build_model(worker.SCENARIOS[name])
+    rows = []
+    for x, y in worker.data():
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double().numpy())
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("name", "measure"),
+    [
+        ("sage_shards", "normalized_std"),
+        ("sage_domains", "normalized_std"),
+        ("sage_domains_cosine", "cosine"),
+    ],
+)
+def test_first_disagreement_against_brute_force(results, name, measure):
+    g = _union_gradients(name)
+    mean = g.mean(0)
+    if measure == "cosine":
+        u = g / np.linalg.norm(g, axis=1, keepdims=True)
+        expected = 1 - ((u @ u.T).sum() - len(g)) / (len(g) * (len(g) - 1))
+    else:
+        expected = np.sqrt(np.square(g - mean).sum(1).mean()) / np.linalg.norm(mean)
+    for rank in results[name]:
+        assert rank["infos"][0]["disagreement"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_bytes_reduced_match_the_payload(results):
+    n = 4 * 8 + 8 + 8 * 3 + 3  # parameters of the 4-8-3 network
+    P, K = 4, worker.K
+    control = 8 * (K + 3 + P)  # float64 [losses, K, K^2, non-finite count, present flags]
+    # shards: the clean pass sends K gradients and the control, the perturbed one a gradient and
+    # the control; domains: no losses in the control, the merged mean and one float64 M2 (SAGE)
+    # (+16: the streamed clean pass checks [K, K^2] before its first gradient collective)
+    shards = 4 * n * (K + 1) + 2 * control + 16
+    domains = 4 * n + 8 + 4 * n + 2 * (control - 8 * K)
+    for rank in results["sage_shards"]:
+        assert rank["bytes"] == worker.STEPS * shards
+    for rank in results["sage_domains"]:
+        assert rank["bytes"] == worker.STEPS * domains
+    for rank in results["sage_shards_small_bucket"]:  # same bytes, one more collective per step
+        assert rank["bytes"] == worker.STEPS * shards
+        assert rank["calls"] == results["sage_shards"][0]["calls"] + worker.STEPS
+    for rank in results["sage_shards_ddp"]:  # DDP reduced the perturbed gradient itself
+        assert rank["bytes"] == worker.STEPS * (shards - 4 * n)
+
+
+def test_shards_with_different_counts_raise_on_every_process(results):
+    for name in ("sam_shards_unequal", "sage_shards_unequal"):
+        for rank in results[name]:
+            assert "same number of losses on every process" in rank["error"]
+
+
+def test_arguments_are_checked():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        torchsage.SAGE(params, torch.optim.SGD, lr=0.1, layout="rows")
+    with pytest.raises(ValueError, match="process_group must be 'auto'"):
+        torchsage.SAM(params, torch.optim.SGD, lr=0.1, process_group="world")
+    assert set(LAYOUTS) == {"shards", "domains"}
+    # no initialized group: 'auto' and None both mean a plain single-process optimizer
+    assert make_data_parallel("auto", "domains", None, None) is None
+    assert torchsage.SAM(params, torch.optim.SGD, lr=0.1, process_group=None)._parallel is None
