@@ -6,6 +6,14 @@ seed and the environment index. Each step draws one minibatch from the ``in`` pa
 training environment. Every ``checkpoint_freq`` steps (and after the last) the accuracy of every
 environment's ``in`` and ``out`` parts is appended to ``results.jsonl`` as one whole line; a
 ``done`` file marks the finished run.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the same command trains data-parallel
+on a gloo process group: every process draws the same minibatches and keeps its slice of each
+(``batch_size`` must divide evenly), the optimizer averages the gradients (the sharpness-aware
+algorithms through their ``process_group``; the plain ones through a hook before each step), the
+accuracies are counted on a share of every split and summed, and rank 0 alone writes
+``results.jsonl``, ``model.pt`` and ``done``. ERM and the sharpness-aware algorithms then follow
+the one-process run to float tolerance; CORAL's and Fishr's penalties are computed per slice.
 """
 
 from __future__ import annotations
@@ -20,13 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
 from torchsage.amp import AMP_DTYPES, LossScaledOptimizer, autocast
 from torchsage.dg.algorithms import Algorithm, get_algorithm
 from torchsage.dg.datasets import environment_names, get_dataset, seed_hash, split_environment
 from torchsage.dg.hparams import parse_hparams, random_hparams
+from torchsage.optim import SharpnessAware
+from torchsage.optim._distributed import Communicator, average_gradients
 
 __all__ = ["TrainArgs", "train"]
 
@@ -86,22 +98,62 @@ def _check(args: TrainArgs) -> dict[str, Any]:
     return hparams
 
 
-def _infinite_batches(data: Dataset, batch_size: int, seed: int, num_workers: int) -> Iterator[tuple]:
-    """Random minibatches with replacement, forever (tensor data sets are indexed directly)."""
+class _Slices:
+    """The one-process index batches (``BatchSampler`` over ``sampler``), each cut to process
+    ``rank``'s slice: the processes' slices make up the one-process batch."""
+
+    def __init__(self, sampler: RandomSampler, batch_size: int, rank: int, world: int) -> None:
+        self.batches = BatchSampler(sampler, batch_size, drop_last=True)
+        self.size = batch_size // world
+        self.rank = rank
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield batch[self.rank * self.size : (self.rank + 1) * self.size]
+
+
+def _infinite_batches(
+    data: Dataset, batch_size: int, seed: int, num_workers: int, rank: int = 0, world: int = 1
+) -> Iterator[tuple]:
+    """Random minibatches with replacement, forever (tensor data sets are indexed directly);
+    with ``world`` processes, this process's slice of each (same draws in every process)."""
     gen = torch.Generator().manual_seed(seed)
+    size = batch_size // world
     if isinstance(data, Subset) and isinstance(data.dataset, TensorDataset):
         indices = torch.as_tensor(data.indices)
         tensors = data.dataset.tensors
         while True:
             pick = indices[torch.randint(0, len(indices), (batch_size,), generator=gen)]
+            pick = pick[rank * size : (rank + 1) * size]
             yield tuple(t[pick] for t in tensors)
     sampler = RandomSampler(data, replacement=True, num_samples=10**9, generator=gen)
+    if world > 1:
+        sliced = _Slices(sampler, batch_size, rank, world)
+        yield from DataLoader(data, batch_sampler=sliced, num_workers=num_workers)  # type: ignore[arg-type]
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=True)
     yield from loader
 
 
 @torch.no_grad()
 def _accuracy(algorithm: Algorithm, data: Dataset, num_workers: int, batch_size: int = 256) -> float:
+    correct, total = _correct(algorithm, data, num_workers, batch_size)
+    return correct / max(total, 1)
+
+
+@torch.no_grad()
+def _correct(
+    algorithm: Algorithm,
+    data: Dataset,
+    num_workers: int,
+    batch_size: int = 256,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[int, int]:
+    """(correct, total) on ``data``, or on every ``world``-th example from ``rank`` on."""
+    if world > 1:
+        data = Subset(data, range(rank, len(data), world))  # type: ignore[arg-type]
+        if isinstance(data.dataset, Subset) and isinstance(data.dataset.dataset, TensorDataset):
+            data = Subset(data.dataset.dataset, [data.dataset.indices[i] for i in data.indices])
     if isinstance(data, Subset) and isinstance(data.dataset, TensorDataset):
         idx = torch.as_tensor(data.indices)
         batches = [
@@ -117,7 +169,16 @@ def _accuracy(algorithm: Algorithm, data: Dataset, num_workers: int, batch_size:
     for x, y in batches:
         correct += (algorithm.predict(x).argmax(1) == y).sum().item()
         total += len(y)
-    return correct / max(total, 1)
+    return correct, total
+
+
+def _join_torchrun() -> Communicator | None:
+    """Joins the gloo group of a ``torchrun`` launch (``WORLD_SIZE`` > 1), or None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Communicator()
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
@@ -131,8 +192,23 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
 
 
 def train(args: TrainArgs) -> Path:
-    """Runs one training job and returns its output directory."""
+    """Runs one training job and returns its output directory (data-parallel under torchrun)."""
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        return _train(args, _join_torchrun())
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args: TrainArgs, comm: Communicator | None) -> Path:
     hparams = _check(args)
+    rank, world = (comm.rank, comm.world_size) if comm is not None else (0, 1)
+    if hparams["batch_size"] % world:
+        raise ValueError(
+            f"batch_size {hparams['batch_size']} does not split evenly over {world} processes: "
+            "choose a multiple of the process count"
+        )
     out = Path(args.output_dir)
     if (out / "done").exists():
         raise ValueError(f"{out} already holds a finished run (delete it or choose another --output-dir)")
@@ -159,7 +235,7 @@ def train(args: TrainArgs) -> Path:
     train_envs = [i for i in range(len(splits)) if i not in args.test_envs]
     train_sets = [Subset(dataset.training_view(i), splits[i][0].indices) for i in train_envs]
     streams = [
-        _infinite_batches(d, hparams["batch_size"], seed_hash(args.seed, i), args.num_workers)
+        _infinite_batches(d, hparams["batch_size"], seed_hash(args.seed, i), args.num_workers, rank, world)
         for i, d in zip(train_envs, train_sets)
     ]
     algorithm = get_algorithm(args.algorithm)(
@@ -170,9 +246,19 @@ def train(args: TrainArgs) -> Path:
     if args.amp == "fp16":  # both passes' losses scaled, gradients unscaled by the optimizer
         algorithm.optimizer = LossScaledOptimizer(algorithm.optimizer, torch.amp.GradScaler(device_type))
 
-    out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    results.unlink(missing_ok=True)  # an unfinished earlier attempt restarts from scratch
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        results.unlink(missing_ok=True)  # an unfinished earlier attempt restarts from scratch
+    hook = None
+    if comm is not None:  # plain optimizers: average the gradients before each step
+
+        def average(optimizer: Any, *_: Any) -> None:
+            if optimizer is algorithm.optimizer and not isinstance(optimizer, SharpnessAware):
+                grads = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                average_gradients(comm, grads, [True] * len(grads), 1.0, float(world))
+
+        hook = register_optimizer_step_pre_hook(average)
     record_args = {k: v for k, v in asdict(args).items() if k != "progress"}
     record_args.update(steps=steps, checkpoint_freq=checkpoint_freq, test_envs=list(args.test_envs))
     epoch_size = min(len(d) for d in train_sets) / hparams["batch_size"]
@@ -180,7 +266,10 @@ def train(args: TrainArgs) -> Path:
     logged: dict[str, list[float]] = defaultdict(list)
     start = time.perf_counter()
     bar = tqdm(
-        range(steps), disable=not args.progress, desc=f"{args.algorithm} on {args.dataset}", leave=False
+        range(steps),
+        disable=not args.progress or rank != 0,
+        desc=f"{args.algorithm} on {args.dataset}",
+        leave=False,
     )
     for step in bar:
         algorithm.train()
@@ -196,15 +285,33 @@ def train(args: TrainArgs) -> Path:
                 "epoch": (step + 1) / epoch_size,
                 "step_time": (time.perf_counter() - start) / (step + 1),
             }
-            record.update({k: sum(v) / len(v) for k, v in logged.items()})
-            for i, (part_in, part_out) in enumerate(splits):
-                record[f"env{i}_in_acc"] = _accuracy(algorithm, part_in, args.num_workers)
-                record[f"env{i}_out_acc"] = _accuracy(algorithm, part_out, args.num_workers)
+            means = {k: sum(v) / len(v) for k, v in sorted(logged.items())}
+            counts = [
+                _correct(algorithm, part, args.num_workers, rank=rank, world=world)
+                for split in splits
+                for part in split
+            ]
+            if comm is not None:  # one sum of the logged means and the correct/total counts
+                flat = torch.tensor(
+                    [*means.values(), *(c for pair in counts for c in pair)], dtype=torch.float64
+                )
+                flat = comm.all_reduce(flat).tolist()
+                means = {k: v / world for k, v in zip(means, flat)}
+                rest = flat[len(means) :]
+                counts = [(rest[2 * j], rest[2 * j + 1]) for j in range(len(counts))]
+            record.update(means)
+            for j, (correct, total) in enumerate(counts):
+                record[f"env{j // 2}_{'out' if j % 2 else 'in'}_acc"] = correct / max(total, 1)
             record["hparams"] = hparams
             record["args"] = record_args
-            _append_line(results, record)
+            if rank == 0:
+                _append_line(results, record)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
             logged.clear()
+    if hook is not None:
+        hook.remove()
+    if rank != 0:
+        return out
     if args.save_model:
         tmp = out / "model.pt.tmp"
         torch.save(
