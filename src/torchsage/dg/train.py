@@ -38,7 +38,7 @@ from torchsage.dg.algorithms import Algorithm, get_algorithm
 from torchsage.dg.datasets import environment_names, get_dataset, seed_hash, split_environment
 from torchsage.dg.hparams import parse_hparams, random_hparams
 from torchsage.optim import SharpnessAware
-from torchsage.optim._distributed import Communicator, average_gradients
+from torchsage.optim._distributed import Communicator, average_gradients, join_torchrun
 
 __all__ = ["TrainArgs", "train"]
 
@@ -172,15 +172,6 @@ def _correct(
     return correct, total
 
 
-def _join_torchrun() -> Communicator | None:
-    """Joins the gloo group of a ``torchrun`` launch (``WORLD_SIZE`` > 1), or None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return Communicator()
-
-
 def _append_line(path: Path, record: dict[str, Any]) -> None:
     # One write of the whole line, flushed to disk: a kill leaves at most a torn last line,
     # which readers report instead of parsing.
@@ -195,7 +186,7 @@ def train(args: TrainArgs) -> Path:
     """Runs one training job and returns its output directory (data-parallel under torchrun)."""
     started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     try:
-        return _train(args, _join_torchrun())
+        return _train(args, join_torchrun())
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,7 @@ __all__ = [
     "average_gradients",
     "check_counts",
     "control",
+    "join_torchrun",
     "make_data_parallel",
     "merge_statistics",
     "reduce_task_pass",
@@ -470,6 +472,16 @@ class DataParallel:
         ctl = control(self.comm, self.layout, losses, present)
         self.remote_problem = ctl.remote_problem
         return ctl
+
+
+def join_torchrun() -> Communicator | None:
+    """For training scripts: joins the gloo group of a ``torchrun`` launch (``WORLD_SIZE`` > 1 in
+    the environment; gloo takes CPU and CUDA tensors) and returns its communicator, or None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return Communicator()
 
 
 def make_data_parallel(
