@@ -115,12 +115,14 @@ def test_first_disagreement_against_brute_force(results, name, measure):
 def test_bytes_reduced_match_the_payload(results):
     n = 4 * 8 + 8 + 8 * 3 + 3  # parameters of the 4-8-3 network
     P, K = 4, worker.K
-    control = 8 * (K + 3 + P)  # float64 [losses, K, K^2, non-finite count, present flags]
-    # shards: the clean pass sends K gradients and the control, the perturbed one a gradient and
-    # the control; domains: no losses in the control, the merged mean and one float64 M2 (SAGE)
-    # (+16: the streamed clean pass checks [K, K^2] before its first gradient collective)
-    shards = 4 * n * (K + 1) + 2 * control + 16
-    domains = 4 * n + 8 + 4 * n + 2 * (control - 8 * K)
+    flags = 8 * (3 + P)  # float64 [K, K^2, non-finite count, present flags]
+    # shards, streamed clean pass: [K, K^2] checked before the K stacked gradients, then the flags
+    # and the losses (float64); perturbed pass: the flags, then the gradient with the K float32
+    # losses appended. Domains: the flags, the merged mean and one float64 M2 (SAGE) on the clean
+    # pass, the flags and the gradient on the perturbed one.
+    clean = 16 + 4 * n * K + flags + 8 * K
+    shards = clean + flags + 4 * (n + K)
+    domains = flags + 4 * n + 8 + flags + 4 * n
     for rank in results["sage_shards"]:
         assert rank["bytes"] == worker.STEPS * shards
     for rank in results["sage_domains"]:
@@ -129,7 +131,7 @@ def test_bytes_reduced_match_the_payload(results):
         assert rank["bytes"] == worker.STEPS * shards
         assert rank["calls"] == results["sage_shards"][0]["calls"] + worker.STEPS
     for rank in results["sage_shards_ddp"]:  # DDP reduced the perturbed gradient itself
-        assert rank["bytes"] == worker.STEPS * (shards - 4 * n)
+        assert rank["bytes"] == worker.STEPS * (clean + flags + 8 * K)
 
 
 def test_shards_with_different_counts_raise_on_every_process(results):

@@ -196,10 +196,13 @@ def check_counts(comm: Communicator, k: int, device: torch.device) -> None:
         raise _count_error(comm.world_size, total, k)
 
 
-def control(comm: Communicator, layout: str, losses: Tensor, present: Sequence[bool]) -> Control:
+def control(
+    comm: Communicator, layout: str, losses: Tensor, present: Sequence[bool], reduce_losses: bool = True
+) -> Control:
     """A float64 all-reduce of ``[K_r, K_r^2, non-finite count, present flags]`` (fixed size), then
-    in the shards layout one of the losses, after checking that every process has the same ``K``
-    (every process sees the same sums, so all raise the same :class:`ValueError` otherwise)."""
+    in the shards layout one of the losses (unless ``reduce_losses`` is False: the caller sends them
+    with the gradients), after checking that every process has the same ``K`` (every process sees
+    the same sums, so all raise the same :class:`ValueError` otherwise)."""
     k = int(losses.numel())
     bad = float((~torch.isfinite(losses)).sum())
     n = comm.world_size
@@ -212,28 +215,39 @@ def control(comm: Communicator, layout: str, losses: Tensor, present: Sequence[b
         return Control(losses, flags, int(total), equal, bad_total > bad)
     if not equal:
         raise _count_error(n, total, k)
+    if not reduce_losses:
+        return Control(losses, flags, k, equal, bad_total > bad)
     summed = comm.all_reduce(losses.detach().to(torch.float64).clone())
     return Control((summed / n).to(losses.dtype), flags, k, equal, bad_total > bad)
 
 
 def average_gradients(
-    comm: Communicator, params: Sequence[Tensor], present: Sequence[bool], weight: float, total: float
-) -> None:
+    comm: Communicator,
+    params: Sequence[Tensor],
+    present: Sequence[bool],
+    weight: float,
+    total: float,
+    extra: Sequence[Tensor] = (),
+) -> list[Tensor]:
     """Replaces each ``p.grad`` by ``sum_r weight_r p.grad_r / total`` (one call per dtype).
 
     A parameter with a gradient on some process only (``present``) counts as zero elsewhere and
-    gets a gradient everywhere; one with none anywhere keeps ``None``.
+    gets a gradient everywhere; one with none anywhere keeps ``None``. The ``extra`` tensors (the
+    losses) travel in the same collectives and come back reduced the same way.
     """
     used = [p for p, here in zip(params, present) if here]
-    if not used:
-        return
-    flat = FlatBuffers(used)
-    flat.write([p.grad for p in used])
+    extra = [t.detach() for t in extra]
+    if not used and not extra:
+        return []
+    flat = FlatBuffers([*(p.grad if p.grad is not None else p for p in used), *extra])
+    flat.write([*(p.grad for p in used), *extra])
     flat.scale(weight)
     flat.all_reduce(comm)
     flat.divide(total)
-    for p, g in zip(used, flat.views()):
+    views = flat.views()
+    for p, g in zip(used, views):
         p.grad = g
+    return views[len(used) :]
 
 
 class LocalStream:
@@ -449,14 +463,17 @@ class DataParallel:
         """After a pass that left the local mean gradient in ``p.grad``: averages it over the
         processes (weighted by each one's number of distributions in the domains layout) unless
         DistributedDataParallel already did. Returns the losses to report."""
-        ctl = self._control(losses, [p.grad is not None for p in params])
+        # shards: the losses ride with the gradients (one collective fewer)
+        together = self.layout == "shards" and not self.synced
+        ctl = self._control(losses, [p.grad is not None for p in params], reduce_losses=not together)
         if self._clean:
             self.equal_counts = ctl.equal_counts
+        if together:
+            world = float(self.comm.world_size)
+            (reduced,) = average_gradients(self.comm, params, ctl.present, 1.0, world, extra=[losses])
+            return reduced
         if not self.synced:
-            if self.layout == "domains":
-                average_gradients(self.comm, params, ctl.present, float(losses.numel()), float(ctl.count))
-            else:
-                average_gradients(self.comm, params, ctl.present, 1.0, float(self.comm.world_size))
+            average_gradients(self.comm, params, ctl.present, float(losses.numel()), float(ctl.count))
         return ctl.losses
 
     def reduce_task_pass(self, tp: Any) -> None:
@@ -468,8 +485,8 @@ class DataParallel:
         reduced = self.comm.all_reduce(losses.detach().to(torch.float64).clone())
         return (reduced / self.comm.world_size).to(losses.dtype)
 
-    def _control(self, losses: Tensor, present: Sequence[bool]) -> Control:
-        ctl = control(self.comm, self.layout, losses, present)
+    def _control(self, losses: Tensor, present: Sequence[bool], reduce_losses: bool = True) -> Control:
+        ctl = control(self.comm, self.layout, losses, present, reduce_losses)
         self.remote_problem = ctl.remote_problem
         return ctl
 
