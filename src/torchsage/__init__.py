@@ -1,5 +1,6 @@
 """torchsage: SAGE (Spectral-Aware Gradient-Aligned Exploration) for multi-distribution learning."""
 
+from torchsage import amp
 from torchsage.disagreement import GradientStatistics, disagreement
 from torchsage.optim import (
     ASAM,
@@ -28,6 +29,7 @@ __all__ = [
     "SAGEAlignmentOnly",
     "SAGECurvatureOnly",
     "StepInfo",
+    "amp",
     "disagreement",
     "frozen_bn_stats",
     "polar_factor",

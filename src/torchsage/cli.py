@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_diagnose(args)
     except (ValueError, ImportError, FileNotFoundError, FloatingPointError) as error:
         print(f"torchsage: error: {error}", file=sys.stderr)
-        return 1
+        return 2  # like argparse's usage errors: bad input, nothing run
     return 0  # pragma: no cover
 
 

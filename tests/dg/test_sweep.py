@@ -409,5 +409,5 @@ def test_torchsage_cli_dry_run(tmp_path, capsys):
     assert not root.exists()
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 6 + 1  # six rotation environments
-    assert main([*argv, "--algorithms", "Nope", "--output-dir", str(root), "--dry-run"]) == 1
+    assert main([*argv, "--algorithms", "Nope", "--output-dir", str(root), "--dry-run"]) == 2
     assert "unknown algorithm 'Nope'" in capsys.readouterr().err

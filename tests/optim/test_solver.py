@@ -11,7 +11,7 @@ from torch import nn
 import torchsage
 
 torchjd = pytest.importorskip("torchjd")
-from torchjd.aggregation import MGDA, IMTLG, Mean, UPGrad  # noqa: E402
+from torchjd.aggregation import IMTLG, MGDA, Mean, UPGrad  # noqa: E402
 from torchjd.autojac import backward as jd_backward  # noqa: E402
 from torchjd.autojac import jac_to_grad  # noqa: E402
 from torchjd.scalarization import FAMO, UW  # noqa: E402
@@ -136,7 +136,7 @@ def test_scalarizer_gradient_equals_differentiating_the_scalarized_loss():
 def test_scalarizer_parameters_must_be_optimized():
     model, closure = _problem(4)
     opt = torchsage.SAM(model.parameters(), torch.optim.SGD, rho=0.0, solver=UW(2).double(), lr=0.1)
-    with pytest.raises(ValueError, match="solver.parameters"):
+    with pytest.raises(ValueError, match=r"solver\.parameters"):
         opt.step(closure)
 
 
