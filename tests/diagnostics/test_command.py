@@ -14,14 +14,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 FAST = ["--hutchinson-samples", "2", "--lanczos-steps", "3", "--cg-max-iter", "3", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("dg") / "run"

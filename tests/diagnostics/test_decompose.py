@@ -19,16 +19,6 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine waking them costs
-    milliseconds per operation (thousands of Hessian-vector products here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(*args, **kwargs) -> DecompositionReport:
     kwargs.setdefault("progress", False)
     kwargs.setdefault("cg_tol", 1e-12)

@@ -20,15 +20,6 @@ def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small problems gain nothing from intra-op threads, which are slow to wake on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _symmetric(eigenvalues: list[float], seed: int = 0) -> torch.Tensor:
     """Q diag(eigenvalues) Q^T with a random orthogonal Q."""
     n = len(eigenvalues)

@@ -12,14 +12,6 @@ from torchsage.diagnostics import sandbox as S
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _box(d=6, c=0.3, seed=0):
     lam = torch.linspace(0.2, 3.0, d, dtype=F64).tolist()
     return S.Sandbox.build(lam, meta_scale=c, seed=seed)

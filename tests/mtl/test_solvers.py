@@ -16,17 +16,6 @@ torchjd = pytest.importorskip("torchjd")
 from torchjd.aggregation import CAGrad, NashMTL, UPGrad  # noqa: E402
 from torchjd.scalarization import DWA, FAMO, UW, Mean, Random  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small convolutions on a loaded 2-core machine run many times slower with 2 intra-op threads
-    # (measured: 36 s instead of 0.6 s for one SegNet-MTAN epoch); restore the suite's setting after
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ALL = sorted(SOLVERS)
 EXPECTED = {
     "upgrad", "mgda", "pcgrad", "cagrad", "imtlg", "nashmtl", "graddrop", "alignedmtl", "dualproj",

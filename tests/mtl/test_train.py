@@ -16,16 +16,6 @@ from torchsage.mtl.train import MTLArgs, load_for_diagnostics, run_dir, sweep, t
 pytest.importorskip("torchjd")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small convolutions on a loaded 2-core machine run many times slower with 2 intra-op threads
-    # (measured: 36 s instead of 0.6 s for one SegNet-MTAN epoch); restore the suite's setting after
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TINY = ["--n-train", "48", "--n-test", "40", "--batch-size", "16", "--no-progress"]
 
 
