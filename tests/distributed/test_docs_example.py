@@ -16,12 +16,15 @@ def test_ddp_example_two_processes_match_one(tmp_path):
     script.write_text(next(b for b in blocks if "DistributedDataParallel(model)" in b))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    logs = tmp_path / "logs"  # each rank's stdout in its own file: printed lines do not interleave
+    launcher += ["--redirects", "1", "--log-dir", str(logs)]
     two = subprocess.run([*launcher, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-4000:]
+    printed = "\n".join(f.read_text() for f in sorted(logs.rglob("stdout.log")))
     one = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-4000:]
     pattern = re.compile(r"rank (\d)/(\d): loss (\S+) disagreement (\S+) checksum (\S+)")
-    lines = sorted(pattern.findall(two.stdout))
+    lines = sorted(pattern.findall(printed))
     assert [(r, w) for r, w, *_ in lines] == [("0", "2"), ("1", "2")]
     assert lines[0][2:] == lines[1][2:]  # replicas identical, losses of the union on both
     (single,) = pattern.findall(one.stdout)
