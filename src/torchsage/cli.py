@@ -7,19 +7,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from torchsage._util import positive_int as _positive_int
+
 __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one clear line, exit code 2
         self.exit(2, f"torchsage: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

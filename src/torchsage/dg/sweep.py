@@ -46,6 +46,11 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
+from torchsage._util import fraction as _fraction
+from torchsage._util import non_negative_int as _non_negative_int
+from torchsage._util import positive_float as _positive_float
+from torchsage._util import positive_int as _positive_int
+
 __all__ = [
     "LAUNCHERS",
     "STATES",
@@ -774,26 +779,6 @@ def _hparams_type(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text}")
-    return value
-
-
 def _slurm_time(text: str) -> int:
     """Minutes, or Slurm's ``[D-]HH:MM[:SS]``, as whole minutes (seconds round up)."""
     text = text.strip()
@@ -814,26 +799,6 @@ def _slurm_time(text: str) -> int:
     if minutes < 1:
         raise argparse.ArgumentTypeError(f"expected at least one minute, got {text!r}")
     return minutes
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def _key_value(text: str) -> tuple[str, str]:

@@ -18,7 +18,6 @@ the one-process run to float tolerance; CORAL's and Fishr's penalties are comput
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections import defaultdict
@@ -33,6 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from torchsage._util import append_json_line as _append_line
 from torchsage.amp import AMP_DTYPES, LossScaledOptimizer, autocast
 from torchsage.dg.algorithms import Algorithm, get_algorithm
 from torchsage.dg.datasets import environment_names, get_dataset, seed_hash, split_environment
@@ -170,16 +170,6 @@ def _correct(
         correct += (algorithm.predict(x).argmax(1) == y).sum().item()
         total += len(y)
     return correct, total
-
-
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    # One write of the whole line, flushed to disk: a kill leaves at most a torn last line,
-    # which readers report instead of parsing.
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def train(args: TrainArgs) -> Path:

@@ -23,7 +23,6 @@ all follow it).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
+from torchsage._util import append_json_line as _append_line
 from torchsage.mtl.solvers import SOLVER_NAMES, STL, solver_spec
 
 __all__ = ["BENCHMARKS", "Benchmark", "MTLArgs", "load_for_diagnostics", "train"]
@@ -419,15 +419,6 @@ def _delta_m(metrics: Mapping[str, float], baseline: Mapping[str, float] | None)
     from torchsage.mtl.metrics import HIGHER_IS_BETTER, delta_m
 
     return float(delta_m(dict(metrics), dict(baseline), HIGHER_IS_BETTER))
-
-
-def _append_line(path: Path, record: dict[str, Any]) -> None:
-    # the whole line in one write, flushed: a kill leaves at most a torn last line
-    line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _mean(values: list[float]) -> float | None:
