@@ -449,12 +449,40 @@ def _step(
 def train(args: MTLArgs) -> Path:
     """Runs one training job; returns its output directory (``results.jsonl``, ``done``).
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it trains data-parallel on a gloo group: every process
+    reads the same batches and keeps its slice of each, the optimizers average the gradients
+    (docs/distributed.md), and rank 0 alone evaluates (the replicas are identical) and writes.
+
     Raises:
         ValueError: unknown benchmark or solver, bad settings, missing ``--data-dir``, or an
             output directory that already holds a finished run.
         FileNotFoundError: the data directory or a file in it is missing.
         ImportError: the solver's optional dependency is missing.
     """
+    import torch.distributed as dist
+
+    from torchsage.optim._distributed import join_torchrun
+
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    comm = join_torchrun()
+    try:
+        return _train(args, (comm.rank, comm.world_size) if comm is not None else (0, 1))
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _slice(x: Any, rank: int, world: int) -> Any:
+    """This process's part of a batch (a tensor or a dict of tensors), split as evenly as possible."""
+    if isinstance(x, Tensor):
+        return x.tensor_split(world)[rank]
+    if isinstance(x, dict):
+        return {k: _slice(v, rank, world) for k, v in x.items()}
+    return x
+
+
+def _train(args: MTLArgs, shard: tuple[int, int]) -> Path:
+    rank, world = shard
     bench, cfg = _resolved(args)
     out = Path(args.output_dir)
     if (out / "done").exists():
@@ -490,9 +518,10 @@ def train(args: MTLArgs) -> Path:
     losses = bench.losses()
     loader = _Loader(train_set, cfg["batch_size"], args.seed, shuffle=True, num_workers=args.num_workers)
 
-    out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    results.unlink(missing_ok=True)  # an unfinished earlier attempt restarts from scratch
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        results.unlink(missing_ok=True)  # an unfinished earlier attempt restarts from scratch
     record_args = {
         k: v
         for k, v in asdict(args).items()
@@ -501,11 +530,16 @@ def train(args: MTLArgs) -> Path:
     record_args.update(cfg, method=args.method, tasks=list(bench.tasks))
     start = time.perf_counter()
     label = f"{cfg['solver']}{'+' + args.method if args.method != 'plain' else ''} on {bench.name}"
-    for epoch in tqdm(range(1, cfg["epochs"] + 1), disable=not args.progress, desc=label, leave=False):
+    progress = args.progress and rank == 0
+    for epoch in tqdm(range(1, cfg["epochs"] + 1), disable=not progress, desc=label, leave=False):
         task_losses: dict[str, list[float]] = {t: [] for t in bench.tasks}
         logged: dict[str, list[float]] = {"disagreement": [], "noise_std": []}
-        for raw in tqdm(loader, disable=not args.progress, desc=f"epoch {epoch}", leave=False):
+        for raw in tqdm(loader, disable=not progress, desc=f"epoch {epoch}", leave=False):
             x, targets = _to(bench.batch(raw), cfg["device"])
+            if world > 1:
+                if len(x) < world:  # too small to give every process a part (same on all)
+                    continue
+                x, targets = _slice(x, rank, world), _slice(targets, rank, world)
             if stl:
                 for task in bench.tasks:
                     info = _step(optimizers[task], models[task], (task,), losses, x, targets)
@@ -521,6 +555,8 @@ def train(args: MTLArgs) -> Path:
             solver.step()  # DWA: close the epoch's loss average
         for s in schedulers:
             s.step()
+        if rank != 0:  # replicas are identical: rank 0 evaluates and writes
+            continue
         metrics = _evaluate(
             bench,
             models,
@@ -540,6 +576,8 @@ def train(args: MTLArgs) -> Path:
         record["wall_time"] = time.perf_counter() - start
         record["args"] = record_args
         _append_line(results, record)
+    if rank != 0:
+        return out
     if args.save_model:
         _save_model(out, bench, cfg, record_args, models, stl)
     (out / "done").write_text("done\n")
