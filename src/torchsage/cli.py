@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,7 +90,8 @@ def _dg(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
         )
-        print(f"results written to {out / 'results.jsonl'}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+            print(f"results written to {out / 'results.jsonl'}")
         return 0
     if args.dg_command == "sweep":
         from torchsage.dg.sweep import run_from_args

@@ -877,7 +877,8 @@ def _train_from_cli(args: Any) -> int:
             num_workers=args.num_workers or 0,
         )
     )
-    print(f"results written to {out / 'results.jsonl'}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
+        print(f"results written to {out / 'results.jsonl'}")
     return 0
 
 
