@@ -182,6 +182,7 @@ def main(out: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         for name in SCENARIOS:
+            print(f"rank {rank}: scenario {name}", file=sys.stderr, flush=True)  # locates a crash
             try:
                 result = run(name, rank, world, seed_offset=rank)
             except ValueError as error:  # recorded: the test expects it on every process
