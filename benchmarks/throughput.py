@@ -120,6 +120,7 @@ def worker(args) -> None:
         if rank == 0:
             with open(args.out, "w") as f:
                 json.dump(result, f)
+        dist.barrier()  # every rank done before any tears down its connections
     finally:
         dist.destroy_process_group()
 

@@ -176,7 +176,10 @@ def train(args: TrainArgs) -> Path:
     """Runs one training job and returns its output directory (data-parallel under torchrun)."""
     started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     try:
-        return _train(args, join_torchrun())
+        out = _train(args, join_torchrun())
+        if started:
+            dist.barrier()  # every rank done before any tears down its connections
+        return out
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()

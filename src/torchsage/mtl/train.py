@@ -466,7 +466,10 @@ def train(args: MTLArgs) -> Path:
     started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     comm = join_torchrun()
     try:
-        return _train(args, (comm.rank, comm.world_size) if comm is not None else (0, 1))
+        out = _train(args, (comm.rank, comm.world_size) if comm is not None else (0, 1))
+        if started:
+            dist.barrier()  # every rank done before any tears down its connections
+        return out
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
