@@ -484,6 +484,14 @@ def _todo(jobs: Iterable[Job]) -> tuple[SweepSummary, list[Job]]:
     return summary, todo
 
 
+def _record_exit(summary: SweepSummary, job: Job, code: int) -> None:
+    """Counts a finished run: a success when it exited 0 and wrote its done file."""
+    if code == 0 and job.state == "done":
+        summary.succeeded += 1
+    else:
+        summary.failed.append(JobFailure(job.output_dir, code, _failure_message(job, code), job.describe()))
+
+
 def _failure_message(job: Job, code: int) -> str:
     message = _last_line(job.output_dir / "err.txt")
     if code == 0:
@@ -544,11 +552,7 @@ def launch(
                     still.append(r)
                     continue
                 r.close()
-                if code == 0 and r.job.state == "done":
-                    summary.succeeded += 1
-                else:
-                    message = _failure_message(r.job, code)
-                    summary.failed.append(JobFailure(r.job.output_dir, code, message, r.job.describe()))
+                _record_exit(summary, r.job, code)
                 bar.update(1)
                 bar.set_postfix(failed=len(summary.failed), refresh=False)
             running = still
@@ -747,11 +751,7 @@ def launch_submitit(
                     message = f"submitit task {task.job_id} failed: {_task_error(error)}"
                     summary.failed.append(JobFailure(job.output_dir, -1, message, job.describe()))
                 else:
-                    if code == 0 and job.state == "done":
-                        summary.succeeded += 1
-                    else:
-                        message = _failure_message(job, code)
-                        summary.failed.append(JobFailure(job.output_dir, code, message, job.describe()))
+                    _record_exit(summary, job, code)
                 bar.update(1)
                 bar.set_postfix(failed=len(summary.failed), refresh=False)
             waiting = still

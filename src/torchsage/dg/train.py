@@ -18,7 +18,6 @@ the one-process run to float tolerance; CORAL's and Fishr's penalties are comput
 
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset
 from tqdm.auto import tqdm
@@ -38,7 +36,7 @@ from torchsage.dg.algorithms import Algorithm, get_algorithm
 from torchsage.dg.datasets import environment_names, get_dataset, seed_hash, split_environment
 from torchsage.dg.hparams import parse_hparams, random_hparams
 from torchsage.optim import SharpnessAware
-from torchsage.optim._distributed import Communicator, average_gradients, join_torchrun
+from torchsage.optim._distributed import Communicator, average_gradients, torchrun_session
 
 __all__ = ["TrainArgs", "train"]
 
@@ -174,15 +172,8 @@ def _correct(
 
 def train(args: TrainArgs) -> Path:
     """Runs one training job and returns its output directory (data-parallel under torchrun)."""
-    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    try:
-        out = _train(args, join_torchrun())
-        if started:
-            dist.barrier()  # every rank done before any tears down its connections
-        return out
-    finally:
-        if started and dist.is_initialized():
-            dist.destroy_process_group()
+    with torchrun_session() as comm:
+        return _train(args, comm)
 
 
 def _train(args: TrainArgs, comm: Communicator | None) -> Path:

@@ -459,20 +459,10 @@ def train(args: MTLArgs) -> Path:
         FileNotFoundError: the data directory or a file in it is missing.
         ImportError: the solver's optional dependency is missing.
     """
-    import torch.distributed as dist
+    from torchsage.optim._distributed import torchrun_session
 
-    from torchsage.optim._distributed import join_torchrun
-
-    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    comm = join_torchrun()
-    try:
-        out = _train(args, (comm.rank, comm.world_size) if comm is not None else (0, 1))
-        if started:
-            dist.barrier()  # every rank done before any tears down its connections
-        return out
-    finally:
-        if started and dist.is_initialized():
-            dist.destroy_process_group()
+    with torchrun_session() as comm:
+        return _train(args, (comm.rank, comm.world_size) if comm is not None else (0, 1))
 
 
 def _slice(x: Any, rank: int, world: int) -> Any:

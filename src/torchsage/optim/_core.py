@@ -152,6 +152,17 @@ def _check_loss(loss: Any, name: str) -> Tensor:
     return loss.reshape(())
 
 
+def _checked_losses(losses: Losses) -> tuple[list[str], list[Tensor]]:
+    """All the closure's losses at once (an iterator is drained), named and checked."""
+    names, values, _ = _named_losses(losses)
+    items = list(values)
+    names = names or [str(k) for k in range(len(items))]
+    checked = [_check_loss(x, n) for x, n in zip(items, names)]
+    if not checked:
+        raise ValueError("the closure returned no loss")
+    return names, checked
+
+
 class SharpnessAware(Optimizer):
     """Two-pass sharpness-aware optimizer around a base optimizer, with a pluggable ascent rule.
 
@@ -379,12 +390,7 @@ class SharpnessAware(Optimizer):
         for p in params:
             p.grad = None
         with torch.enable_grad():
-            names, losses, _ = _named_losses(closure())
-            items = list(losses)
-            names = names or [str(k) for k in range(len(items))]
-            checked = [_check_loss(x, n) for x, n in zip(items, names)]
-            if not checked:
-                raise ValueError("the closure returned no loss")
+            names, checked = _checked_losses(closure())
             tp = task_pass(names, checked, params)
         if self._parallel is not None:
             self._parallel.reduce_task_pass(tp)
@@ -427,13 +433,11 @@ class SharpnessAware(Optimizer):
         This extra pass leaves BatchNorm running statistics alone when ``model`` is known."""
         local = contextlib.nullcontext() if self._parallel is None else self._parallel.no_sync()
         with torch.enable_grad(), frozen_bn_stats(self.model), local:
-            names, losses, _ = _named_losses(closure())
-            items = list(losses)
-            names = names or [str(k) for k in range(len(items))]
+            names, items = _checked_losses(closure())
             for k, (name, loss) in enumerate(zip(names, items)):
                 for p in params:
                     p.grad = None
-                _check_loss(loss, name).backward(retain_graph=k < len(items) - 1)
+                loss.backward(retain_graph=k < len(items) - 1)
                 grads = [p.grad for p in params if p.grad is not None]
                 if grads and not all(torch.isfinite(n) for n in torch._foreach_norm(grads)):
                     return name

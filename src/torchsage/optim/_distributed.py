@@ -501,6 +501,21 @@ def join_torchrun() -> Communicator | None:
     return Communicator()
 
 
+@contextlib.contextmanager
+def torchrun_session() -> Iterator[Communicator | None]:
+    """For training scripts: the communicator of a ``torchrun`` launch (None in one process) for
+    the body. A group this context started is torn down at the end, after a barrier when the body
+    succeeded: a process that leaves while its peer still works can abort that peer at exit."""
+    started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        yield join_torchrun()
+        if started:
+            dist.barrier()
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def make_data_parallel(
     process_group: Any, layout: str, model: nn.Module | None, solver: Any
 ) -> DataParallel | None:
