@@ -58,6 +58,7 @@ __all__ = [
     "SelectionMethod",
     "Summary",
     "TrainingDomainValidation",
+    "check_settings",
     "group_records",
     "load_records",
     "num_envs",
@@ -600,3 +601,36 @@ def summarize(
             rows.append(AlgorithmRow(algorithm, tuple(cells)))
         tables.append(DatasetTable(dataset, method.name, envs, tuple(rows), len(seeds), tuple(missing)))
     return Summary(method.name, method.requirement, tuple(tables))
+
+
+#: recorded arguments that do not change what a run computes or that a sweep varies by design
+#: (the seeds and the held-out environments); every other one must agree within a table
+NOT_SETTINGS = frozenset(
+    {"seed", "trial_seed", "hparams_seed", "test_envs", "output_dir", "data_dir", "save_model",
+     "num_workers", "progress", "device"}
+)  # fmt: skip
+
+
+def check_settings(records: Iterable[Mapping[str, Any]]) -> None:
+    """Refuses records of one (data set, algorithm) whose runs differ in anything but the seeds and
+    the test environments (steps, hparams overrides, holdout fraction, ...): their accuracies
+    would be averaged as if they were one experiment.
+
+    Raises:
+        ValueError: naming the data set, algorithm, the differing settings and their values.
+    """
+    seen: dict[tuple[str, str], dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+    for record in records:
+        args = record.get("args", {})
+        values = seen[(str(args.get("dataset")), str(args.get("algorithm")))]
+        for key, value in args.items():
+            if key not in NOT_SETTINGS:
+                values[key].add(json.dumps(value, sort_keys=True))
+    for (dataset, algorithm), values in sorted(seen.items()):
+        differ = sorted(k for k, v in values.items() if len(v) > 1)
+        if differ:
+            detail = "; ".join(f"{k}: {', '.join(sorted(values[k]))}" for k in differ)
+            raise ValueError(
+                f"the runs of {algorithm} on {dataset} differ in {', '.join(differ)} ({detail}): "
+                "report each setting's sweep from its own folder"
+            )
