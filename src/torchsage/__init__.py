@@ -15,12 +15,14 @@ from torchsage.optim import (
     frozen_bn_stats,
 )
 from torchsage.polar import polar_factor
+from torchsage.presets import PRESETS, preset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
     "GSAM",
+    "PRESETS",
     "SAGE",
     "SAGM",
     "SAM",
@@ -33,4 +35,5 @@ __all__ = [
     "disagreement",
     "frozen_bn_stats",
     "polar_factor",
+    "preset",
 ]
