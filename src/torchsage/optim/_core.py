@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torchsage.disagreement import GradientStatistics, global_norm
+from torchsage.optim import _checks
 from torchsage.optim._distributed import LocalStream, make_data_parallel
 from torchsage.optim._solver import TaskPass, check_solver, solve, task_pass
 from torchsage.optim._weights import check_count, mean_loss, step_weights
@@ -217,10 +218,8 @@ class SharpnessAware(Optimizer):
                 f"{type(self).__name__} does not take a solver: its ascent needs the statistics of "
                 "all parameters, a solver measures the shared ones"
             )
-        if not callable(base_optimizer):
-            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class, got {base_optimizer!r}")
-        if isinstance(base_optimizer, type) and not issubclass(base_optimizer, Optimizer):
-            raise ValueError(f"base_optimizer must subclass torch.optim.Optimizer, got {base_optimizer!r}")
+        _checks.check_base_optimizer(base_optimizer, type(self).__name__)
+        _checks.check_options(type(self), base_optimizer, base_kwargs)
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm}")
         if on_nonfinite not in ("raise", "skip"):
@@ -316,6 +315,18 @@ class SharpnessAware(Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
+    def _call(self, closure: Closure, params: list[Tensor]) -> Losses:
+        """Calls the closure (gradients cleared before); refuses one that ran backward itself."""
+        losses = closure()
+        if _checks.gradients_left_by_closure(params):
+            raise ValueError(_checks.closure_backward_message(type(self).__name__))
+        return losses
+
+    def _check_reached(self, params: list[Tensor], which: str) -> None:
+        """A loss that reaches no parameter would make the step a silent no-op."""
+        if not _checks.gradients_left_by_closure(params):
+            raise _checks.unreached_error(which)
+
     def _mean_gradient(
         self, closure: Closure, params: list[Tensor], weights: list[float] | None = None
     ) -> tuple[list[str], Tensor]:
@@ -323,7 +334,7 @@ class SharpnessAware(Optimizer):
         for p in params:
             p.grad = None
         with torch.enable_grad():
-            names, losses, lazy = _named_losses(closure())
+            names, losses, lazy = _named_losses(self._call(closure, params))
             if not lazy:
                 checked = [_check_loss(x, n) for x, n in zip(losses, names)]
                 if not checked:
@@ -334,6 +345,7 @@ class SharpnessAware(Optimizer):
                 else:
                     check_count(weights, len(checked))
                     (stacked * stacked.new_tensor(weights)).sum().backward()
+                self._check_reached(params, "none of the closure's losses")
                 return names, self._share_mean(params, torch.stack([x.detach() for x in checked]))
             values = []
             for k, loss in enumerate(losses):  # one graph alive at a time; divide by K below
@@ -346,6 +358,7 @@ class SharpnessAware(Optimizer):
                 values.append(loss.detach())
         if not values:
             raise ValueError("the closure returned no loss")
+        self._check_reached(params, "none of the closure's losses")
         present = [p.grad for p in params if p.grad is not None]
         if weights is not None:
             check_count(weights, len(values))
@@ -377,16 +390,18 @@ class SharpnessAware(Optimizer):
         stats = self._statistics(params)
         values, norms, seen = [], [], [False] * len(params)
         with torch.enable_grad():
-            names, losses, lazy = _named_losses(closure())
+            names, losses, lazy = _named_losses(self._call(closure, params))
             count = None if lazy else len(losses)  # type: ignore[arg-type]
             stream = LocalStream(stats) if self._parallel is None else self._parallel.stream(stats, count)
             for k, loss in enumerate(losses):
-                loss = _check_loss(loss, names[k] if names else str(k))
+                name = names[k] if names else str(k)
+                loss = _check_loss(loss, name)
                 if weights is not None:
                     check_count(weights, count if count is not None else k + 1, partial=count is None)
                 values.append(loss.detach())
                 # A list may share one forward graph across distributions: keep it until the last.
                 loss.backward(retain_graph=count is not None and k < count - 1)
+                self._check_reached(params, f"the loss of distribution {name}")
                 stream.add([p.grad for p in params], 1.0 if weights is None else weights[k])
                 for i, p in enumerate(params):
                     seen[i] = seen[i] or p.grad is not None
@@ -413,8 +428,10 @@ class SharpnessAware(Optimizer):
         for p in params:
             p.grad = None
         with torch.enable_grad():
-            names, checked = _checked_losses(closure())
+            names, checked = _checked_losses(self._call(closure, params))
             tp = task_pass(names, checked, params)
+        if not tp.shared and not tp.owned:
+            raise _checks.unreached_error("none of the closure's losses")
         if self._parallel is not None:
             self._parallel.reduce_task_pass(tp)
         stats, norms = None, None
@@ -546,7 +563,7 @@ class SharpnessAware(Optimizer):
         weights = step_weights(weights, self.solver, self._parallel)
         params = self._all_params()
         stats, norms, tp = None, None, None
-        with self._communication(clean=True):
+        with self._communication(clean=True), _checks.closure_errors(type(self).__name__):
             if self.solver is not None and (
                 self._wants_statistics() or not any(g["rho"] > 0 for g in self.param_groups)
             ):
@@ -589,6 +606,7 @@ class SharpnessAware(Optimizer):
                     else:
                         pnames, plosses = self._mean_gradient(closure, params, weights)
                         grad_norm = global_norm([p.grad for p in params if p.grad is not None])
+                _checks.check_same_losses(names, pnames)
                 problem = self._problem(
                     closure, params, pnames, plosses, None, grad_norm, "at the perturbed weights"
                 )
@@ -635,12 +653,19 @@ class SharpnessAware(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state (moments included) plus this optimizer's noise state."""
         state = self.base_optimizer.state_dict()
-        state["torchsage"] = self._noise_generators_state()
+        state["torchsage"] = dict(self._noise_generators_state(), **self._owner())
         return state
+
+    def _owner(self) -> dict[str, str]:
+        return {"optimizer": type(self).__name__, "base_optimizer": type(self.base_optimizer).__name__}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop("torchsage", {})
+        extra = dict(state_dict.pop("torchsage", {}))
+        owner = self._owner()
+        _checks.check_state_owner(extra, owner["optimizer"], owner["base_optimizer"])
+        for key in owner:
+            extra.pop(key, None)
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state

@@ -82,7 +82,8 @@ class SAGE(SharpnessAware):
     solver), ``gamma = 1e-3`` and the base optimizer you pass; they come from the small
     measurements in docs/usage.md, not from the paper.
 
-    With ``rho=0`` and ``gamma=0`` a step is the base optimizer's step on the mean loss;
+    Every option after ``rho`` is keyword-only (``gamma`` by position would be ambiguous with
+    SAM's options). With ``rho=0`` and ``gamma=0`` a step is the base optimizer's step on the mean loss;
     ``gamma=0`` is the curvature-only ablation (:class:`SAGECurvatureOnly`) and ``rho=0`` the
     alignment-only one (:class:`SAGEAlignmentOnly`, one pass per step).
 
@@ -105,13 +106,13 @@ class SAGE(SharpnessAware):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         gamma: float = 1e-3,
         disagreement: str = "normalized_std",
         ns_steps: int = 5,
         ns_coefficients: Any = "muon",
         polar_method: str = "newton_schulz",
         seed: int | None = None,
-        *,
         rho_scaling: str = "global",
         max_disagreement: float | None = None,
         ns_dtype: torch.dtype = torch.float32,
@@ -255,7 +256,7 @@ class SAGEAlignmentOnly(SAGE):
     """Ablation: SAGE's disagreement-scaled noise without the ascent (``rho = 0``, one pass)."""
 
     def __init__(
-        self, params: Any, base_optimizer: Callable[..., Optimizer], gamma: float = 1e-3, **kwargs: Any
+        self, params: Any, base_optimizer: Callable[..., Optimizer], *, gamma: float = 1e-3, **kwargs: Any
     ):
         if "rho" in kwargs:
             raise ValueError("SAGEAlignmentOnly fixes rho = 0; use SAGE to set it")
@@ -277,6 +278,7 @@ class SAGEAlign(SAGE):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         lambda_max: float = 0.8,
         **kwargs: Any,
     ):
