@@ -16,12 +16,14 @@ from torchsage.optim import (
     frozen_bn_stats,
 )
 from torchsage.polar import polar_factor
+from torchsage.presets import PRESETS, preset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
     "GSAM",
+    "PRESETS",
     "SAGE",
     "SAGM",
     "SAM",
@@ -35,4 +37,5 @@ __all__ = [
     "frozen_bn_stats",
     "group_losses",
     "polar_factor",
+    "preset",
 ]
