@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from torchsage.cli import main
+from torchsage.mtl.checkpoint import load_for_diagnostics
 from torchsage.mtl.data import multi_digits, write_fake_cityscapes, write_fake_nyuv2
 from torchsage.mtl.metrics import BASELINES, HIGHER_IS_BETTER
-from torchsage.mtl.train import MTLArgs, load_for_diagnostics, run_dir, sweep, train
+from torchsage.mtl.sweep import make_jobs, sweep
+from torchsage.mtl.train import MTLArgs, train
 
 pytest.importorskip("torchjd")
 
@@ -152,7 +154,13 @@ def test_load_for_diagnostics_gives_one_batch_and_loss_per_task(tmp_path):
 
 
 def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, capsys):
-    done = run_dir(tmp_path, "multidigits", "ls", "sage", 1)
+    jobs = make_jobs(tmp_path, "multidigits", ["stl", "ls"], ["plain", "sage"], [0, 1], ["--epochs", "2"])
+    done = next(
+        j
+        for j in jobs
+        if (j.settings["solver"], j.settings["method"], j.settings["seed"]) == ("ls", "sage", 1)
+    )
+    done = done.output_dir
     done.mkdir(parents=True)
     (done / "done").write_text("done\n")
     sweep(benchmark="multidigits", solvers=["stl", "ls"], methods=["plain", "sage"], seeds=[0, 1],
@@ -165,6 +173,17 @@ def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, caps
     assert sum("--sage" in line for line in lines) == 1
 
 
+def test_sweep_passes_rho_and_gamma_only_to_the_methods_that_take_them(tmp_path, capsys):
+    options = ["--rho", "0.1", "--gamma", "0.2"]
+    sweep(benchmark="multidigits", solvers=["ls"], methods=["plain", "sam", "sage"], seeds=[0],
+          output_dir=str(tmp_path), dry_run=True, train_options=options)  # fmt: skip
+    lines = {m: line for line in capsys.readouterr().out.splitlines() for m in ("plain", "sam", "sage")
+             if f"/{m}/" in line}  # fmt: skip
+    assert "--rho" not in lines["plain"] and "--gamma" not in lines["plain"]
+    assert "--rho 0.1" in lines["sam"] and "--gamma" not in lines["sam"]
+    assert "--rho 0.1 --gamma 0.2" in lines["sage"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -173,6 +192,8 @@ def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, caps
         (["--benchmark", "nyuv2", "--solver", "ls"], "needs --data-dir"),
         (["--benchmark", "cityscapes", "--solver", "ls", "--data-dir", "/nonexistent/cs"], "/nonexistent/cs"),
         (["--benchmark", "multidigits", "--solver", "ls", "--sage", "--sam"], "exclude each other"),
+        (["--benchmark", "multidigits", "--solver", "ls", "--rho", "0.1"], "--rho is the ascent radius"),
+        (["--benchmark", "multidigits", "--solver", "ls", "--sam", "--gamma", "0.1"], "--gamma is SAGE's"),
         (["--benchmark", "multidigits", "--solver", "ls", "--epochs", "0"], "--epochs"),
         (["--benchmark", "multidigits", "--solver", "ls", "--device", "warp9"], "device 'warp9'"),
     ],

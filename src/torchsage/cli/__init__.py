@@ -108,7 +108,10 @@ def _command(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``torchsage ARGV``; returns the exit code (2: bad input, reported as one line)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     try:
         code = _dispatch(args)
         sys.stdout.flush()

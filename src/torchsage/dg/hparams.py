@@ -91,6 +91,20 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
             add("gamma", 1e-3, _log_uniform(-4, -2))
         if algorithm == "SAGE_Align":
             add("lambda_max", 0.8, _choice([0.4, 0.6, 0.8]))
+
+    # -- DomainBed's baselines: defaults and ranges of its hparams_registry.py ------------------
+    if algorithm == "IRM":
+        add("irm_lambda", 1e2, _log_uniform(-1, 5))
+        add("irm_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)))
+    if algorithm == "VREx":
+        add("vrex_lambda", 1e1, _log_uniform(-1, 5))
+        add("vrex_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)))
+    if algorithm == "GroupDRO":
+        add("groupdro_eta", 1e-2, _log_uniform(-3, -1))
+    if algorithm == "Mixup":
+        add("mixup_alpha", 0.2, _log_uniform(-1, 1))
+    if algorithm == "MMD":
+        add("mmd_gamma", 1.0, _log_uniform(-1, 1))
     return h
 
 

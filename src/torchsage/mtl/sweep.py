@@ -1,7 +1,7 @@
 """Sweeps of multi-task runs: solvers x methods x seeds of one benchmark, resumable.
 
 Every run is a :class:`~torchsage.harness.jobs.HashedJob`: ``torchsage mtl train ...`` in
-``ROOT/<benchmark>/<solver>/<md5 of its settings>``, the settings being the benchmark, solver,
+``ROOT/<benchmark>/<solver>/<method>/<md5 of its settings>``, the settings being the benchmark, solver,
 method, seed and every training option, so runs with different options never share a folder and
 the same sweep maps each run to the same folder again: finished runs (a ``done`` file) are
 skipped, unfinished ones deleted and rerun. ``stl`` runs (single-task learning, plain only) run
@@ -43,6 +43,21 @@ def _options(train_options: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _method_options(options: Sequence[str], method: str) -> list[str]:
+    """``options`` without the ones ``method`` does not take (a sweep passes --rho to plain runs)."""
+    drop = {"plain": {"--rho", "--gamma"}, "sam": {"--gamma"}}.get(method, set())
+    kept: list[str] = []
+    skip = False
+    for item in options:
+        if skip:
+            skip = False
+        elif item in drop:
+            skip = True
+        else:
+            kept.append(item)
+    return kept
+
+
 def make_jobs(
     root: str | Path,
     benchmark: str,
@@ -67,14 +82,14 @@ def make_jobs(
             raise ValueError(f"unknown method {m!r}: use one of {', '.join(METHODS)}")
     if not seeds:
         raise ValueError("no seeds given: name at least one")
-    options = _options(train_options)
     stl_root = Path(root) / bench.name / STL
     jobs: list[HashedJob] = []
     for s in sorted(solver_list, key=lambda name: name != STL):  # stl first, order kept otherwise
         for m in ["plain"] if s == STL else method_list:
             for seed in dict.fromkeys(int(x) for x in seeds):
                 argv = ["mtl", "train", "--benchmark", bench.name, "--solver", s, "--seed", str(seed)]
-                argv += list(train_options)
+                options = _method_options(train_options, m)  # plain runs take no --rho, ...
+                argv += options
                 if m != "plain":
                     argv.append(f"--{m}")
                 if s != STL and STL in solver_list and bench.published_baseline is None:
@@ -87,7 +102,7 @@ def make_jobs(
                     "options": options,
                 }
                 label = f"{bench.name} {s}{'' if m == 'plain' else ' + ' + m} seed={seed}"
-                jobs.append(HashedJob(root, argv, settings, label, subdir=f"{bench.name}/{s}"))
+                jobs.append(HashedJob(root, argv, settings, label, subdir=f"{bench.name}/{s}/{m}"))
     return jobs
 
 

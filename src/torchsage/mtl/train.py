@@ -4,8 +4,8 @@ The optimizer is
 
 * ``torchsage.SAM(params, Adam, rho=0, solver=S)`` for the plain solver (one pass per step: the
   solver's own update),
-* ``torchsage.SAGE(params, Adam, rho, gamma, solver=S)`` with ``sage=True``,
-* ``torchsage.SAM(params, Adam, rho, solver=S)`` with ``sam=True``.
+* ``torchsage.SAGE(params, Adam, rho=rho, gamma=gamma, solver=S)`` with ``sage=True``,
+* ``torchsage.SAM(params, Adam, rho=rho, solver=S)`` with ``sam=True``.
 
 ``solver="stl"`` (single-task learning) trains one model per task on that task's loss alone, with
 the same network and optimizer; its final test metrics are the single-task baselines of
@@ -37,9 +37,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchsage.harness.progress import progress
 from torchsage.harness.records import append_json_line as _append_line
 from torchsage.harness.records import mark_done
+from torchsage.harness.session import shard_batch, torchrun_session
 from torchsage.mtl.benchmarks import BENCHMARKS, Benchmark, LossFn, get_benchmark
 from torchsage.mtl.solvers import STL, canonical_solver, solver_spec
-from torchsage.optim import torchrun_session
 
 __all__ = ["BENCHMARKS", "Benchmark", "Loader", "MTLArgs", "train"]
 
@@ -87,12 +87,21 @@ class MTLArgs:
         return "sage" if self.sage else "sam" if self.sam else "plain"
 
 
+def _check_method_options(args: MTLArgs) -> None:
+    """An option the chosen method does not use is refused rather than silently ignored."""
+    if args.rho is not None and not (args.sage or args.sam):
+        raise ValueError("--rho is the ascent radius of --sage or --sam: add one of them, or drop --rho")
+    if args.gamma is not None and not args.sage:
+        raise ValueError("--gamma is SAGE's noise scale: add --sage, or drop --gamma")
+
+
 def _resolved(args: MTLArgs) -> tuple[Benchmark, dict[str, Any]]:
     """Checks the arguments (before any data is read) and fills in the benchmark's defaults."""
     bench = get_benchmark(args.benchmark)
     solver = canonical_solver(args.solver)
     if args.sage and args.sam:
         raise ValueError("--sage and --sam exclude each other: choose one")
+    _check_method_options(args)
     if bench.needs_data_dir and args.data_dir is None:
         raise ValueError(f"benchmark {bench.name!r} needs --data-dir (the preprocessed numpy folder)")
     cfg: dict[str, Any] = {
@@ -284,15 +293,6 @@ def train(args: MTLArgs) -> Path:
         return _train(args, (comm.rank, comm.world_size) if comm is not None else (0, 1))
 
 
-def _slice(x: Any, rank: int, world: int) -> Any:
-    """This process's part of a batch (a tensor or a dict of tensors), split as evenly as possible."""
-    if isinstance(x, Tensor):
-        return x.tensor_split(world)[rank]
-    if isinstance(x, dict):
-        return {k: _slice(v, rank, world) for k, v in x.items()}
-    return x
-
-
 def _train(args: MTLArgs, shard: tuple[int, int]) -> Path:
     rank, world = shard
     bench, cfg = _resolved(args)
@@ -351,7 +351,7 @@ def _train(args: MTLArgs, shard: tuple[int, int]) -> Path:
             if world > 1:
                 if len(x) < world:  # too small to give every process a part (same on all)
                     continue
-                x, targets = _slice(x, rank, world), _slice(targets, rank, world)
+                x, targets = shard_batch(x, rank, world), shard_batch(targets, rank, world)
             if stl:
                 for task in bench.tasks:
                     info = _step(optimizers[task], models[task], (task,), losses, x, targets)

@@ -39,7 +39,8 @@ class SAM(SharpnessAware):
             :class:`torchsage.optim.SharpnessAware` and docs/distributed.md).
 
     The closure returns one scalar loss per distribution (or one scalar); SAM descends on their
-    mean, like SAGE, so the two compare on equal terms.
+    mean, like SAGE, so the two compare on equal terms. Every option after ``rho`` is
+    keyword-only, in every torchsage optimizer.
 
     Example:
         >>> import torch
@@ -56,9 +57,9 @@ class SAM(SharpnessAware):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         adaptive: bool = False,
         eta: float = 0.01,
-        *,
         model: nn.Module | None = None,
         update_bn_on_perturbed: bool = False,
         max_grad_norm: float | None = None,
@@ -94,6 +95,7 @@ class ASAM(SAM):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.5,
+        *,
         eta: float = 0.01,
         **kwargs: Any,
     ) -> None:
@@ -127,6 +129,7 @@ class GSAM(SAM):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         alpha: float = 0.01,
         **kwargs: Any,
     ) -> None:
@@ -166,6 +169,7 @@ class SAGM(SAM):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         alpha: float = 0.001,
         **kwargs: Any,
     ) -> None:
