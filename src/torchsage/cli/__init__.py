@@ -108,10 +108,7 @@ def _command(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``torchsage ARGV``; returns the exit code (2: bad input, reported as one line)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as done:  # --help, --version, or a usage error already printed
-        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
+    args = build_parser().parse_args(argv)  # usage errors: one line, SystemExit(2)
     try:
         code = _dispatch(args)
         sys.stdout.flush()

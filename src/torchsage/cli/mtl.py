@@ -38,22 +38,21 @@ def _solvers() -> str:
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
-    """The options of one run (``mtl train``; a sweep passes them to every run)."""
+    """The options of one run (``mtl train``; a sweep passes them to every run). Their values are
+    checked by :func:`torchsage.mtl.train.train`, with messages naming the option."""
     p.add_argument(
-        "--rho", type=non_negative_float, default=None, help="ascent radius (default: the benchmark's)"
+        "--rho", type=float, default=None, help="ascent radius of --sage/--sam (default: the benchmark's)"
     )
-    p.add_argument(
-        "--gamma", type=non_negative_float, default=None, help="SAGE noise scale (default: the benchmark's)"
-    )
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the benchmark's)")
+    p.add_argument("--gamma", type=float, default=None, help="SAGE's noise scale (default: the benchmark's)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the benchmark's)")
     p.add_argument("--data-dir", default=None, help="preprocessed NYUv2 / Cityscapes numpy folder")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the benchmark's")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the benchmark's")
+    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate (default: the benchmark's)")
     p.add_argument(
-        "--lr", type=positive_float, default=None, help="Adam's learning rate (default: the benchmark's)"
+        "--width", type=int, default=None, help="channel width of the network (default: the benchmark's)"
     )
-    p.add_argument("--width", type=positive_int, default=None, help="channel width of the network")
-    p.add_argument("--n-train", type=positive_int, default=None, help="MultiDigits training pairs")
-    p.add_argument("--n-test", type=positive_int, default=None, help="MultiDigits test pairs")
+    p.add_argument("--n-train", type=int, default=None, help="MultiDigits training pairs (default: all)")
+    p.add_argument("--n-test", type=int, default=None, help="MultiDigits test pairs (default: all)")
     p.add_argument("--num-workers", type=non_negative_int, default=None, help="data loader processes")
 
 

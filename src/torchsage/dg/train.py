@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset
-from tqdm.auto import tqdm
 
 from torchsage.amp import AMP_DTYPES, LossScaledOptimizer, autocast
 from torchsage.dg.algorithms import Algorithm, canonical_algorithm, get_algorithm
@@ -40,6 +39,7 @@ from torchsage.dg.datasets import (
     split_environment,
 )
 from torchsage.dg.hparams import parse_hparams, random_hparams
+from torchsage.harness.progress import bar as tqdm
 from torchsage.harness.records import append_json_line as _append_line
 from torchsage.harness.records import mark_done
 from torchsage.optim import Communicator, SharpnessAware, average_gradients, torchrun_session

@@ -50,7 +50,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from torchsage.harness.progress import bar as tqdm
 
 __all__ = [
     "Sandbox",

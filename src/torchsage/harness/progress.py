@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO, Any, TypeVar
 
-__all__ = ["Progress", "progress"]
+__all__ = ["Progress", "bar", "progress"]
 
 T = TypeVar("T")
 
@@ -112,6 +112,15 @@ class Progress:
             print(self.line(), file=self.stream, flush=True)
             self.enabled = False
 
+    def wrap(self, iterable: Iterable[T]) -> Iterator[T]:
+        """Iterates ``iterable``, counting one unit per item; closes at the end."""
+        try:
+            for item in iterable:
+                yield item
+                self.update()
+        finally:
+            self.close()
+
     def __enter__(self) -> Progress:
         return self
 
@@ -127,3 +136,33 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, **kwarg
         for item in iterable:
             yield item
             bar.update()
+
+
+class _Bar(Progress):
+    """A :class:`Progress` that can also be iterated (what :func:`bar` returns)."""
+
+    iterable: Iterable[Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.iterable is None:
+            raise TypeError("this progress bar was made without an iterable")
+        return self.wrap(self.iterable)
+
+
+def bar(
+    iterable: Iterable[Any] | None = None,
+    desc: str = "",
+    total: int | None = None,
+    *,
+    disable: bool = False,
+    leave: bool = True,
+    unit: str = "it",
+    **_: Any,
+) -> _Bar:
+    """A drop-in for the ``tqdm(...)`` calls of the library: a bar on a terminal, plain lines
+    every 30 s otherwise; iterable, or counted with ``update`` (also as a context manager)."""
+    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    out = _Bar(total, desc, unit, enabled=not disable, leave=leave)
+    out.iterable = iterable
+    return out
