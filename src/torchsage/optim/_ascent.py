@@ -184,18 +184,22 @@ class AlignedPolarAscent(PolarAscent):
     The mixing weight ``lam = clamp(lambda_max * (1 - mean pairwise cosine), 0, lambda_max)``
     grows as the distributions' gradients disagree, steering the perturbation towards the
     coordinates where they differ most. Needs per-distribution statistics (two more
-    gradient-sized buffers, independent of K).
+    gradient-sized buffers, independent of K). With ``mix_vectors=False`` only matrices mix;
+    vectors move along ``g / ||g||``.
     """
 
     needs_statistics = True
     cosine = True
     elementwise = True
 
-    def __init__(self, lambda_max: float = 0.8, **kwargs: Any) -> None:
+    def __init__(self, lambda_max: float = 0.8, mix_vectors: bool = True, **kwargs: Any) -> None:
         if not 0.0 <= lambda_max <= 1.0:
             raise ValueError(f"lambda_max must lie in [0, 1], got {lambda_max}")
+        if not isinstance(mix_vectors, bool):
+            raise ValueError(f"mix_vectors must be True or False, got {mix_vectors!r}")
         super().__init__(**kwargs)
         self.lambda_max = lambda_max
+        self.mix_vectors = mix_vectors
         self.last_lambda = 0.0
 
     def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
@@ -212,5 +216,7 @@ class AlignedPolarAscent(PolarAscent):
             spread_dirs = self.directions(spread)
             mixed = torch._foreach_mul(mean_dirs, 1.0 - lam)
             torch._foreach_add_(mixed, spread_dirs, alpha=lam)
+            if not self.mix_vectors:  # vectors keep g / ||g||
+                mixed = [x if g.ndim >= 2 else m for x, m, g in zip(mixed, mean_dirs, grads)]
             mean_dirs = mixed
         return self._scale(groups, _regroup(groups, mean_dirs))

@@ -30,7 +30,7 @@ class SAM(SharpnessAware):
         rho: ascent radius.
         adaptive: ASAM's scale-invariant ascent.
         eta: ASAM's offset in ``T = |w| + eta``.
-        model, update_bn_on_perturbed, max_grad_norm, on_nonfinite: see
+        model, update_bn_on_perturbed, max_grad_norm, on_nonfinite, solver_update: see
             :class:`torchsage.optim.SharpnessAware`.
         solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
             forms the descent direction from the perturbed task losses. With ``rho=0`` a step is
@@ -65,6 +65,7 @@ class SAM(SharpnessAware):
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        solver_update: str = "clean",
         process_group: Any = "auto",
         layout: str = "shards",
         **base_kwargs: Any,
@@ -80,6 +81,7 @@ class SAM(SharpnessAware):
             max_grad_norm=max_grad_norm,
             on_nonfinite=on_nonfinite,
             solver=solver,
+            solver_update=solver_update,
             process_group=process_group,
             layout=layout,
             **base_kwargs,
