@@ -51,7 +51,7 @@ class SAGE(SharpnessAware):
             the global generator, so building SAGE does not shift the random numbers after it.
         rho_scaling: ``"global"`` (default: the whole perturbation has norm ``rho``, as in SAM),
             ``"layer"`` (``rho * polar(G)`` per matrix) or ``"weight"``
-            (``rho * ||W||_F * polar(G)``, the authors' domain-generalization choice).
+            (``rho * ||W||_F * polar(G)``, as the authors' code does).
         max_disagreement: clips the disagreement from above before it scales the noise.
         ns_dtype: precision of the Newton-Schulz iteration (``torch.bfloat16`` on accelerators;
             accuracy against float64 in docs/benchmarks.md).
@@ -62,10 +62,25 @@ class SAGE(SharpnessAware):
         solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
             forms the descent direction from the perturbed task losses; the ascent stays the polar
             factor of the mean task gradient and the noise follows the disagreement of the task
-            gradients on the shared parameters (see :class:`torchsage.optim.SharpnessAware`).
+            gradients (see :class:`torchsage.optim.SharpnessAware`).
+        disagreement_scope: with a solver, where the disagreement of the task gradients is
+            measured: ``"shared"`` (default with a solver: the parameters two or more tasks
+            reach) or ``"all"`` (every parameter, a task's gradient counting as zero on the other
+            tasks' heads, as the authors' multi-task code measures it). Only with ``solver``:
+            without one the statistics already cover every parameter.
         process_group, layout: data-parallel training over ``torch.distributed`` (see
             :class:`torchsage.optim.SharpnessAware` and docs/distributed.md); the noise seed is
             rank 0's, so every process draws the same noise.
+
+    **The defaults are not the authors'.** Their public code scales ``rho`` per matrix by
+    ``||W||_F`` (``rho_scaling="weight"``), uses the cosine disagreement with ``gamma = 1.0`` and
+    SGD for domain generalization, and ``normalized_std`` over all parameters with
+    ``gamma = 1e-4`` and Adam for multi-task learning; :func:`torchsage.preset` returns those
+    configurations. The library's defaults are global ``rho`` scaling (the perturbation has SAM's
+    norm ``rho``: a SAM ``rho`` transfers, while ``"weight"`` moves a typical network tens of
+    times further at the same ``rho``), ``normalized_std`` (on the shared parameters with a
+    solver), ``gamma = 1e-3`` and the base optimizer you pass; they come from the small
+    measurements in docs/usage.md, not from the paper.
 
     Every option after ``rho`` is keyword-only (``gamma`` by position would be ambiguous with
     SAM's options). With ``rho=0`` and ``gamma=0`` a step is the base optimizer's step on the mean loss;
@@ -107,11 +122,22 @@ class SAGE(SharpnessAware):
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        disagreement_scope: str | None = None,
         process_group: Any = "auto",
         layout: str = "shards",
         **base_kwargs: Any,
     ) -> None:
         self.measure = check_measure(disagreement)
+        if disagreement_scope is not None:
+            if disagreement_scope not in ("all", "shared"):
+                raise ValueError(f"disagreement_scope must be 'all' or 'shared', got {disagreement_scope!r}")
+            if solver is None:
+                raise ValueError(
+                    f"disagreement_scope={disagreement_scope!r} needs a solver (it says which task "
+                    "parameters the disagreement covers); without solver= the disagreement already "
+                    "covers every parameter: pass solver=... or leave disagreement_scope out"
+                )
+            self.disagreement_scope = disagreement_scope
         if max_disagreement is not None and not max_disagreement > 0:
             raise ValueError(f"max_disagreement must be a positive number or None, got {max_disagreement}")
         if seed is None:  # reproducible under torch.manual_seed, without consuming a random draw
