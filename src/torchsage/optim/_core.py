@@ -515,6 +515,11 @@ class SharpnessAware(Optimizer):
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             k = int(bad[0, 0])
+            if norms is not None and torch.isnan(losses[k]) and norms[k] == 0:  # the mean of no sample
+                return (
+                    f"the loss of distribution {names[k]} is nan with a zero gradient {where}: it probably "
+                    "had no sample in this batch; torchsage.group_losses leaves absent groups out"
+                )
             return f"non-finite loss ({losses[k].item()}) in distribution {names[k]} {where}"
         if norms is not None:
             bad = (~torch.isfinite(norms)).nonzero()
@@ -560,7 +565,11 @@ class SharpnessAware(Optimizer):
         """
         if closure is None:
             raise ValueError(
-                f"{type(self).__name__}.step needs a closure returning the per-distribution losses"
+                f"{type(self).__name__}.step needs a closure: optimizer.step(closure), where closure() "
+                "runs the forward pass and returns one loss per distribution (a list or a dict; "
+                "torchsage.group_losses builds it from a mixed batch) without calling backward. A "
+                "trainer that calls optimizer.step() by itself cannot drive the two passes: see "
+                "docs/integrations.md for PyTorch Lightning and the Hugging Face Trainer"
             )
         if "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:  # set by GradScaler.step
             self.__dict__.pop("found_inf", None)
