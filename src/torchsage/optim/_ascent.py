@@ -2,7 +2,8 @@
 
 * :class:`GradientAscent` (SAM): ``e = rho * g / ||g||`` with the norm over all parameters.
 * :class:`GradientMatchingAscent` (SAGM): ``e = (rho / ||g|| - alpha) g``.
-* :class:`AdaptiveGradientAscent` (ASAM): ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta``.
+* :class:`AdaptiveGradientAscent` (ASAM): ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta``
+  (``T = 1`` on the parameters it is told to leave unscaled).
 * :class:`PolarAscent` (SAGE): every matrix moves along the polar factor of its gradient, every
   vector along its normalised gradient, then the whole is scaled (see ``RHO_SCALINGS``).
 * :class:`AlignedPolarAscent` (SAGE "align"): mixes the polar factor of the mean gradient with
@@ -74,22 +75,35 @@ class GradientMatchingAscent(AscentRule):
 
 
 class AdaptiveGradientAscent(AscentRule):
-    """ASAM's ascent: ``rho * T^2 g / ||T g||`` with the scale operator ``T = |w| + eta``."""
+    """ASAM's ascent: ``rho * T^2 g / ||T g||`` with the scale operator ``T = |w| + eta``.
 
-    def __init__(self, eta: float = 0.01, eps: float = 1e-12) -> None:
+    Args:
+        eta: the offset in ``T``.
+        unscaled: parameters whose ``T`` is 1 (the ASAM authors' code scales only the parameters
+            named ``weight``; biases keep ``T = 1``).
+    """
+
+    def __init__(self, eta: float = 0.01, eps: float = 1e-12, unscaled: Sequence[Tensor] = ()) -> None:
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = eta
         self.eps = eps
+        self.unscaled = {id(p) for p in unscaled}
 
     def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
-        scales = [[p.detach().abs().add_(self.eta) for p in ps] for _, ps in groups]
-        scaled = [[t * p.grad for t, p in zip(ts, ps)] for ts, (_, ps) in zip(scales, groups)]
+        scales = [
+            [None if id(p) in self.unscaled else p.detach().abs().add_(self.eta) for p in ps]
+            for _, ps in groups
+        ]
+        scaled = [
+            [p.grad if t is None else t * p.grad for t, p in zip(ts, ps)]
+            for ts, (_, ps) in zip(scales, groups)
+        ]
         norm = global_norm([x for xs in scaled for x in xs])
         out = []
         for (g, _), ts, xs in zip(groups, scales, scaled):
             factor = float(g["rho"] / (norm + self.eps))
-            out.append([t.mul_(x).mul_(factor) for t, x in zip(ts, xs)])
+            out.append([x * factor if t is None else t.mul_(x).mul_(factor) for t, x in zip(ts, xs)])
         return out
 
 
