@@ -433,3 +433,8 @@ def canonical_algorithm(name: str) -> str:
 def get_algorithm(name: str) -> type[Algorithm]:
     """The algorithm class registered as ``name`` (any case and punctuation)."""
     return ALGORITHMS[canonical_algorithm(name)]
+
+
+# The gradient-alignment baselines (Fish, ANDMask, SANDMask, IGA, GGA) live in their own module,
+# which subclasses Algorithm and adds its entries to ALGORITHMS when it loads.
+import torchsage.dg.algorithms_alignment  # noqa: E402
