@@ -16,7 +16,7 @@ from torchsage.harness.records import (
 )
 
 
-def test_lines_round_trip_and_a_torn_last_line_is_counted_not_parsed(tmp_path):
+def test_lines_round_trip_and_a_torn_last_line_is_reported_not_parsed(tmp_path):
     path = tmp_path / "results.jsonl"
     records = [{"step": i, "acc": i / 10, "args": {"name": "x"}} for i in range(3)]
     for r in records:
@@ -25,10 +25,11 @@ def test_lines_round_trip_and_a_torn_last_line_is_counted_not_parsed(tmp_path):
     assert text.count("\n") == 3 and all(json.loads(line) == r for line, r in zip(text.splitlines(), records))
     with open(path, "a") as f:
         f.write('{"step": 3, "acc"')  # killed mid-write
-    assert read_json_lines(path) == (records, 1)
+    read, problems = read_json_lines(path)
+    assert read == records and len(problems) == 1 and problems[0].startswith("line 4: invalid JSON (")
     with open(path, "a") as f:
-        f.write("\n\n[1, 2]\n")  # blank lines ignored; a line that is not an object counts as unreadable
-    assert read_json_lines(path) == (records, 2)
+        f.write("\n\n[1, 2]\n")  # blank lines ignored; a line that is not an object is reported
+    assert read_json_lines(path)[1][1:] == ["line 7: not a JSON object (list)"]
 
 
 def test_done_file(tmp_path):

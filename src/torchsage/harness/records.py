@@ -11,7 +11,7 @@ Example:
     >>> with open(run / "results.jsonl", "a") as f:
     ...     _ = f.write('{"step": 1, "ac')  # a run killed mid-write
     >>> read_json_lines(run / "results.jsonl")
-    ([{'acc': 0.5, 'step': 0}], 1)
+    ([{'acc': 0.5, 'step': 0}], ['line 2: invalid JSON (Unterminated string starting at, torn write?)'])
     >>> is_done(run), mark_done(run), is_done(run)
     (False, None, True)
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "atomic_torch_save",
     "atomic_write_text",
     "is_done",
+    "iter_json_lines",
     "mark_done",
     "read_json_lines",
 ]
@@ -42,7 +44,7 @@ RESULTS = "results.jsonl"
 
 def append_json_line(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Appends ``record`` as one JSON line (sorted keys) in a single write, flushed to disk: a
-    kill leaves at most a torn last line, which :func:`read_json_lines` counts instead of parsing."""
+    kill leaves at most a torn last line, which :func:`read_json_lines` reports instead of parsing."""
     line = json.dumps(record, sort_keys=True) + "\n"
     with open(path, "a") as f:
         f.write(line)
@@ -50,25 +52,36 @@ def append_json_line(path: str | os.PathLike, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def read_json_lines(path: str | os.PathLike) -> tuple[list[dict[str, Any]], int]:
-    """The JSON objects of a results file and the number of lines that did not parse (a torn last
-    line of a killed run; blank lines are ignored)."""
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line number, parsed value, None)`` for every non-blank line of a results file, or
+    ``(line number, None, problem)`` for a line that does not parse (``not UTF-8``, or ``invalid
+    JSON (..., torn write?)``: the last line of a killed run)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            yield number, json.loads(raw.decode("utf-8")), None
+        except UnicodeDecodeError:
+            yield number, None, "not UTF-8"
+        except json.JSONDecodeError as error:
+            yield number, None, f"invalid JSON ({error.msg}, torn write?)"
+
+
+def read_json_lines(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
+    """The JSON objects of a results file, and one ``"line N: problem"`` for every line that is
+    not one (a torn last line of a killed run, a value that is not an object)."""
     records: list[dict[str, Any]] = []
-    torn = 0
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                torn += 1
-                continue
-            if isinstance(value, dict):
-                records.append(value)
-            else:
-                torn += 1
-    return records, torn
+    problems: list[str] = []
+    for number, value, problem in iter_json_lines(path):
+        if problem is None and not isinstance(value, dict):
+            problem = f"not a JSON object ({type(value).__name__})"
+        if problem is not None:
+            problems.append(f"line {number}: {problem}")
+        else:
+            records.append(value)
+    return records, problems
 
 
 def is_done(run_dir: str | os.PathLike) -> bool:

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from torchsage.harness.records import atomic_torch_save
+from torchsage.mtl.args import MTLArgs
 from torchsage.mtl.benchmarks import Benchmark, get_benchmark
-from torchsage.mtl.train import Loader, MTLArgs
+from torchsage.mtl.data import Loader
 
 __all__ = ["is_mtl_checkpoint", "load_for_diagnostics", "save_model"]
 

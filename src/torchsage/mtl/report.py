@@ -84,7 +84,7 @@ def load_runs(root: str | Path) -> list[Run]:
     for results in sorted(root.rglob("results.jsonl")):
         if not (results.parent / "done").exists():
             continue
-        records, torn = read_json_lines(results)
+        records, problems = read_json_lines(results)
         if not records:
             continue
         last = records[-1]
@@ -105,7 +105,7 @@ def load_runs(root: str | Path) -> list[Run]:
                 epoch=int(last.get("epoch", 0)),
                 metrics=metrics,
                 settings=_settings(args),
-                torn=torn,
+                torn=len(problems),
             )
         )
     return runs

@@ -26,65 +26,27 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 
 from torchsage.harness.progress import progress
 from torchsage.harness.records import append_json_line as _append_line
 from torchsage.harness.records import mark_done
 from torchsage.harness.session import shard_batch, torchrun_session
+from torchsage.mtl.args import MTLArgs
 from torchsage.mtl.benchmarks import BENCHMARKS, Benchmark, LossFn, get_benchmark
+from torchsage.mtl.data import Loader
 from torchsage.mtl.solvers import STL, canonical_solver, solver_spec
 
 __all__ = ["BENCHMARKS", "Benchmark", "Loader", "MTLArgs", "train"]
 
 
 # -- arguments ----------------------------------------------------------------------------------
-
-
-@dataclass
-class MTLArgs:
-    """The arguments of one run (recorded in every result line under ``args``).
-
-    ``None`` takes the benchmark's default (epochs, batch size, lr, width, rho, gamma).
-    ``stl_dir`` is a folder holding finished ``stl`` runs of the same benchmark: their mean final
-    metrics become the baseline of ``delta_m`` (MultiDigits).
-    """
-
-    benchmark: str
-    solver: str
-    output_dir: str
-    sage: bool = False
-    sam: bool = False
-    rho: float | None = None
-    gamma: float | None = None
-    epochs: int | None = None
-    seed: int = 0
-    data_dir: str | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    width: int | None = None
-    n_train: int | None = None
-    n_test: int | None = None
-    augment: bool = True
-    stl_dir: str | None = None
-    save_model: bool = False
-    progress: bool = True
-    solver_options: dict[str, Any] = field(default_factory=dict)
-    #: "cpu", "cuda", "cuda:1", ...; None: "cuda" when available, else "cpu"
-    device: str | None = None
-    #: data loader worker processes (NYUv2 / Cityscapes)
-    num_workers: int = 0
-
-    @property
-    def method(self) -> str:
-        """``"sage"``, ``"sam"`` or ``"plain"``."""
-        return "sage" if self.sage else "sam" if self.sam else "plain"
 
 
 def _check_method_options(args: MTLArgs) -> None:
@@ -161,37 +123,6 @@ def _make_optimizer(
         )
     rho = cfg["rho"] if method == "sam" else 0.0
     return torchsage.SAM(params, torch.optim.Adam, rho=rho, solver=solver, model=model, lr=cfg["lr"])
-
-
-class Loader:
-    """Seeded shuffled minibatches of a data set, a new order every epoch (tensors sliced directly)."""
-
-    def __init__(
-        self, data: Dataset, batch_size: int, seed: int, shuffle: bool, num_workers: int = 0
-    ) -> None:
-        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
-        self.num_workers = num_workers
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return max(1, math.ceil(len(self.data) / self.batch_size))
-
-    def __iter__(self):
-        n = len(self.data)
-        if isinstance(self.data, TensorDataset):
-            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-            for i in range(0, n, self.batch_size):
-                idx = order[i : i + self.batch_size]
-                yield tuple(t[idx] for t in self.data.tensors)
-            return
-        yield from DataLoader(
-            self.data,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=self.generator,
-            num_workers=self.num_workers,
-            persistent_workers=False,
-        )
 
 
 def _to(x: Any, device: torch.device | str) -> Any:
