@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from torchsage.cli.common import Parser, add_no_progress, positive_int
+from torchsage.cli.common import Parser, add_no_progress, add_threads, positive_int
 
 __all__ = ["build_parser", "main"]
 
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-trials", type=positive_int, default=3, help="trial seeds per test environment")
     demo.add_argument("--steps", type=positive_int, default=200, help="training steps per run")
     demo.add_argument("--processes", type=positive_int, default=2, help="runs at once (worker processes)")
+    add_threads(demo, "each run (default: the cores divided by --processes)")
     add_no_progress(demo)
     add_dg_commands(sub, Parser)
     add_mtl_commands(sub, Parser)
@@ -68,6 +69,7 @@ def _demo(args: argparse.Namespace) -> int:
             steps=args.steps,
             processes=args.processes,
             progress=not args.no_progress,
+            threads=args.threads,
         )
     except DemoFailed as error:
         print(f"torchsage: error: demo runs failed: {error}", file=sys.stderr)
@@ -79,7 +81,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     threads = getattr(args, "threads", None)
-    if threads is not None and not hasattr(args, "launcher"):  # a sweep's --threads is per run
+    if threads is not None and not hasattr(args, "launcher") and args.command != "demo":  # sweeps: per run
         import torch
 
         torch.set_num_threads(threads)
