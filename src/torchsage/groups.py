@@ -21,6 +21,14 @@ WEIGHTINGS = ("uniform", "count")
 ABSENT = ("skip", "error")
 
 
+def check_options(weighting: str, absent: str) -> None:
+    """ValueError unless ``weighting`` and ``absent`` are known values."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    if absent not in ABSENT:
+        raise ValueError(f"absent must be one of {', '.join(ABSENT)}, got {absent!r}")
+
+
 def _present_groups(group_ids: Any, n: int, device: torch.device) -> tuple[list[Hashable], Tensor, list[int]]:
     """(the labels present, each sample's index into them, each label's sample count)."""
     if hasattr(group_ids, "__array__") and not isinstance(group_ids, Tensor):
@@ -166,8 +174,7 @@ def group_losses(
         >>> round(torch.stack(list(losses.values())).mean().item(), 3)  # the per-sample mean, 12 / 4
         3.0
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    check_options(weighting, absent)
     if not isinstance(per_sample_loss, Tensor):
         raise ValueError(f"per_sample_loss must be a tensor, got {type(per_sample_loss).__name__}")
     if per_sample_loss.dim() != 1:
