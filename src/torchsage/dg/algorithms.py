@@ -425,3 +425,8 @@ def get_algorithm(name: str) -> type[Algorithm]:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}: use one of {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]
+
+
+# The gradient-alignment baselines (Fish, ANDMask, SANDMask, IGA, GGA) live in their own module,
+# which subclasses Algorithm and adds its entries to ALGORITHMS when it loads.
+import torchsage.dg.algorithms_alignment  # noqa: E402

@@ -105,6 +105,21 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
         add("mixup_alpha", 0.2, _log_uniform(-1, 1))
     if algorithm == "MMD":
         add("mmd_gamma", 1.0, _log_uniform(-1, 1))
+    if algorithm == "Fish":
+        add("meta_lr", 0.5, _choice([0.05, 0.1, 0.5]))
+    if algorithm == "ANDMask":
+        add("tau", 1.0, lambda r: float(r.uniform(0.5, 1.0)))
+    if algorithm == "SANDMask":
+        add("tau", 1.0, lambda r: float(r.uniform(0.0, 1.0)))
+        add("k", 10.0, _log_uniform(-3, 5))
+    if algorithm == "IGA":
+        add("penalty", 1000.0, _log_uniform(1, 5))
+    if algorithm == "GGA":  # the defaults of its authors' code (train_all.py); they define no search space
+        add("gga_start_step", 100)
+        add("gga_end_step", 150)
+        add("gga_search_steps", 250)
+        add("gga_neighborhood", 1e-6)
+        add("gga_loss_tolerance", 0.1)
     return h
 
 
