@@ -13,7 +13,7 @@ from torchsage.optim._ascent import (
     GradientMatchingAscent,
     PolarAscent,
 )
-from torchsage.optim._core import AscentRule, SharpnessAware, StepInfo, frozen_bn_stats
+from torchsage.optim._core import AscentRule, Closure, SharpnessAware, StepInfo, frozen_bn_stats
 from torchsage.optim._distributed import (
     LAYOUTS,
     Communicator,
@@ -35,6 +35,7 @@ __all__ = [
     "AdaptiveGradientAscent",
     "AlignedPolarAscent",
     "AscentRule",
+    "Closure",
     "Communicator",
     "GradientAscent",
     "GradientMatchingAscent",
