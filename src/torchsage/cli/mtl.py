@@ -176,7 +176,43 @@ def _sweep(args: argparse.Namespace) -> int:
     check_launcher(args)
     if args.dry_run:
         return dry_run(args, jobs)
+    _check_first_runs(args, jobs)
     return print_summary(args, lambda: run_sweep(jobs, lambda part: launch_summary(args, part)))
+
+
+def _check_first_runs(args: argparse.Namespace, jobs: list[Any]) -> None:
+    """Builds the first run of every (solver, method) in this process before anything is launched
+    (:func:`torchsage.mtl.train.check`); a problem stops the sweep with one line."""
+    from torchsage.mtl.train import MTLArgs, check
+
+    seen = set()
+    for job in jobs:
+        solver, method = job.settings["solver"], job.settings["method"]
+        if (solver, method) in seen:
+            continue
+        seen.add((solver, method))
+        run = MTLArgs(
+            benchmark=job.settings["benchmark"],
+            solver=solver,
+            output_dir=str(job.output_dir),
+            sage=method == "sage",
+            sam=method == "sam",
+            rho=args.rho if method != "plain" else None,
+            gamma=args.gamma if method == "sage" else None,
+            epochs=args.epochs,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            width=args.width,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            device=args.device,
+        )
+        try:
+            check(run)
+        except (ValueError, ImportError, OSError, RuntimeError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{job.describe()}: {first} (nothing launched)") from None
 
 
 def _toy(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ from torchsage.mtl.benchmarks import BENCHMARKS, Benchmark, LossFn, get_benchmar
 from torchsage.mtl.data import Loader
 from torchsage.mtl.solvers import STL, canonical_solver, solver_spec
 
-__all__ = ["BENCHMARKS", "Benchmark", "Loader", "MTLArgs", "train"]
+__all__ = ["BENCHMARKS", "Benchmark", "Loader", "MTLArgs", "check", "train"]
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -222,6 +222,22 @@ def train(args: MTLArgs) -> Path:
     """
     with torchrun_session() as comm:
         return _train(args, (comm.rank, comm.world_size) if comm is not None else (0, 1))
+
+
+def check(args: MTLArgs) -> None:
+    """Checks a run without training it: the arguments, the benchmark's data folder, the network
+    and the solver (its optional dependencies), as :func:`train` builds them. A sweep calls it on
+    its first run of every solver and method before launching anything.
+
+    Raises:
+        ValueError, FileNotFoundError, ImportError: as :func:`train` would.
+    """
+    bench, cfg = _resolved(args)
+    if bench.needs_data_dir and not Path(str(args.data_dir)).is_dir():
+        raise FileNotFoundError(f"data directory {args.data_dir} does not exist")
+    bench.build(cfg["width"])
+    if cfg["solver"] != STL:
+        solver_spec(cfg["solver"])(len(bench.tasks), **args.solver_options)
 
 
 def _train(args: MTLArgs, shard: tuple[int, int]) -> Path:
