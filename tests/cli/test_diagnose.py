@@ -153,7 +153,7 @@ def test_bad_input_is_one_line_and_exit_code_2(run_dir, tmp_path, capsys):
 
 
 def test_diagnose_multi_task_checkpoint_uses_one_loss_per_task(tmp_path, capsys):
-    from torchsage.mtl.train import load_for_diagnostics
+    from torchsage.mtl.checkpoint import load_for_diagnostics
 
     run = tmp_path / "mtl"
     argv = ["mtl", "train", "--benchmark", "multidigits", "--solver", "ls", "--output-dir", str(run)]
