@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,7 +108,21 @@ class ANDMask(_MaskedGradient):
 
 
 class SANDMask(_MaskedGradient):
-    """SAND-mask (Shahtalebi et al., 2021): :func:`sand_mask` with ``tau`` and steepness ``k``."""
+    """SAND-mask (Shahtalebi et al., 2021): :func:`sand_mask` with ``tau`` and steepness ``k``.
+
+    With ``tau >= 1`` (DomainBed's default is 1) the mask is zero wherever the environment
+    gradients vary at all, so training does not progress; DomainBed's search draws ``tau`` from
+    U(0, 1). A warning says so.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.hparams["tau"] >= 1:
+            warnings.warn(
+                f"SANDMask with tau={self.hparams['tau']} masks every coordinate whose environment "
+                "gradients differ: training will not progress (choose tau < 1)",
+                stacklevel=2,
+            )
 
     def combine(self, grads: Tensor) -> Tensor:
         return sand_mask(grads, self.hparams["tau"], self.hparams["k"])
