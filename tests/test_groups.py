@@ -154,6 +154,72 @@ def test_sage_step_on_a_mixed_batch_equals_the_hand_grouped_step(absent_domain):
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_counts_match_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = (torch.randint(0, 5, (30,), generator=g) * 3).tolist()  # ids 0, 3, ..., 12
+    groups = list(range(14))
+    expected = [sum(1 for i in ids if i == k) for k in groups if k in ids]
+    assert torchsage.group_counts(torch.tensor(ids), groups) == expected
+    assert torchsage.group_counts([str(i) for i in ids], [str(k) for k in groups]) == expected
+    named = torchsage.group_losses(torch.ones(30), torch.tensor(ids), groups)
+    assert list(named) == [str(k) for k in groups if k in ids]  # the same order as group_losses
+    with pytest.raises(ValueError, match="have no sample in this batch"):
+        torchsage.group_counts(torch.tensor(ids), groups, absent="error")
+
+
+def _sgd_on_the_per_sample_mean(x, y):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@pytest.mark.parametrize("how", ["count", "weights"])
+def test_count_weighting_descends_on_the_per_sample_mean(how):
+    """rho = gamma = 0: the step is SGD on the optimizer's mean, which either way of weighting by
+    counts makes the batch's per-sample mean."""
+    torch.manual_seed(0)
+    x, y, ids = torch.randn(30, 5), torch.randint(0, 3, (30,)), torch.tensor([0] * 4 + [1] * 20 + [2] * 6)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    opt = torchsage.SAGE(model.parameters(), torch.optim.SGD, rho=0.0, gamma=0.0, lr=0.1)
+    with torch.no_grad():
+        plain_loss = F.cross_entropy(model(x), y).item()
+
+    def closure():
+        per_sample = F.cross_entropy(model(x), y, reduction="none")
+        return torchsage.group_losses(per_sample, ids, weighting="count" if how == "count" else "uniform")
+
+    info = opt.step(closure, weights=torchsage.group_counts(ids) if how == "weights" else None)
+    # float32 sums of 30 terms of size ~1 in different orders: a few 1e-7.
+    assert info.loss == pytest.approx(plain_loss, rel=1e-6)
+    got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(got, _sgd_on_the_per_sample_mean(x, y), rtol=1e-6, atol=1e-6)
+
+
+def test_count_scaling_and_step_weights_take_the_same_sage_step_without_noise():
+    """With gamma = 0 the disagreement is not used: both ways give the same mean gradient, the
+    same ascent and the same perturbed mean loss, so the same step."""
+    torch.manual_seed(0)
+    x, y, ids = torch.randn(30, 5), torch.randint(0, 3, (30,)), torch.tensor([0] * 4 + [1] * 20 + [2] * 6)
+    weights = []
+    for how in ("count", "weights"):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        opt = torchsage.SAGE(model.parameters(), torch.optim.SGD, rho=0.1, gamma=0.0, lr=0.1)
+
+        def closure(model=model, how=how):
+            per_sample = F.cross_entropy(model(x), y, reduction="none")
+            return torchsage.group_losses(per_sample, ids, weighting="count" if how == "count" else "uniform")
+
+        opt.step(closure, weights=torchsage.group_counts(ids) if how == "weights" else None)
+        weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-6)
+
+
 def test_step_without_closure_says_what_to_do():
     model = torch.nn.Linear(2, 1)
     opt = torchsage.SAGE(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)

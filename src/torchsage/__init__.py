@@ -2,7 +2,7 @@
 
 from torchsage import amp
 from torchsage.disagreement import GradientStatistics, disagreement
-from torchsage.groups import group_losses
+from torchsage.groups import group_counts, group_losses
 from torchsage.optim import (
     ASAM,
     GSAM,
@@ -35,6 +35,7 @@ __all__ = [
     "amp",
     "disagreement",
     "frozen_bn_stats",
+    "group_counts",
     "group_losses",
     "polar_factor",
     "preset",

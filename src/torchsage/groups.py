@@ -15,10 +15,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["group_losses"]
+__all__ = ["group_counts", "group_losses"]
 
 WEIGHTINGS = ("uniform", "count")
 ABSENT = ("skip", "error")
+
+
+def check_options(weighting: str, absent: str) -> None:
+    """ValueError unless ``weighting`` and ``absent`` are known values."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    if absent not in ABSENT:
+        raise ValueError(f"absent must be one of {', '.join(ABSENT)}, got {absent!r}")
 
 
 def _present_groups(group_ids: Any, n: int, device: torch.device) -> tuple[list[Hashable], Tensor, list[int]]:
@@ -77,6 +85,36 @@ def _requested(groups: Sequence[Hashable] | Mapping[Hashable, Any], integer: boo
     return named
 
 
+def _grouping(
+    group_ids: Any, groups: Any, n: int, device: torch.device, absent: str
+) -> tuple[dict[Hashable, str], list[Hashable], Tensor, list[int]]:
+    """(requested groups -> names, the labels present, each sample's index into them, counts)."""
+    if absent not in ABSENT:
+        raise ValueError(f"absent must be one of {', '.join(ABSENT)}, got {absent!r}")
+    if n == 0:
+        raise ValueError("the batch is empty: grouping needs at least one sample")
+    labels, inverse, counts = _present_groups(group_ids, n, device)
+    if groups is None:
+        named = {g: str(g) for g in labels}
+    else:
+        named = _requested(groups, integer=isinstance(group_ids, Tensor) or hasattr(group_ids, "__array__"))
+        unknown = [g for g in labels if g not in named]
+        if unknown:
+            raise ValueError(
+                f"the batch has samples of groups {unknown} that are not in groups={list(named)}: "
+                "add them to groups, or filter those samples out"
+            )
+    if len(set(named.values())) != len(named):
+        raise ValueError(f"two groups have the same name: {list(named.values())}")
+    missing = [g for g in named if g not in labels]
+    if missing and absent == "error":
+        raise ValueError(
+            f"groups {missing} have no sample in this batch; use absent='skip' to leave them out of "
+            "the step, or sample batches that hold every group"
+        )
+    return named, labels, inverse, counts
+
+
 def group_losses(
     per_sample_loss: Tensor,
     group_ids: Tensor | Sequence[Hashable],
@@ -97,7 +135,11 @@ def group_losses(
       returned losses is the per-sample mean :math:`\frac{1}{N} \sum_i \ell_i` of the whole batch,
       as plain training on the mixed batch would use. Each group's gradient is then scaled by
       :math:`K n_k / N`: the cosine disagreement does not change (it compares directions), the
-      variance measures do (a group with few samples counts less in them too).
+      variance measures do (a group with few samples counts less in them too). For any code that
+      averages the losses itself. With torchsage's optimizers the same objective comes from
+      ``"uniform"`` losses and ``optimizer.step(closure, weights=group_counts(group_ids, groups))``,
+      which leaves each group's gradient unscaled and weighs the disagreement statistics by
+      :math:`n_k / N` instead.
 
     A group with no sample in the batch has no loss (the mean of nothing is ``nan``): it is left
     out of the result (``absent="skip"``), so the optimizer measures the disagreement of the groups
@@ -132,10 +174,7 @@ def group_losses(
         >>> round(torch.stack(list(losses.values())).mean().item(), 3)  # the per-sample mean, 12 / 4
         3.0
     """
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-    if absent not in ABSENT:
-        raise ValueError(f"absent must be one of {', '.join(ABSENT)}, got {absent!r}")
+    check_options(weighting, absent)
     if not isinstance(per_sample_loss, Tensor):
         raise ValueError(f"per_sample_loss must be a tensor, got {type(per_sample_loss).__name__}")
     if per_sample_loss.dim() != 1:
@@ -146,27 +185,7 @@ def group_losses(
     if not per_sample_loss.dtype.is_floating_point:
         raise ValueError(f"per_sample_loss must be a floating-point tensor, got {per_sample_loss.dtype}")
     n = per_sample_loss.numel()
-    if n == 0:
-        raise ValueError("the batch is empty: group_losses needs at least one sample")
-    labels, inverse, counts = _present_groups(group_ids, n, per_sample_loss.device)
-    if groups is None:
-        named = {g: str(g) for g in labels}
-    else:
-        named = _requested(groups, integer=isinstance(group_ids, Tensor) or hasattr(group_ids, "__array__"))
-        unknown = [g for g in labels if g not in named]
-        if unknown:
-            raise ValueError(
-                f"the batch has samples of groups {unknown} that are not in groups={list(named)}: "
-                "add them to groups, or filter those samples out"
-            )
-    if len(set(named.values())) != len(named):
-        raise ValueError(f"two groups have the same name: {list(named.values())}")
-    missing = [g for g in named if g not in labels]
-    if missing and absent == "error":
-        raise ValueError(
-            f"groups {missing} have no sample in this batch; use absent='skip' to leave them out of "
-            "the step, or sample batches that hold every group"
-        )
+    named, labels, inverse, counts = _grouping(group_ids, groups, n, per_sample_loss.device, absent)
     sums = per_sample_loss.new_zeros(len(labels)).index_add(0, inverse, per_sample_loss)
     count = torch.tensor(counts, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
     means = sums / count
@@ -174,3 +193,27 @@ def group_losses(
         means = means * (count * (len(labels) / n))  # K n_k / N: the mean over groups is the sample mean
     position = {g: i for i, g in enumerate(labels)}
     return {name: means[position[g]] for g, name in named.items() if g in position}
+
+
+def group_counts(
+    group_ids: Tensor | Sequence[Hashable],
+    groups: Sequence[Hashable] | Mapping[Hashable, Any] | None = None,
+    *,
+    absent: str = "skip",
+) -> list[int]:
+    """The number of samples of each group present in the batch, in :func:`group_losses`' order.
+
+    With ``weighting="uniform"`` losses, ``optimizer.step(closure, weights=group_counts(ids,
+    groups))`` descends on the batch's per-sample mean (weights ``n_k / N``) and weighs the
+    disagreement statistics by the same shares, the authors' treatment of one merged batch. Same
+    arguments and errors as :func:`group_losses`.
+
+    Example:
+        >>> import torch, torchsage
+        >>> torchsage.group_counts(torch.tensor([2, 0, 2, 2]), [0, 1, 2])
+        [1, 3]
+    """
+    n = group_ids.numel() if isinstance(group_ids, Tensor) else len(group_ids)
+    named, labels, _, counts = _grouping(group_ids, groups, n, torch.device("cpu"), absent)
+    position = {g: i for i, g in enumerate(labels)}
+    return [counts[position[g]] for g in named if g in position]

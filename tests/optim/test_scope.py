@@ -12,35 +12,13 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _two_heads import two_task_problem
 
 import torchsage
 
-F64 = torch.float64
-
-
-class TwoHeads(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh())
-        self.heads = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 3)})
-
-    def forward(self, x):
-        z = self.trunk(x)
-        return {k: h(z) for k, h in self.heads.items()}
-
 
 def setup(seed=0):
-    torch.manual_seed(seed)
-    model = TwoHeads().double()
-    x = torch.randn(16, 5, dtype=F64)
-    ya, yb = torch.randn(16, 1, dtype=F64), torch.randint(0, 3, (16,))
-
-    def closure():
-        out = model(x)
-        return {"a": nn.functional.mse_loss(out["a"], ya), "b": nn.functional.cross_entropy(out["b"], yb)}
-
-    return model, closure
+    return two_task_problem(seed, classify_b=True)
 
 
 def brute(model, closure, scope, measure):
@@ -90,7 +68,7 @@ def test_scopes_differ_and_shared_is_the_default_with_a_solver():
         )
         values[scope] = opt.step(c).disagreement
     assert values[None] == values["shared"]
-    assert abs(values["all"] - values["shared"]) > 1e-3 * values["shared"]
+    assert abs(values["all"] - values["shared"]) > 1e-8 * values["shared"]  # float64 noise: 1e-15
     # Without a solver the statistics cover every parameter: the "all" number.
     opt = torchsage.SAGE(model.parameters(), torch.optim.SGD, rho=0.01, lr=0.0)
     assert opt.step(lambda: list(closure().values())).disagreement == pytest.approx(values["all"], rel=1e-12)

@@ -189,6 +189,10 @@ class SharpnessAware(Optimizer):
             shared ones (found from the autograd graph), the disagreement is measured on them, and
             the descent direction at the perturbed weights is the solver's (see docs/mtl.md).
             ``None`` (default) descends on the mean loss.
+        solver_update: for solvers that learn from each step's effect (FAMO's ``update``): the
+            task losses "before" the step are the ``"clean"`` ones (default, at ``w``) or the
+            ``"perturbed"`` ones (at ``w + e``, as the SAGE authors' multi-task code does); the
+            losses "after" are always recomputed on the same batch at the new weights.
         process_group: data-parallel training (see docs/distributed.md): ``"auto"`` (default)
             averages every gradient over the default ``torch.distributed`` group when one is
             initialized with two or more processes; a group object uses that group; ``None``
@@ -209,14 +213,18 @@ class SharpnessAware(Optimizer):
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        solver_update: str = "clean",
         process_group: Any = "auto",
         layout: str = "shards",
         **base_kwargs: Any,
     ) -> None:
-        if solver is not None and ascent.needs_statistics:
+        if solver_update not in ("clean", "perturbed"):
+            raise ValueError(f"solver_update must be 'clean' or 'perturbed', got {solver_update!r}")
+        self.solver_update = solver_update
+        if solver is not None and ascent.needs_statistics and self.disagreement_scope != "all":
             raise ValueError(
-                f"{type(self).__name__} does not take a solver: its ascent needs the statistics of "
-                "all parameters, a solver measures the shared ones"
+                f"{type(self).__name__} with a solver needs disagreement_scope='all': its ascent "
+                "needs the statistics of every parameter, not only the shared ones"
             )
         _checks.check_base_optimizer(base_optimizer, type(self).__name__)
         _checks.check_options(type(self), base_optimizer, base_kwargs)
@@ -463,13 +471,14 @@ class SharpnessAware(Optimizer):
         return global_norm([p.grad for p in params if p.grad is not None])
 
     def _update_solver(self, closure: Closure, before: Tensor) -> None:
-        """Solvers that learn from the step's effect (FAMO) see the clean task losses before the
-        step and the losses on the same batch after it (one forward, BatchNorm left alone)."""
+        """Solvers that learn from the step's effect (FAMO) see the task losses before the step
+        (``solver_update`` says which) and the losses on the same batch after it (one forward,
+        BatchNorm left alone)."""
         update = getattr(self.solver, "update", None)
         if not callable(update):
             return
         with torch.no_grad(), frozen_bn_stats(self.model):
-            self.solver(before)  # records the losses before the step: the clean ones, not the perturbed
+            self.solver(before)  # records the losses before the step
             _, after, _ = _named_losses(closure())
             after = torch.stack([x.detach().reshape(()) for x in after])
             if self._parallel is not None:
@@ -593,6 +602,7 @@ class SharpnessAware(Optimizer):
         perturbed_loss = math.nan
         perturbation_norm = 0.0
         clean = None
+        before = losses  # what a self-updating solver sees as the losses before the step
         perturbed = any(g["rho"] > 0 for g, ps in groups if ps)
         if perturbed:
             perturbation = [e for es in self.ascent.perturbation(groups, stats) for e in es]
@@ -620,6 +630,8 @@ class SharpnessAware(Optimizer):
                     closure, params, pnames, plosses, None, grad_norm, "at the perturbed weights"
                 )
                 perturbed_loss = mean_loss(plosses, weights)
+                if self.solver_update == "perturbed":
+                    before = plosses
             finally:
                 if moved:
                     torch._foreach_copy_(moved, saved)
@@ -646,7 +658,7 @@ class SharpnessAware(Optimizer):
         extra = self._descent(groups, measured, clean)
         self.base_optimizer.step()
         if self.solver is not None:
-            self._update_solver(closure, losses)
+            self._update_solver(closure, before)
         return StepInfo(
             loss=mean_loss(losses, weights),
             losses=tuple(losses.tolist()),

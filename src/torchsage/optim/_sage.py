@@ -57,7 +57,7 @@ class SAGE(SharpnessAware):
             accuracy against float64 in docs/benchmarks.md).
         ns_compile: run the Newton-Schulz iterations through ``torch.compile`` (see
             docs/benchmarks.md for what it buys; matrices of equal shape are always batched).
-        model, update_bn_on_perturbed, max_grad_norm, on_nonfinite: see
+        model, update_bn_on_perturbed, max_grad_norm, on_nonfinite, solver_update: see
             :class:`torchsage.optim.SharpnessAware`.
         solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
             forms the descent direction from the perturbed task losses; the ascent stays the polar
@@ -122,6 +122,7 @@ class SAGE(SharpnessAware):
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        solver_update: str = "clean",
         disagreement_scope: str | None = None,
         process_group: Any = "auto",
         layout: str = "shards",
@@ -165,6 +166,7 @@ class SAGE(SharpnessAware):
             max_grad_norm=max_grad_norm,
             on_nonfinite=on_nonfinite,
             solver=solver,
+            solver_update=solver_update,
             process_group=process_group,
             layout=layout,
             **base_kwargs,
@@ -271,6 +273,28 @@ class SAGEAlign(SAGE):
     + \lambda\,\mathrm{polar}(\sigma \odot \mathrm{sign}(\bar g))`,
     :math:`\sigma` the per-coordinate standard deviation of the :math:`g_k`, and
     :math:`\lambda = \mathrm{clamp}(\lambda_{max} (1 - \text{mean cosine}), 0, \lambda_{max})`.
+    A vector's direction mixes :math:`g / \lVert g \rVert` with its normalised spread the same way,
+    unless ``mix_vectors=False``: then vectors move along :math:`g / \lVert g \rVert` alone, as
+    in the authors' align code.
+
+    With a ``solver`` the statistics cover every parameter (``disagreement_scope="all"``, the
+    default here and the only scope allowed: the spread of a head is that of its task's gradient
+    against the other tasks' zeros); the ascent uses the mean task gradient, the descent the
+    solver's direction at the perturbed weights.
+
+    Args:
+        lambda_max: the largest mixing weight.
+        mix_vectors: mix the directions of 1-d parameters too (default) or keep ``g / ||g||``.
+        Other arguments as :class:`SAGE` (no ``gamma``).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = SAGEAlign(model.parameters(), torch.optim.SGD, rho=0.05, mix_vectors=False, lr=0.1)
+        >>> data = [(torch.randn(8, 4), torch.randn(8, 3)) for _ in range(2)]
+        >>> info = opt.step(lambda: [torch.nn.functional.mse_loss(model(x), y) for x, y in data])
+        >>> round(info.perturbation_norm, 6)
+        0.05
     """
 
     def __init__(
@@ -280,12 +304,16 @@ class SAGEAlign(SAGE):
         rho: float = 0.05,
         *,
         lambda_max: float = 0.8,
+        mix_vectors: bool = True,
         **kwargs: Any,
     ):
         if "gamma" in kwargs:
             raise ValueError("SAGEAlign adds no noise (gamma = 0); use SAGE for noise")
+        if kwargs.get("solver") is not None:
+            kwargs.setdefault("disagreement_scope", "all")
         self.lambda_max = lambda_max
+        self.mix_vectors = mix_vectors
         super().__init__(params, base_optimizer, rho=rho, gamma=0.0, **kwargs)
 
     def _make_ascent(self, **kwargs: Any) -> AscentRule:
-        return AlignedPolarAscent(lambda_max=self.lambda_max, **kwargs)
+        return AlignedPolarAscent(lambda_max=self.lambda_max, mix_vectors=self.mix_vectors, **kwargs)
