@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--hparams", default=None, help="JSON object overriding hyperparameters")
     train.add_argument("--holdout-fraction", type=float, default=0.2)
     train.add_argument("--save-model", action="store_true", help="write model.pt for diagnostics")
-    train.add_argument("--num-workers", type=int, default=0, help="data loader processes")
+    train.add_argument(
+        "--num-workers",
+        type=int,
+        default=None,
+        help="data loader processes (default: 8 for image sets, else 0)",
+    )
+    train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     train.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast (fp16: loss-scaled)")
     train.add_argument("--no-progress", action="store_true")
     from torchsage.dg.sweep import add_sweep_arguments
@@ -56,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help="a sweep output directory")
     report.add_argument("--latex", action="store_true", help="LaTeX tables instead of markdown")
     report.add_argument("--plot", default=None, help="PNG path (default: DIR/report.png)")
+    report.add_argument(
+        "--std", action="store_true", help="± std over trials instead of DomainBed's std/sqrt(n)"
+    )
     from torchsage.mtl.train import add_mtl_commands
 
     add_mtl_commands(sub, _Parser)
@@ -87,6 +96,7 @@ def _dg(args: argparse.Namespace) -> int:
                 save_model=args.save_model,
                 num_workers=args.num_workers,
                 amp=args.amp,
+                device=args.device,
                 progress=not args.no_progress,
             )
         )
@@ -99,7 +109,7 @@ def _dg(args: argparse.Namespace) -> int:
         return run_from_args(args)
     from torchsage.dg.report import report
 
-    print(report(args.dir, latex=args.latex, plot_path=args.plot))
+    print(report(args.dir, latex=args.latex, plot_path=args.plot, error="std" if args.std else "sem"))
     return 0
 
 

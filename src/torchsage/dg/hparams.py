@@ -41,7 +41,7 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     # -- shared --------------------------------------------------------------------------------
     add("backbone", "mnist_cnn" if small else "resnet50")
     add("cnn_width", 64)  # MNIST CNN channels: (w, 2w, 2w, 2w); DomainBed uses 64
-    add("pretrained_path", None)  # a local ResNet state_dict; no download
+    add("pretrained_path", None)  # a local ResNet state_dict (takes precedence over "pretrained")
     add("freeze_bn", True)
     add("data_augmentation", not small)
     if not small:
@@ -91,6 +91,11 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
             add("gamma", 1e-3, _log_uniform(-4, -2))
         if algorithm == "SAGE_Align":
             add("lambda_max", 0.8, _choice([0.4, 0.6, 0.8]))
+
+    # -- backbone weights and learning-rate schedule, every algorithm --------------------------
+    if not small:
+        add("pretrained", "imagenet")  # ResNet backbones: torchvision's ImageNet weights; null: random
+    add("lr_schedule", "none")  # or "step" (x0.1 at 80% of the steps) or "cosine" (to 0 at the end)
     return h
 
 

@@ -126,16 +126,17 @@ class Job:
     Attributes:
         root: the sweep's output folder; the run directory is ``root / run_id``.
         dataset, algorithm, test_envs, hparams_seed, trial_seed, steps, checkpoint_freq,
-        holdout_fraction, data_dir, hparams, amp: the arguments of ``torchsage dg train``
+        holdout_fraction, data_dir, hparams, amp, device: the arguments of ``torchsage dg train``
             (``hparams`` is a JSON object as a string, or ``None``; ``amp`` is ``"bf16"``,
             ``"fp16"`` or ``None``).
         seed: initialisation and minibatch seed; ``None`` (the default) derives it with
             :func:`job_seed`.
         output_dir: the run directory (computed, not an argument).
 
-    The run id hashes every argument except ``root`` and ``data_dir`` (the location of the data
-    does not change the run, so moving the data does not restart finished runs). ``hparams`` is
-    hashed as parsed JSON, so whitespace and key order do not matter.
+    The run id hashes every argument except ``root``, ``data_dir`` and ``device`` (where the data
+    lie and which card trains do not define the run, so moving either does not restart finished
+    runs). ``device`` ``None`` lets every run take cuda where available, on the node it runs on.
+    ``hparams`` is hashed as parsed JSON, so whitespace and key order do not matter.
     """
 
     root: Path
@@ -151,6 +152,7 @@ class Job:
     data_dir: str | None = None
     hparams: str | None = None
     amp: str | None = None
+    device: str | None = None
     output_dir: Path = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -223,6 +225,8 @@ class Job:
             argv += ["--hparams", self.hparams]
         if self.amp is not None:
             argv += ["--amp", self.amp]
+        if self.device is not None:
+            argv += ["--device", self.device]
         if not progress:
             argv.append("--no-progress")
         return argv
@@ -290,6 +294,7 @@ def make_jobs(
     env_names: EnvNames | None = None,
     algorithm_names: AlgorithmNames | None = None,
     amp: str | None = None,
+    device: str | None = None,
 ) -> list[Job]:
     """Every job of a sweep, in the order dataset, algorithm, test envs, hparams seed, trial seed.
 
@@ -298,7 +303,7 @@ def make_jobs(
         datasets, algorithms: names (repeats are dropped).
         n_hparams: hyperparameter seeds ``0 .. n_hparams - 1`` (0: the defaults).
         n_trials: trial seeds ``0 .. n_trials - 1``.
-        steps, checkpoint_freq, data_dir, hparams, holdout_fraction, amp: passed to every run.
+        steps, checkpoint_freq, data_dir, hparams, holdout_fraction, amp, device: passed to every run.
         test_envs: ``"single"`` or ``"loo"`` (see the module docstring).
         env_names: ``dataset -> environment names``; default
             :func:`torchsage.dg.datasets.environment_names` (raises on unknown data sets).
@@ -348,6 +353,7 @@ def make_jobs(
                                 data_dir=data_dir,
                                 hparams=hparams,
                                 amp=amp,
+                                device=device,
                             )
                         )
     return jobs
@@ -842,6 +848,11 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--holdout-fraction", type=_fraction, default=0.2)
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast of every run")
     parser.add_argument(
+        "--device",
+        default=None,
+        help="every run's device: cpu, cuda, ... (default: cuda where the run finds one)",
+    )
+    parser.add_argument(
         "--test-envs",
         choices=TEST_ENV_MODES,
         default="single",
@@ -924,8 +935,16 @@ def run_from_args(
         env_names=env_names,
         algorithm_names=algorithm_names,
         amp=getattr(args, "amp", None),
+        device=getattr(args, "device", None),
     )
     launcher = getattr(args, "launcher", "local")
+    if getattr(args, "device", None) is not None:
+        from torchsage.dg.train import check_device_name, resolve_device
+
+        if launcher == "submitit":  # the nodes' devices: each run checks its own
+            check_device_name(args.device)
+        else:  # local runs need the device here
+            resolve_device(args.device)
     if launcher == "local":
         given = [name for name in _SUBMITIT_OPTIONS if getattr(args, name, None) is not None]
         if given:
