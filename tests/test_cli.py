@@ -24,7 +24,7 @@ def test_demo_runs_a_sweep_and_prints_the_training_domain_validation_table(tmp_p
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["demo", "--algorithms", "ERM", "Mixup"], "unknown algorithm"),
+        (["demo", "--algorithms", "ERM", "DANN"], "unknown algorithm"),
         (["demo", "--datasets", "MNIST"], "unknown dataset"),
         (["demo", "--steps", "0"], "positive integer"),
         (["dg", "report", "/nonexistent/sweep"], "/nonexistent/sweep"),

@@ -2,6 +2,7 @@
 
 from torchsage import amp
 from torchsage.disagreement import GradientStatistics, disagreement
+from torchsage.groups import group_counts, group_losses
 from torchsage.optim import (
     ASAM,
     GSAM,
@@ -15,12 +16,14 @@ from torchsage.optim import (
     frozen_bn_stats,
 )
 from torchsage.polar import polar_factor
+from torchsage.presets import PRESETS, preset
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASAM",
     "GSAM",
+    "PRESETS",
     "SAGE",
     "SAGM",
     "SAM",
@@ -32,5 +35,8 @@ __all__ = [
     "amp",
     "disagreement",
     "frozen_bn_stats",
+    "group_counts",
+    "group_losses",
     "polar_factor",
+    "preset",
 ]

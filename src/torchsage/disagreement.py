@@ -19,10 +19,18 @@ nearly agree (the textbook ``mean ||g_k||^2 - ||g_bar||^2`` cancels catastrophic
 cosine measure is the same variance taken over the normalised gradients ``u_k = g_k / ||g_k||``:
 ``sum_{i<j} (1 - cos_ij) = (K / 2) sum_k ||u_k - u_bar||^2`` when no ``g_k`` is zero, so
 ``cosine = sum_k ||u_k - u_bar||^2 / (K - 1)`` (a zero gradient counts as cosine 0 with the rest).
+
+**Weights.** Distributions may carry positive weights ``w_k`` (normalised to sum 1), e.g. their
+shares ``n_k / N`` of a batch of unequal parts. The mean is then ``g_bar = sum_k w_k g_k`` and the
+variance ``V = sum_k w_k ||g_k - g_bar||^2`` (West's weighted update); equal weights give the
+formulas above. The ``cosine`` measure stays the mean over pairs of distributions, each pair
+counted once: a gradient's direction has no batch size (the authors' DG code averages the
+pairwise cosines the same way while weighting the mean gradient by ``n_k / N``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +45,31 @@ def check_measure(measure: str) -> str:
     if measure not in MEASURES:
         raise ValueError(f"unknown disagreement measure {measure!r}: use one of {', '.join(MEASURES)}")
     return measure
+
+
+def check_weights(weights: Sequence[float] | Tensor, count: int | None = None) -> list[float]:
+    """Per-distribution weights as Python floats normalised to sum 1; ValueError unless they are
+    ``count`` (when given) positive finite numbers."""
+    if isinstance(weights, Tensor):
+        if weights.ndim != 1:
+            raise ValueError(f"weights must be a 1-d sequence, got a tensor of shape {tuple(weights.shape)}")
+        weights = weights.tolist()
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise ValueError(f"weights must be a sequence of positive numbers, got {weights!r}")
+    values = []
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w > 0 and math.isfinite(w)):
+            raise ValueError(
+                f"weights must be positive finite numbers (leave out a distribution with no samples), "
+                f"got {list(weights)!r}"
+            )
+        values.append(float(w))
+    if not values:
+        raise ValueError("weights must not be empty")
+    if count is not None and len(values) != count:
+        raise ValueError(f"got {len(values)} weights for {count} distributions")
+    total = math.fsum(values)
+    return [w / total for w in values]
 
 
 def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
@@ -87,6 +120,8 @@ class GradientStatistics:
         self.mean = [torch.zeros_like(t) for t in like]
         self.params: Sequence[Tensor] = like
         self.count = 0
+        #: sum of the weights seen (equals ``count`` when every weight is 1)
+        self.total = 0.0
         self.eps = eps
         device = self.mean[0].device if self.mean else torch.device("cpu")
         self._m2 = torch.zeros((), dtype=torch.float64, device=device)
@@ -101,21 +136,26 @@ class GradientStatistics:
         return [torch.zeros_like(m) if g is None else g for g, m in zip(grads, self.mean)]
 
     @staticmethod
-    def _welford(mean: list[Tensor], delta: list[Tensor], k: int) -> Tensor:
-        """Folds ``delta = x - mean`` into ``mean``; returns the increment of the sum of squares."""
-        increment = _sum_of_squares(delta) * ((k - 1) / k)
-        torch._foreach_add_(mean, delta, alpha=1.0 / k)
+    def _welford(mean: list[Tensor], delta: list[Tensor], weight: float, total: float) -> Tensor:
+        """Folds ``delta = x - mean`` with ``weight`` into ``mean`` (``total`` weights including
+        this one); returns the increment of the weighted sum of squares (West, 1979)."""
+        increment = _sum_of_squares(delta) * (weight * (total - weight) / total)
+        torch._foreach_add_(mean, delta, alpha=weight / total)
         return increment
 
     @torch.no_grad()
-    def update(self, grads: Sequence[Tensor | None], inplace: bool = False) -> Tensor:
-        """Adds one distribution's gradients (``None`` counts as zero).
+    def update(self, grads: Sequence[Tensor | None], inplace: bool = False, weight: float = 1.0) -> Tensor:
+        """Adds one distribution's gradients (``None`` counts as zero) with a positive ``weight``.
 
         With ``inplace=True`` the given tensors are overwritten (they end up holding
         ``g_k - mean``); the optimizer uses this to avoid a copy. Returns ``||g_k||`` (float64).
         """
+        weight = float(weight)
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"the weight of a distribution must be a positive finite number, got {weight}")
         grads = self._grads(grads)
         self.count += 1
+        self.total += weight
         k = self.count
         norm = _sum_of_squares(grads).sqrt()
         if self._unit_mean is not None:
@@ -123,18 +163,20 @@ class GradientStatistics:
             inv = torch.where(nonzero, 1.0 / torch.where(nonzero, norm, 1.0), 0.0)
             units = torch._foreach_mul(grads, inv.to(grads[0].dtype)) if grads else []
             torch._foreach_sub_(units, self._unit_mean)
-            self._unit_m2 += self._welford(self._unit_mean, units, k)
+            self._unit_m2 += self._welford(self._unit_mean, units, 1.0, float(k))  # pairs count once
             self._nonzero += nonzero.to(torch.float64)
         delta = grads if inplace else [g.clone() for g in grads]
         torch._foreach_sub_(delta, self.mean)
         if self._elementwise_m2 is not None:
-            torch._foreach_addcmul_(self._elementwise_m2, delta, delta, value=(k - 1) / k)
-        self._m2 += self._welford(self.mean, delta, k)
+            torch._foreach_addcmul_(
+                self._elementwise_m2, delta, delta, value=weight * (self.total - weight) / self.total
+            )
+        self._m2 += self._welford(self.mean, delta, weight, self.total)
         return norm
 
     def variance(self) -> Tensor:
-        """``V = (1/K) sum_k ||g_k - g_bar||^2`` (float64)."""
-        return self._m2 / max(self.count, 1)
+        """``V = sum_k w_k ||g_k - g_bar||^2`` with weights normalised to sum 1 (float64)."""
+        return self._m2 / self.total if self.total > 0 else self._m2
 
     def mean_norm(self) -> Tensor:
         return _sum_of_squares(self.mean).sqrt()
@@ -153,10 +195,11 @@ class GradientStatistics:
         return (k - self._nonzero) / k + self._unit_m2 / (k - 1)
 
     def elementwise_variance(self) -> list[Tensor]:
-        """Per-coordinate variance ``(1/K) sum_k (g_k - g_bar)^2``, one tensor per parameter."""
+        """Per-coordinate variance ``sum_k w_k (g_k - g_bar)^2`` (weights summing to 1), one tensor
+        per parameter."""
         if self._elementwise_m2 is None:
             raise ValueError("per-coordinate statistics were not tracked: build with elementwise=True")
-        return torch._foreach_div(self._elementwise_m2, float(max(self.count, 1)))
+        return torch._foreach_div(self._elementwise_m2, self.total if self.total > 0 else 1.0)
 
     def disagreement(self, measure: str = "normalized_std") -> Tensor:
         """The disagreement ``measure`` of the gradients seen so far, as a float64 scalar."""
@@ -175,7 +218,10 @@ class GradientStatistics:
 
 
 def disagreement(
-    grads: Sequence[Tensor | Sequence[Tensor]], measure: str = "normalized_std", eps: float = 1e-12
+    grads: Sequence[Tensor | Sequence[Tensor]],
+    measure: str = "normalized_std",
+    eps: float = 1e-12,
+    weights: Sequence[float] | Tensor | None = None,
 ) -> Tensor:
     """Disagreement of per-distribution gradients.
 
@@ -185,6 +231,9 @@ def disagreement(
         measure: ``"normalized_std"`` (default), ``"cosine"``, ``"normalized_var"``,
             ``"raw_std"`` or ``"raw_var"``.
         eps: added to ``||g_bar||`` in the normalised measures.
+        weights: one positive weight per distribution (normalised to sum 1; e.g. the batch sizes
+            ``n_k``) for the mean and the variance; ``None`` weighs them equally. The ``cosine``
+            measure counts every pair once whatever the weights (see the module docstring).
 
     Returns:
         A float64 scalar tensor; 0 for one distribution or identical gradients.
@@ -204,7 +253,8 @@ def disagreement(
     for k, entry in enumerate(entries):
         if [tuple(t.shape) for t in entry] != shapes:
             raise ValueError(f"gradient of distribution {k} is laid out differently from distribution 0")
+    ws = check_weights(weights, len(entries)) if weights is not None else [1.0] * len(entries)
     stats = GradientStatistics(entries[0], cosine=measure == "cosine", eps=eps)
-    for entry in entries:
-        stats.update(entry)
+    for entry, w in zip(entries, ws):
+        stats.update(entry, weight=w)
     return stats.disagreement(measure)

@@ -46,6 +46,10 @@ def test_every_algorithm_trains_on_every_tiny_dataset(algorithm, dataset, tmp_pa
         data_dir = str(tmp_path / "data")
     if algorithm == "Fishr":
         hparams["penalty_anneal_iters"] = 2  # exercise the penalty and the optimizer reset
+    if algorithm in ("IRM", "VREx"):
+        hparams[f"{algorithm.lower()}_penalty_anneal_iters"] = 2
+    if algorithm == "GGA":  # a short search in the first two steps
+        hparams.update(gga_start_step=0, gga_end_step=1, gga_search_steps=2, gga_neighborhood=0.01)
     out = train(
         TrainArgs(
             dataset=dataset,
@@ -144,7 +148,7 @@ def test_environment_names():
     "argv, message",
     [
         (["--dataset", "MNIST", "--algorithm", "ERM", "--test-envs", "0"], "unknown dataset 'MNIST'"),
-        (["--dataset", "PACS", "--algorithm", "Mixup", "--test-envs", "0"], "unknown algorithm 'Mixup'"),
+        (["--dataset", "PACS", "--algorithm", "DANN", "--test-envs", "0"], "unknown algorithm 'DANN'"),
         (
             ["--dataset", "ColoredDigits", "--algorithm", "ERM", "--test-envs", "3"],
             "test environment 3 out of range",

@@ -8,10 +8,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+# A page whose examples need optional packages says so: <!-- requires: lightning transformers -->
+REQUIRES = re.compile(r"<!-- requires: ([\w\s-]+?)(?: \(.*?\))? -->")
 
 
 @pytest.mark.parametrize("path", [f for f in FILES if BLOCK.search(f.read_text())], ids=lambda p: p.name)
 def test_examples_run(path, tmp_path, monkeypatch):
+    for match in REQUIRES.finditer(path.read_text()):
+        for module in match.group(1).split():
+            pytest.importorskip(module, reason=f"{path.name}'s examples need {module}")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
     for i, block in enumerate(BLOCK.findall(path.read_text())):

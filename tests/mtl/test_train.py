@@ -165,6 +165,17 @@ def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, caps
     assert sum("--sage" in line for line in lines) == 1
 
 
+def test_sweep_passes_rho_and_gamma_only_to_the_methods_that_take_them(tmp_path, capsys):
+    options = ["--rho", "0.1", "--gamma", "0.2"]
+    sweep(benchmark="multidigits", solvers=["ls"], methods=["plain", "sam", "sage"], seeds=[0],
+          output_dir=str(tmp_path), dry_run=True, train_options=options)  # fmt: skip
+    lines = {m: line for line in capsys.readouterr().out.splitlines() for m in ("plain", "sam", "sage")
+             if f"/{m}/" in line}  # fmt: skip
+    assert "--rho" not in lines["plain"] and "--gamma" not in lines["plain"]
+    assert "--rho 0.1" in lines["sam"] and "--gamma" not in lines["sam"]
+    assert "--rho 0.1 --gamma 0.2" in lines["sage"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -173,6 +184,8 @@ def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, caps
         (["--benchmark", "nyuv2", "--solver", "ls"], "needs --data-dir"),
         (["--benchmark", "cityscapes", "--solver", "ls", "--data-dir", "/nonexistent/cs"], "/nonexistent/cs"),
         (["--benchmark", "multidigits", "--solver", "ls", "--sage", "--sam"], "exclude each other"),
+        (["--benchmark", "multidigits", "--solver", "ls", "--rho", "0.1"], "--rho is the ascent radius"),
+        (["--benchmark", "multidigits", "--solver", "ls", "--sam", "--gamma", "0.1"], "--gamma is SAGE's"),
         (["--benchmark", "multidigits", "--solver", "ls", "--epochs", "0"], "--epochs"),
         (["--benchmark", "multidigits", "--solver", "ls", "--device", "warp9"], "device 'warp9'"),
     ],

@@ -213,8 +213,10 @@ def test_bad_solvers_are_refused():
         torchsage.SAGE(model.parameters(), torch.optim.SGD, solver="upgrad", lr=0.1)
     with pytest.raises(ValueError, match="torchjd aggregator"):
         torchsage.SAM(model.parameters(), torch.optim.SGD, solver=object(), lr=0.1)
-    with pytest.raises(ValueError, match="does not take a solver"):
-        torchsage.SAGEAlign(model.parameters(), torch.optim.SGD, solver=UPGrad(), lr=0.1)
+    with pytest.raises(ValueError, match="needs disagreement_scope='all'"):
+        torchsage.SAGEAlign(
+            model.parameters(), torch.optim.SGD, solver=UPGrad(), disagreement_scope="shared", lr=0.1
+        )
 
 
 def test_nonfinite_task_loss_is_named_and_nothing_moves():

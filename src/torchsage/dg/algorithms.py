@@ -7,7 +7,9 @@ goes through its own forward pass, so the per-environment losses are what the sh
 optimizers need; their mean is the loss ERM minimises.
 
 The sharpness-aware algorithms (SAM, ASAM, GSAM, SAGM, SAGE and its variants) are ERM with a
-torchsage optimizer around the same base optimizer (Adam by default), nothing more.
+torchsage optimizer around the same base optimizer (Adam by default), nothing more. The baselines
+from DomainBed (CORAL, Fishr, IRM, VREx, GroupDRO, Mixup, MMD) follow the equations of its
+``algorithms.py``, written here on the per-environment forward passes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torchsage
 from torchsage.dg.networks import classifier, featurizer
 from torchsage.optim import SAGEAlign, SAGEAlignmentOnly, SAGECurvatureOnly, SharpnessAware
 
-__all__ = ["ALGORITHMS", "Algorithm", "get_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "gaussian_mmd", "get_algorithm", "irm_penalty", "mixup_pairs"]
 
 Minibatches = Sequence[tuple[Tensor, Tensor]]
 
@@ -229,6 +231,175 @@ class Fishr(Algorithm):
         return {"loss": loss.item(), "penalty": penalty.item()}
 
 
+def irm_penalty(logits: Tensor, labels: Tensor) -> Tensor:
+    """IRM's penalty on one environment: the product of the derivatives, with respect to a scale
+    ``s`` of the logits at ``s = 1``, of the cross-entropy on the even and on the odd examples (an
+    unbiased estimate of the squared derivative on the whole batch). Differentiable in ``logits``.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+        >>> irm_penalty(logits, torch.tensor([0, 0])).item() > 0  # both halves want a larger scale
+        True
+    """
+    scale = logits.new_ones((), requires_grad=True)
+    halves = [(logits[::2], labels[::2]), (logits[1::2], labels[1::2])]
+    grads = [
+        torch.autograd.grad(F.cross_entropy(z * scale, y), scale, create_graph=True)[0] for z, y in halves
+    ]
+    return grads[0] * grads[1]
+
+
+class _AnnealedPenalty(Algorithm):
+    """Mean risk plus a penalty weighted 1 before ``<prefix>_penalty_anneal_iters`` steps and
+    ``<prefix>_lambda`` from then on; the base optimizer restarts at the switch, as in DomainBed
+    (Adam's moments would otherwise carry the scale of the unpenalised loss)."""
+
+    prefix: str
+
+    def penalty(self, logits: Sequence[Tensor], losses: Tensor, minibatches: Minibatches) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+        logits = [self.predict(x) for x, _ in minibatches]
+        losses = torch.stack([F.cross_entropy(z, y) for z, (_, y) in zip(logits, minibatches)])
+        penalty = self.penalty(logits, losses, minibatches)
+        anneal = self.hparams[f"{self.prefix}_penalty_anneal_iters"]
+        weight = self.hparams[f"{self.prefix}_lambda"] if step >= anneal else 1.0
+        if step == anneal:
+            self.optimizer = self.make_optimizer()
+        loss = losses.mean()
+        objective = loss + weight * penalty
+        self.optimizer.zero_grad()
+        objective.backward()
+        self.optimizer.step()
+        return {"loss": loss.item(), "objective": objective.item(), "penalty": penalty.item()}
+
+
+class IRM(_AnnealedPenalty):
+    """Invariant Risk Minimization (Arjovsky et al., 2019), IRMv1: the mean risk plus
+    ``irm_lambda`` times the mean over environments of :func:`irm_penalty`."""
+
+    prefix = "irm"
+
+    def penalty(self, logits: Sequence[Tensor], losses: Tensor, minibatches: Minibatches) -> Tensor:
+        return torch.stack([irm_penalty(z, y) for z, (_, y) in zip(logits, minibatches)]).mean()
+
+
+class VREx(_AnnealedPenalty):
+    """Variance Risk Extrapolation (Krueger et al., 2021): the mean risk plus ``vrex_lambda``
+    times the variance (over environments, divided by their number) of the environment risks."""
+
+    prefix = "vrex"
+
+    def penalty(self, logits: Sequence[Tensor], losses: Tensor, minibatches: Minibatches) -> Tensor:
+        return (losses - losses.mean()).square().mean()
+
+
+class GroupDRO(Algorithm):
+    """Group DRO (Sagawa et al., 2020, Algorithm 1): minimises ``sum_e q_e R_e`` where the
+    environment weights follow an exponentiated-gradient ascent on the risks,
+    ``q_e <- q_e exp(groupdro_eta * R_e)`` then ``q <- q / sum(q)``, from ``q = 1`` (kept across
+    steps in the buffer ``q``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("q", torch.ones(self.num_domains))
+
+    def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+        if len(minibatches) != len(self.q):
+            raise ValueError(f"GroupDRO was built for {len(self.q)} environments, got {len(minibatches)}")
+        losses = torch.stack([F.cross_entropy(self.predict(x), y) for x, y in minibatches])
+        with torch.no_grad():
+            q = self.q * torch.exp(self.hparams["groupdro_eta"] * losses.detach().to(self.q.dtype))
+            self.q.copy_(q / q.sum())
+        loss = (self.q.to(losses.dtype) * losses).sum()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item(), "max_weight": self.q.max().item()}
+
+
+def mixup_pairs(minibatches: Minibatches, order: Sequence[int]) -> list[tuple[tuple[Tensor, Tensor], ...]]:
+    """Environment ``order[i]`` paired with ``order[i + 1]`` (cyclically), both cut to the shorter
+    length.
+
+    Example:
+        >>> batches = [(torch.zeros(n, 1), torch.full((n,), n)) for n in (4, 2)]
+        >>> [(len(a[0]), len(b[0])) for a, b in mixup_pairs(batches, [1, 0])]
+        [(2, 2), (2, 2)]
+    """
+    pairs = []
+    for i in range(len(order)):
+        (xi, yi), (xj, yj) = minibatches[order[i]], minibatches[order[(i + 1) % len(order)]]
+        n = min(len(xi), len(xj))
+        pairs.append(((xi[:n], yi[:n]), (xj[:n], yj[:n])))
+    return pairs
+
+
+class Mixup(Algorithm):
+    """Inter-domain Mixup (Xu et al., 2020; Yan et al., 2020): environments in a random cyclic
+    order, each mixed with the next as ``x = lam x_i + (1 - lam) x_j`` with
+    ``lam ~ Beta(mixup_alpha, mixup_alpha)``, and trained on ``lam CE(f(x), y_i) +
+    (1 - lam) CE(f(x), y_j)``, summed over the pairs and divided by their number.
+
+    The draws come from torch's global generator: ``torch.randperm(n)`` for the order, then one
+    ``Beta(alpha, alpha).sample()`` per pair.
+    """
+
+    def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+        order = torch.randperm(len(minibatches)).tolist()
+        beta = torch.distributions.Beta(
+            torch.tensor(float(self.hparams["mixup_alpha"])), torch.tensor(float(self.hparams["mixup_alpha"]))
+        )
+        terms = []
+        for (xi, yi), (xj, yj) in mixup_pairs(minibatches, order):
+            lam = float(beta.sample())
+            logits = self.predict(lam * xi + (1 - lam) * xj)
+            terms.append(lam * F.cross_entropy(logits, yi) + (1 - lam) * F.cross_entropy(logits, yj))
+        objective = torch.stack(terms).sum() / len(minibatches)
+        self.optimizer.zero_grad()
+        objective.backward()
+        self.optimizer.step()
+        return {"loss": objective.item()}
+
+
+#: DomainBed's bandwidths: the kernel is the sum of exp(-gamma ||a - b||^2) over these gammas
+MMD_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def gaussian_mmd(a: Tensor, b: Tensor, gammas: Sequence[float] = MMD_GAMMAS) -> Tensor:
+    """Biased squared MMD between the rows of ``a`` and ``b`` under the kernel
+    ``k(u, v) = sum_g exp(-g ||u - v||^2)``: ``mean k(a, a) + mean k(b, b) - 2 mean k(a, b)``.
+
+    Example:
+        >>> a = torch.randn(16, 3)
+        >>> float(gaussian_mmd(a, a)) < 1e-5 < float(gaussian_mmd(a, a + 3.0))
+        True
+    """
+
+    def kernel_mean(u: Tensor, v: Tensor) -> Tensor:
+        squared = u.square().sum(1, keepdim=True) + v.square().sum(1) - 2 * u @ v.T
+        squared = squared.clamp_min(0.0)  # rounding can make ||u - u||^2 slightly negative
+        return sum(torch.exp(-g * squared) for g in gammas).mean()  # type: ignore[return-value]
+
+    return kernel_mean(a, a) + kernel_mean(b, b) - 2 * kernel_mean(a, b)
+
+
+class MMD(Algorithm):
+    """MMD matching (Li et al., 2018, as in DomainBed): the mean risk plus ``mmd_gamma`` times the
+    mean over environment pairs of :func:`gaussian_mmd` between their features."""
+
+    def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
+        features = [self.featurizer(x) for x, _ in minibatches]
+        losses = [F.cross_entropy(self.classifier(f), y) for f, (_, y) in zip(features, minibatches)]
+        penalty = _pairwise_mean(features, gaussian_mmd)
+        loss = torch.stack(losses).mean()
+        self.optimizer.zero_grad()
+        (loss + self.hparams["mmd_gamma"] * penalty).backward()
+        self.optimizer.step()
+        return {"loss": loss.item(), "penalty": penalty.item()}
+
+
 #: name -> class. Adding an algorithm is one entry.
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "ERM": ERM,
@@ -242,6 +413,11 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "SAGE_CurvatureOnly": SAGE_CurvatureOnly,
     "SAGE_AlignmentOnly": SAGE_AlignmentOnly,
     "SAGE_Align": SAGE_Align,
+    "IRM": IRM,
+    "VREx": VREx,
+    "GroupDRO": GroupDRO,
+    "Mixup": Mixup,
+    "MMD": MMD,
 }
 
 
@@ -249,3 +425,8 @@ def get_algorithm(name: str) -> type[Algorithm]:
     if name not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {name!r}: use one of {', '.join(ALGORITHMS)}")
     return ALGORITHMS[name]
+
+
+# The gradient-alignment baselines (Fish, ANDMask, SANDMask, IGA, GGA) live in their own module,
+# which subclasses Algorithm and adds its entries to ALGORITHMS when it loads.
+import torchsage.dg.algorithms_alignment  # noqa: E402

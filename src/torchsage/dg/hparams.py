@@ -92,6 +92,35 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
         if algorithm == "SAGE_Align":
             add("lambda_max", 0.8, _choice([0.4, 0.6, 0.8]))
 
+    # -- DomainBed's baselines: defaults and ranges of its hparams_registry.py ------------------
+    if algorithm == "IRM":
+        add("irm_lambda", 1e2, _log_uniform(-1, 5))
+        add("irm_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)))
+    if algorithm == "VREx":
+        add("vrex_lambda", 1e1, _log_uniform(-1, 5))
+        add("vrex_penalty_anneal_iters", 500, lambda r: int(10 ** r.uniform(0, 4)))
+    if algorithm == "GroupDRO":
+        add("groupdro_eta", 1e-2, _log_uniform(-3, -1))
+    if algorithm == "Mixup":
+        add("mixup_alpha", 0.2, _log_uniform(-1, 1))
+    if algorithm == "MMD":
+        add("mmd_gamma", 1.0, _log_uniform(-1, 1))
+    if algorithm == "Fish":
+        add("meta_lr", 0.5, _choice([0.05, 0.1, 0.5]))
+    if algorithm == "ANDMask":
+        add("tau", 1.0, lambda r: float(r.uniform(0.5, 1.0)))
+    if algorithm == "SANDMask":
+        add("tau", 1.0, lambda r: float(r.uniform(0.0, 1.0)))
+        add("k", 10.0, _log_uniform(-3, 5))
+    if algorithm == "IGA":
+        add("penalty", 1000.0, _log_uniform(1, 5))
+    if algorithm == "GGA":  # the defaults of its authors' code (train_all.py); they define no search space
+        add("gga_start_step", 100)
+        add("gga_end_step", 150)
+        add("gga_search_steps", 250)
+        add("gga_neighborhood", 1e-6)
+        add("gga_loss_tolerance", 0.1)
+
     # -- backbone weights and learning-rate schedule, every algorithm --------------------------
     if not small:
         add("pretrained", "imagenet")  # ResNet backbones: torchvision's ImageNet weights; null: random

@@ -6,7 +6,10 @@ A *solver* turns T task losses into one update of the shared parameters. Two fam
   ``graddrop``, ``alignedmtl``, ``dualproj``) combine the Jacobian of the task losses with respect
   to the shared parameters (T rows) into one vector;
 * **scalarizations** (``ls``, ``uw``, ``dwa``, ``rlw``, ``famo``) combine the task losses into one
-  scalar loss that is then differentiated.
+  scalar loss that is then differentiated. ``ls`` is the mean of the task losses by default;
+  ``make_solver("ls", T, reduction="sum")`` is their sum (the SAGE authors' multi-task code sums
+  them: the same direction T times longer, which matters for the descent step with SGD, not with
+  Adam's normalised step).
 
 ``stl`` (single-task learning: one model per task) is no solver object; the training harness
 handles it (see :mod:`torchsage.mtl.train`) and lists it among :data:`SOLVER_NAMES`.
@@ -30,6 +33,8 @@ Example:
     CAGrad(c=0.4, norm_eps=0.0001)
     >>> SOLVERS["uw"].needs_parameters, SOLVERS["dwa"].epoch_step
     (True, True)
+    >>> make_solver("ls", n_tasks=3, reduction="sum")
+    Sum()
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ class SolverSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     #: the constructor argument that receives the number of tasks (None: not needed)
     n_tasks_arg: str | None = None
+    #: an option that picks another class of ``module`` instead of ``cls`` (``ls``: ``reduction``)
+    variant_arg: str | None = None
+    #: the classes ``variant_arg`` may pick, by value; ``cls`` is the default's
+    variants: Mapping[str, str] = field(default_factory=dict)
     stateful: bool = False
     needs_parameters: bool = False
     epoch_step: bool = False
@@ -84,8 +93,17 @@ class SolverSpec:
         if self.n_tasks_arg is not None:
             options[self.n_tasks_arg] = n_tasks
         options.update(kwargs)
+        cls = self.cls
+        if self.variant_arg is not None and self.variant_arg in options:
+            value = options.pop(self.variant_arg)
+            if value not in self.variants:
+                raise ValueError(
+                    f"solver {self.name!r}: {self.variant_arg} must be one of {', '.join(self.variants)}, "
+                    f"got {value!r}"
+                )
+            cls = self.variants[value]
         try:
-            return getattr(module, self.cls)(**options)
+            return getattr(module, cls)(**options)
         except ImportError as error:  # torchjd checks cvxpy / quadprog / ... at construction
             raise ImportError(
                 f"solver {self.name!r} ({self.title}) needs packages that are not installed ({error}); "
@@ -108,7 +126,15 @@ _SPECS = [
     SolverSpec("graddrop", "aggregator", "GradDrop", _AGG, "GradDrop", random=True),
     SolverSpec("alignedmtl", "aggregator", "Aligned-MTL", _AGG, "AlignedMTL"),
     SolverSpec("dualproj", "aggregator", "DualProj", _AGG, "DualProj"),
-    SolverSpec("ls", "scalarizer", "LS", _SCAL, "Mean"),
+    SolverSpec(
+        "ls",
+        "scalarizer",
+        "LS",
+        _SCAL,
+        "Mean",
+        variant_arg="reduction",
+        variants={"mean": "Mean", "sum": "Sum"},
+    ),
     SolverSpec(
         "uw", "scalarizer", "UW", _SCAL, "UW", n_tasks_arg="shape", stateful=True, needs_parameters=True
     ),

@@ -4,8 +4,8 @@ The optimizer is
 
 * ``torchsage.SAM(params, Adam, rho=0, solver=S)`` for the plain solver (one pass per step: the
   solver's own update),
-* ``torchsage.SAGE(params, Adam, rho, gamma, solver=S)`` with ``sage=True``,
-* ``torchsage.SAM(params, Adam, rho, solver=S)`` with ``sam=True``.
+* ``torchsage.SAGE(params, Adam, rho=rho, gamma=gamma, solver=S)`` with ``sage=True``,
+* ``torchsage.SAM(params, Adam, rho=rho, solver=S)`` with ``sam=True``.
 
 ``solver="stl"`` (single-task learning) trains one model per task on that task's loss alone, with
 the same network and optimizer; its final test metrics are the single-task baselines of
@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,6 +264,29 @@ class MTLArgs:
         return "sage" if self.sage else "sam" if self.sam else "plain"
 
 
+def _check_method_options(args: MTLArgs) -> None:
+    """An option the chosen method does not use is refused rather than silently ignored."""
+    if args.rho is not None and not (args.sage or args.sam):
+        raise ValueError("--rho is the ascent radius of --sage or --sam: add one of them, or drop --rho")
+    if args.gamma is not None and not args.sage:
+        raise ValueError("--gamma is SAGE's noise scale: add --sage, or drop --gamma")
+
+
+def _method_options(options: Sequence[str], method: str) -> list[str]:
+    """``options`` without the ones ``method`` does not take (a sweep passes --rho to plain runs)."""
+    drop = {"plain": {"--rho", "--gamma"}, "sam": {"--gamma"}}.get(method, set())
+    kept: list[str] = []
+    skip = False
+    for item in options:
+        if skip:
+            skip = False
+        elif item in drop:
+            skip = True
+        else:
+            kept.append(item)
+    return kept
+
+
 def _resolved(args: MTLArgs) -> tuple[Benchmark, dict[str, Any]]:
     """Checks the arguments (before any data is read) and fills in the benchmark's defaults."""
     bench = get_benchmark(args.benchmark)
@@ -272,6 +295,7 @@ def _resolved(args: MTLArgs) -> tuple[Benchmark, dict[str, Any]]:
         raise ValueError(f"unknown solver {args.solver!r}: use one of {', '.join(SOLVER_NAMES)}")
     if args.sage and args.sam:
         raise ValueError("--sage and --sam exclude each other: choose one")
+    _check_method_options(args)
     if bench.needs_data_dir and args.data_dir is None:
         raise ValueError(f"benchmark {bench.name!r} needs --data-dir (the preprocessed numpy folder)")
     cfg: dict[str, Any] = {
@@ -726,7 +750,8 @@ def sweep(
                 d = run_dir(output_dir, bench.name, s, m, seed)
                 argv = [
                     "mtl", "train", "--benchmark", bench.name, "--solver", s, "--seed", str(seed),
-                    "--output-dir", str(d), "--threads", "1", "--no-progress", *(train_options or []),
+                    "--output-dir", str(d), "--threads", "1", "--no-progress",
+                    *_method_options(train_options or [], m),
                 ]  # fmt: skip
                 if m != "plain":
                     argv.append(f"--{m}")

@@ -2,7 +2,8 @@
 
 * :class:`GradientAscent` (SAM): ``e = rho * g / ||g||`` with the norm over all parameters.
 * :class:`GradientMatchingAscent` (SAGM): ``e = (rho / ||g|| - alpha) g``.
-* :class:`AdaptiveGradientAscent` (ASAM): ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta``.
+* :class:`AdaptiveGradientAscent` (ASAM): ``e = rho * T^2 g / ||T g||`` with ``T = |w| + eta``
+  (``T = 1`` on the parameters it is told to leave unscaled).
 * :class:`PolarAscent` (SAGE): every matrix moves along the polar factor of its gradient, every
   vector along its normalised gradient, then the whole is scaled (see ``RHO_SCALINGS``).
 * :class:`AlignedPolarAscent` (SAGE "align"): mixes the polar factor of the mean gradient with
@@ -74,22 +75,35 @@ class GradientMatchingAscent(AscentRule):
 
 
 class AdaptiveGradientAscent(AscentRule):
-    """ASAM's ascent: ``rho * T^2 g / ||T g||`` with the scale operator ``T = |w| + eta``."""
+    """ASAM's ascent: ``rho * T^2 g / ||T g||`` with the scale operator ``T = |w| + eta``.
 
-    def __init__(self, eta: float = 0.01, eps: float = 1e-12) -> None:
+    Args:
+        eta: the offset in ``T``.
+        unscaled: parameters whose ``T`` is 1 (the ASAM authors' code scales only the parameters
+            named ``weight``; biases keep ``T = 1``).
+    """
+
+    def __init__(self, eta: float = 0.01, eps: float = 1e-12, unscaled: Sequence[Tensor] = ()) -> None:
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.eta = eta
         self.eps = eps
+        self.unscaled = {id(p) for p in unscaled}
 
     def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
-        scales = [[p.detach().abs().add_(self.eta) for p in ps] for _, ps in groups]
-        scaled = [[t * p.grad for t, p in zip(ts, ps)] for ts, (_, ps) in zip(scales, groups)]
+        scales = [
+            [None if id(p) in self.unscaled else p.detach().abs().add_(self.eta) for p in ps]
+            for _, ps in groups
+        ]
+        scaled = [
+            [p.grad if t is None else t * p.grad for t, p in zip(ts, ps)]
+            for ts, (_, ps) in zip(scales, groups)
+        ]
         norm = global_norm([x for xs in scaled for x in xs])
         out = []
         for (g, _), ts, xs in zip(groups, scales, scaled):
             factor = float(g["rho"] / (norm + self.eps))
-            out.append([t.mul_(x).mul_(factor) for t, x in zip(ts, xs)])
+            out.append([x * factor if t is None else t.mul_(x).mul_(factor) for t, x in zip(ts, xs)])
         return out
 
 
@@ -184,18 +198,22 @@ class AlignedPolarAscent(PolarAscent):
     The mixing weight ``lam = clamp(lambda_max * (1 - mean pairwise cosine), 0, lambda_max)``
     grows as the distributions' gradients disagree, steering the perturbation towards the
     coordinates where they differ most. Needs per-distribution statistics (two more
-    gradient-sized buffers, independent of K).
+    gradient-sized buffers, independent of K). With ``mix_vectors=False`` only matrices mix;
+    vectors move along ``g / ||g||``.
     """
 
     needs_statistics = True
     cosine = True
     elementwise = True
 
-    def __init__(self, lambda_max: float = 0.8, **kwargs: Any) -> None:
+    def __init__(self, lambda_max: float = 0.8, mix_vectors: bool = True, **kwargs: Any) -> None:
         if not 0.0 <= lambda_max <= 1.0:
             raise ValueError(f"lambda_max must lie in [0, 1], got {lambda_max}")
+        if not isinstance(mix_vectors, bool):
+            raise ValueError(f"mix_vectors must be True or False, got {mix_vectors!r}")
         super().__init__(**kwargs)
         self.lambda_max = lambda_max
+        self.mix_vectors = mix_vectors
         self.last_lambda = 0.0
 
     def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
@@ -212,5 +230,7 @@ class AlignedPolarAscent(PolarAscent):
             spread_dirs = self.directions(spread)
             mixed = torch._foreach_mul(mean_dirs, 1.0 - lam)
             torch._foreach_add_(mixed, spread_dirs, alpha=lam)
+            if not self.mix_vectors:  # vectors keep g / ||g||
+                mixed = [x if g.ndim >= 2 else m for x, m, g in zip(mixed, mean_dirs, grads)]
             mean_dirs = mixed
         return self._scale(groups, _regroup(groups, mean_dirs))

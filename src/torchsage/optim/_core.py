@@ -27,8 +27,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torchsage.disagreement import GradientStatistics, global_norm
+from torchsage.optim import _checks
 from torchsage.optim._distributed import LocalStream, make_data_parallel
 from torchsage.optim._solver import TaskPass, check_solver, solve, task_pass
+from torchsage.optim._weights import check_count, mean_loss, step_weights
 
 __all__ = ["AscentRule", "SharpnessAware", "StepInfo", "frozen_bn_stats"]
 
@@ -187,6 +189,10 @@ class SharpnessAware(Optimizer):
             shared ones (found from the autograd graph), the disagreement is measured on them, and
             the descent direction at the perturbed weights is the solver's (see docs/mtl.md).
             ``None`` (default) descends on the mean loss.
+        solver_update: for solvers that learn from each step's effect (FAMO's ``update``): the
+            task losses "before" the step are the ``"clean"`` ones (default, at ``w``) or the
+            ``"perturbed"`` ones (at ``w + e``, as the SAGE authors' multi-task code does); the
+            losses "after" are always recomputed on the same batch at the new weights.
         process_group: data-parallel training (see docs/distributed.md): ``"auto"`` (default)
             averages every gradient over the default ``torch.distributed`` group when one is
             initialized with two or more processes; a group object uses that group; ``None``
@@ -207,19 +213,21 @@ class SharpnessAware(Optimizer):
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        solver_update: str = "clean",
         process_group: Any = "auto",
         layout: str = "shards",
         **base_kwargs: Any,
     ) -> None:
-        if solver is not None and ascent.needs_statistics:
+        if solver_update not in ("clean", "perturbed"):
+            raise ValueError(f"solver_update must be 'clean' or 'perturbed', got {solver_update!r}")
+        self.solver_update = solver_update
+        if solver is not None and ascent.needs_statistics and self.disagreement_scope != "all":
             raise ValueError(
-                f"{type(self).__name__} does not take a solver: its ascent needs the statistics of "
-                "all parameters, a solver measures the shared ones"
+                f"{type(self).__name__} with a solver needs disagreement_scope='all': its ascent "
+                "needs the statistics of every parameter, not only the shared ones"
             )
-        if not callable(base_optimizer):
-            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class, got {base_optimizer!r}")
-        if isinstance(base_optimizer, type) and not issubclass(base_optimizer, Optimizer):
-            raise ValueError(f"base_optimizer must subclass torch.optim.Optimizer, got {base_optimizer!r}")
+        _checks.check_base_optimizer(base_optimizer, type(self).__name__)
+        _checks.check_options(type(self), base_optimizer, base_kwargs)
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm}")
         if on_nonfinite not in ("raise", "skip"):
@@ -275,6 +283,11 @@ class SharpnessAware(Optimizer):
         the gradients (the mean gradient and ``p.grad`` may be the same tensor)."""
         return {}
 
+    #: with a solver, the parameters the disagreement statistics cover: ``"shared"`` (those two or
+    #: more tasks reach) or ``"all"`` (every parameter a task reaches; other tasks' heads count as
+    #: zero gradient)
+    disagreement_scope: str = "shared"
+
     #: keep the clean mean gradient for :meth:`_descent` (GSAM and SAGM combine it with the
     #: perturbed one); costs one gradient copy during the perturbed pass.
     needs_clean_gradient: bool = False
@@ -310,27 +323,54 @@ class SharpnessAware(Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _mean_gradient(self, closure: Closure, params: list[Tensor]) -> tuple[list[str], Tensor]:
-        """Evaluates the closure and leaves the gradient of the mean loss in ``p.grad``."""
+    def _call(self, closure: Closure, params: list[Tensor]) -> Losses:
+        """Calls the closure (gradients cleared before); refuses one that ran backward itself."""
+        losses = closure()
+        if _checks.gradients_left_by_closure(params):
+            raise ValueError(_checks.closure_backward_message(type(self).__name__))
+        return losses
+
+    def _check_reached(self, params: list[Tensor], which: str) -> None:
+        """A loss that reaches no parameter would make the step a silent no-op."""
+        if not _checks.gradients_left_by_closure(params):
+            raise _checks.unreached_error(which)
+
+    def _mean_gradient(
+        self, closure: Closure, params: list[Tensor], weights: list[float] | None = None
+    ) -> tuple[list[str], Tensor]:
+        """Evaluates the closure and leaves the gradient of the (weighted) mean loss in ``p.grad``."""
         for p in params:
             p.grad = None
         with torch.enable_grad():
-            names, losses, lazy = _named_losses(closure())
+            names, losses, lazy = _named_losses(self._call(closure, params))
             if not lazy:
                 checked = [_check_loss(x, n) for x, n in zip(losses, names)]
                 if not checked:
                     raise ValueError("the closure returned no loss")
-                torch.stack(checked).mean().backward()
+                stacked = torch.stack(checked)
+                if weights is None:
+                    stacked.mean().backward()
+                else:
+                    check_count(weights, len(checked))
+                    (stacked * stacked.new_tensor(weights)).sum().backward()
+                self._check_reached(params, "none of the closure's losses")
                 return names, self._share_mean(params, torch.stack([x.detach() for x in checked]))
             values = []
             for k, loss in enumerate(losses):  # one graph alive at a time; divide by K below
                 loss = _check_loss(loss, str(k))
-                loss.backward()
+                if weights is None:
+                    loss.backward()
+                else:
+                    check_count(weights, k + 1, partial=True)
+                    (loss * weights[k]).backward()
                 values.append(loss.detach())
         if not values:
             raise ValueError("the closure returned no loss")
+        self._check_reached(params, "none of the closure's losses")
         present = [p.grad for p in params if p.grad is not None]
-        if present:
+        if weights is not None:
+            check_count(weights, len(values))
+        elif present:
             torch._foreach_div_(present, float(len(values)))
         return [str(k) for k in range(len(values))], self._share_mean(params, torch.stack(values))
 
@@ -345,7 +385,7 @@ class SharpnessAware(Optimizer):
         return self._parallel.clean_pass() if clean else self._parallel.perturbed_pass()
 
     def _streamed_gradients(
-        self, closure: Closure, params: list[Tensor]
+        self, closure: Closure, params: list[Tensor], weights: list[float] | None = None
     ) -> tuple[list[str], Tensor, GradientStatistics, Tensor]:
         """Differentiates each distribution's loss on its own and streams its gradient.
 
@@ -358,20 +398,26 @@ class SharpnessAware(Optimizer):
         stats = self._statistics(params)
         values, norms, seen = [], [], [False] * len(params)
         with torch.enable_grad():
-            names, losses, lazy = _named_losses(closure())
+            names, losses, lazy = _named_losses(self._call(closure, params))
             count = None if lazy else len(losses)  # type: ignore[arg-type]
             stream = LocalStream(stats) if self._parallel is None else self._parallel.stream(stats, count)
             for k, loss in enumerate(losses):
-                loss = _check_loss(loss, names[k] if names else str(k))
+                name = names[k] if names else str(k)
+                loss = _check_loss(loss, name)
+                if weights is not None:
+                    check_count(weights, count if count is not None else k + 1, partial=count is None)
                 values.append(loss.detach())
                 # A list may share one forward graph across distributions: keep it until the last.
                 loss.backward(retain_graph=count is not None and k < count - 1)
-                stream.add([p.grad for p in params])
+                self._check_reached(params, f"the loss of distribution {name}")
+                stream.add([p.grad for p in params], 1.0 if weights is None else weights[k])
                 for i, p in enumerate(params):
                     seen[i] = seen[i] or p.grad is not None
                     p.grad = None
         if not values:
             raise ValueError("the closure returned no loss")
+        if weights is not None:
+            check_count(weights, len(values))
         norms = stream.finish()
         reported = torch.stack(values)
         if self._parallel is not None:
@@ -390,12 +436,23 @@ class SharpnessAware(Optimizer):
         for p in params:
             p.grad = None
         with torch.enable_grad():
-            names, checked = _checked_losses(closure())
+            names, checked = _checked_losses(self._call(closure, params))
             tp = task_pass(names, checked, params)
+        if not tp.shared and not tp.owned:
+            raise _checks.unreached_error("none of the closure's losses")
         if self._parallel is not None:
             self._parallel.reduce_task_pass(tp)
         stats, norms = None, None
-        if statistics and tp.shared:
+        if statistics and self.disagreement_scope == "all" and (tp.shared or tp.owned):
+            # every parameter: a task's row is zero on the other tasks' heads
+            stats = self._statistics([*tp.shared, *(p for p, _, _ in tp.owned)])
+            norms = torch.stack(
+                [
+                    stats.update([*tp.rows(k), *(g if j == k else None for _, j, g in tp.owned)])
+                    for k in range(len(checked))
+                ]
+            )
+        elif statistics and tp.shared:
             stats = self._statistics(tp.shared)
             norms = torch.stack([stats.update(tp.rows(k)) for k in range(len(checked))])
         if mean:
@@ -414,13 +471,14 @@ class SharpnessAware(Optimizer):
         return global_norm([p.grad for p in params if p.grad is not None])
 
     def _update_solver(self, closure: Closure, before: Tensor) -> None:
-        """Solvers that learn from the step's effect (FAMO) see the clean task losses before the
-        step and the losses on the same batch after it (one forward, BatchNorm left alone)."""
+        """Solvers that learn from the step's effect (FAMO) see the task losses before the step
+        (``solver_update`` says which) and the losses on the same batch after it (one forward,
+        BatchNorm left alone)."""
         update = getattr(self.solver, "update", None)
         if not callable(update):
             return
         with torch.no_grad(), frozen_bn_stats(self.model):
-            self.solver(before)  # records the losses before the step: the clean ones, not the perturbed
+            self.solver(before)  # records the losses before the step
             _, after, _ = _named_losses(closure())
             after = torch.stack([x.detach().reshape(()) for x in after])
             if self._parallel is not None:
@@ -457,6 +515,11 @@ class SharpnessAware(Optimizer):
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             k = int(bad[0, 0])
+            if norms is not None and torch.isnan(losses[k]) and norms[k] == 0:  # the mean of no sample
+                return (
+                    f"the loss of distribution {names[k]} is nan with a zero gradient {where}: it probably "
+                    "had no sample in this batch; torchsage.group_losses leaves absent groups out"
+                )
             return f"non-finite loss ({losses[k].item()}) in distribution {names[k]} {where}"
         if norms is not None:
             bad = (~torch.isfinite(norms)).nonzero()
@@ -481,7 +544,7 @@ class SharpnessAware(Optimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> StepInfo:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, *, weights: Any = None) -> StepInfo:  # type: ignore[override]
         """One sharpness-aware step.
 
         Args:
@@ -491,13 +554,22 @@ class SharpnessAware(Optimizer):
                 passes. Losses from separate forward passes are fastest; losses sharing one
                 forward graph work, but each per-distribution backward then traverses the whole
                 graph. An iterator (a generator) keeps one distribution's graph alive at a time.
+            weights: one positive weight per distribution, in the closure's order (normalised to
+                sum 1: the batch sizes ``n_k`` give the shares ``n_k / N``); ``None`` weighs them
+                equally. Both passes descend on ``sum_k w_k L_k`` (so with ``n_k / N`` the
+                perturbed loss is the loss of the merged batch), and the disagreement statistics
+                use the same weights (see :mod:`torchsage.disagreement`). Not with a solver.
 
         Returns:
             A :class:`StepInfo`.
         """
         if closure is None:
             raise ValueError(
-                f"{type(self).__name__}.step needs a closure returning the per-distribution losses"
+                f"{type(self).__name__}.step needs a closure: optimizer.step(closure), where closure() "
+                "runs the forward pass and returns one loss per distribution (a list or a dict; "
+                "torchsage.group_losses builds it from a mixed batch) without calling backward. A "
+                "trainer that calls optimizer.step() by itself cannot drive the two passes: see "
+                "docs/integrations.md for PyTorch Lightning and the Hugging Face Trainer"
             )
         if "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:  # set by GradScaler.step
             self.__dict__.pop("found_inf", None)
@@ -506,9 +578,10 @@ class SharpnessAware(Optimizer):
                 "GradScaler.step cannot drive a two-pass step (it would scale neither pass): use "
                 "torchsage.amp.scaled_step(optimizer, closure, scaler), then scaler.update()"
             )
+        weights = step_weights(weights, self.solver, self._parallel)
         params = self._all_params()
         stats, norms, tp = None, None, None
-        with self._communication(clean=True):
+        with self._communication(clean=True), _checks.closure_errors(type(self).__name__):
             if self.solver is not None and (
                 self._wants_statistics() or not any(g["rho"] > 0 for g in self.param_groups)
             ):
@@ -516,9 +589,9 @@ class SharpnessAware(Optimizer):
                     closure, params, self._wants_statistics()
                 )
             elif self._wants_statistics():
-                names, losses, stats, norms = self._streamed_gradients(closure, params)
+                names, losses, stats, norms = self._streamed_gradients(closure, params, weights)
             else:
-                names, losses = self._mean_gradient(closure, params)
+                names, losses = self._mean_gradient(closure, params, weights)
         grad_norm = global_norm([p.grad for p in params if p.grad is not None])
         problem = self._problem(closure, params, names, losses, norms, grad_norm, "at the clean weights")
         if problem is not None:
@@ -529,6 +602,7 @@ class SharpnessAware(Optimizer):
         perturbed_loss = math.nan
         perturbation_norm = 0.0
         clean = None
+        before = losses  # what a self-updating solver sees as the losses before the step
         perturbed = any(g["rho"] > 0 for g, ps in groups if ps)
         if perturbed:
             perturbation = [e for es in self.ascent.perturbation(groups, stats) for e in es]
@@ -549,12 +623,15 @@ class SharpnessAware(Optimizer):
                         grad_norm = self._solve(ptp, params)
                         del ptp
                     else:
-                        pnames, plosses = self._mean_gradient(closure, params)
+                        pnames, plosses = self._mean_gradient(closure, params, weights)
                         grad_norm = global_norm([p.grad for p in params if p.grad is not None])
+                _checks.check_same_losses(names, pnames)
                 problem = self._problem(
                     closure, params, pnames, plosses, None, grad_norm, "at the perturbed weights"
                 )
-                perturbed_loss = float(plosses.mean())
+                perturbed_loss = mean_loss(plosses, weights)
+                if self.solver_update == "perturbed":
+                    before = plosses
             finally:
                 if moved:
                     torch._foreach_copy_(moved, saved)
@@ -581,9 +658,9 @@ class SharpnessAware(Optimizer):
         extra = self._descent(groups, measured, clean)
         self.base_optimizer.step()
         if self.solver is not None:
-            self._update_solver(closure, losses)
+            self._update_solver(closure, before)
         return StepInfo(
-            loss=float(losses.mean()),
+            loss=mean_loss(losses, weights),
             losses=tuple(losses.tolist()),
             perturbed_loss=perturbed_loss,
             perturbation_norm=perturbation_norm,
@@ -597,12 +674,19 @@ class SharpnessAware(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state (moments included) plus this optimizer's noise state."""
         state = self.base_optimizer.state_dict()
-        state["torchsage"] = self._noise_generators_state()
+        state["torchsage"] = dict(self._noise_generators_state(), **self._owner())
         return state
+
+    def _owner(self) -> dict[str, str]:
+        return {"optimizer": type(self).__name__, "base_optimizer": type(self.base_optimizer).__name__}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        extra = state_dict.pop("torchsage", {})
+        extra = dict(state_dict.pop("torchsage", {}))
+        owner = self._owner()
+        _checks.check_state_owner(extra, owner["optimizer"], owner["base_optimizer"])
+        for key in owner:
+            extra.pop(key, None)
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state

@@ -258,8 +258,8 @@ class LocalStream:
         self.stats = stats
         self.norms: list[Tensor] = []
 
-    def add(self, grads: Sequence[Tensor | None]) -> None:
-        self.norms.append(self.stats.update(grads, inplace=True))
+    def add(self, grads: Sequence[Tensor | None], weight: float = 1.0) -> None:
+        self.norms.append(self.stats.update(grads, inplace=True, weight=weight))
 
     def finish(self) -> list[Tensor]:
         return self.norms
@@ -286,9 +286,11 @@ class ShardStream(LocalStream):
         if count and like:
             check_counts(comm, count, like[0].device)
         self.filled = 0
+        self.weights: list[float] = []
 
-    def add(self, grads: Sequence[Tensor | None]) -> None:
+    def add(self, grads: Sequence[Tensor | None], weight: float = 1.0) -> None:
         self.flat.write(grads, self.filled)
+        self.weights.append(weight)
         self.filled += 1
         if self.filled == self.flat.rows:
             self._flush()
@@ -299,8 +301,9 @@ class ShardStream(LocalStream):
         self.flat.all_reduce(self.comm, self.filled)
         self.flat.divide(float(self.comm.world_size), self.filled)
         for row in range(self.filled):
-            self.norms.append(self.stats.update(self.flat.views(row), inplace=True))
+            self.norms.append(self.stats.update(self.flat.views(row), inplace=True, weight=self.weights[row]))
         self.filled = 0
+        self.weights = []
 
     def finish(self) -> list[Tensor]:
         self._flush()
@@ -338,6 +341,7 @@ def merge_statistics(comm: Communicator, stats: GradientStatistics, total: int) 
         stats._unit_mean = unit_mean
         stats._unit_m2, stats._nonzero = reduced[1], reduced[2]
     stats.count = total
+    stats.total = float(total)
 
 
 def reduce_task_pass(comm: Communicator, tp: Any) -> None:

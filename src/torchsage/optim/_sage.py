@@ -51,23 +51,39 @@ class SAGE(SharpnessAware):
             the global generator, so building SAGE does not shift the random numbers after it.
         rho_scaling: ``"global"`` (default: the whole perturbation has norm ``rho``, as in SAM),
             ``"layer"`` (``rho * polar(G)`` per matrix) or ``"weight"``
-            (``rho * ||W||_F * polar(G)``, the authors' domain-generalization choice).
+            (``rho * ||W||_F * polar(G)``, as the authors' code does).
         max_disagreement: clips the disagreement from above before it scales the noise.
         ns_dtype: precision of the Newton-Schulz iteration (``torch.bfloat16`` on accelerators;
             accuracy against float64 in docs/benchmarks.md).
         ns_compile: run the Newton-Schulz iterations through ``torch.compile`` (see
             docs/benchmarks.md for what it buys; matrices of equal shape are always batched).
-        model, update_bn_on_perturbed, max_grad_norm, on_nonfinite: see
+        model, update_bn_on_perturbed, max_grad_norm, on_nonfinite, solver_update: see
             :class:`torchsage.optim.SharpnessAware`.
         solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
             forms the descent direction from the perturbed task losses; the ascent stays the polar
             factor of the mean task gradient and the noise follows the disagreement of the task
-            gradients on the shared parameters (see :class:`torchsage.optim.SharpnessAware`).
+            gradients (see :class:`torchsage.optim.SharpnessAware`).
+        disagreement_scope: with a solver, where the disagreement of the task gradients is
+            measured: ``"shared"`` (default with a solver: the parameters two or more tasks
+            reach) or ``"all"`` (every parameter, a task's gradient counting as zero on the other
+            tasks' heads, as the authors' multi-task code measures it). Only with ``solver``:
+            without one the statistics already cover every parameter.
         process_group, layout: data-parallel training over ``torch.distributed`` (see
             :class:`torchsage.optim.SharpnessAware` and docs/distributed.md); the noise seed is
             rank 0's, so every process draws the same noise.
 
-    With ``rho=0`` and ``gamma=0`` a step is the base optimizer's step on the mean loss;
+    **The defaults are not the authors'.** Their public code scales ``rho`` per matrix by
+    ``||W||_F`` (``rho_scaling="weight"``), uses the cosine disagreement with ``gamma = 1.0`` and
+    SGD for domain generalization, and ``normalized_std`` over all parameters with
+    ``gamma = 1e-4`` and Adam for multi-task learning; :func:`torchsage.preset` returns those
+    configurations. The library's defaults are global ``rho`` scaling (the perturbation has SAM's
+    norm ``rho``: a SAM ``rho`` transfers, while ``"weight"`` moves a typical network tens of
+    times further at the same ``rho``), ``normalized_std`` (on the shared parameters with a
+    solver), ``gamma = 1e-3`` and the base optimizer you pass; they come from the small
+    measurements in docs/usage.md, not from the paper.
+
+    Every option after ``rho`` is keyword-only (``gamma`` by position would be ambiguous with
+    SAM's options). With ``rho=0`` and ``gamma=0`` a step is the base optimizer's step on the mean loss;
     ``gamma=0`` is the curvature-only ablation (:class:`SAGECurvatureOnly`) and ``rho=0`` the
     alignment-only one (:class:`SAGEAlignmentOnly`, one pass per step).
 
@@ -90,13 +106,13 @@ class SAGE(SharpnessAware):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         gamma: float = 1e-3,
         disagreement: str = "normalized_std",
         ns_steps: int = 5,
         ns_coefficients: Any = "muon",
         polar_method: str = "newton_schulz",
         seed: int | None = None,
-        *,
         rho_scaling: str = "global",
         max_disagreement: float | None = None,
         ns_dtype: torch.dtype = torch.float32,
@@ -106,11 +122,23 @@ class SAGE(SharpnessAware):
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        solver_update: str = "clean",
+        disagreement_scope: str | None = None,
         process_group: Any = "auto",
         layout: str = "shards",
         **base_kwargs: Any,
     ) -> None:
         self.measure = check_measure(disagreement)
+        if disagreement_scope is not None:
+            if disagreement_scope not in ("all", "shared"):
+                raise ValueError(f"disagreement_scope must be 'all' or 'shared', got {disagreement_scope!r}")
+            if solver is None:
+                raise ValueError(
+                    f"disagreement_scope={disagreement_scope!r} needs a solver (it says which task "
+                    "parameters the disagreement covers); without solver= the disagreement already "
+                    "covers every parameter: pass solver=... or leave disagreement_scope out"
+                )
+            self.disagreement_scope = disagreement_scope
         if max_disagreement is not None and not max_disagreement > 0:
             raise ValueError(f"max_disagreement must be a positive number or None, got {max_disagreement}")
         if seed is None:  # reproducible under torch.manual_seed, without consuming a random draw
@@ -138,6 +166,7 @@ class SAGE(SharpnessAware):
             max_grad_norm=max_grad_norm,
             on_nonfinite=on_nonfinite,
             solver=solver,
+            solver_update=solver_update,
             process_group=process_group,
             layout=layout,
             **base_kwargs,
@@ -229,7 +258,7 @@ class SAGEAlignmentOnly(SAGE):
     """Ablation: SAGE's disagreement-scaled noise without the ascent (``rho = 0``, one pass)."""
 
     def __init__(
-        self, params: Any, base_optimizer: Callable[..., Optimizer], gamma: float = 1e-3, **kwargs: Any
+        self, params: Any, base_optimizer: Callable[..., Optimizer], *, gamma: float = 1e-3, **kwargs: Any
     ):
         if "rho" in kwargs:
             raise ValueError("SAGEAlignmentOnly fixes rho = 0; use SAGE to set it")
@@ -244,6 +273,28 @@ class SAGEAlign(SAGE):
     + \lambda\,\mathrm{polar}(\sigma \odot \mathrm{sign}(\bar g))`,
     :math:`\sigma` the per-coordinate standard deviation of the :math:`g_k`, and
     :math:`\lambda = \mathrm{clamp}(\lambda_{max} (1 - \text{mean cosine}), 0, \lambda_{max})`.
+    A vector's direction mixes :math:`g / \lVert g \rVert` with its normalised spread the same way,
+    unless ``mix_vectors=False``: then vectors move along :math:`g / \lVert g \rVert` alone, as
+    in the authors' align code.
+
+    With a ``solver`` the statistics cover every parameter (``disagreement_scope="all"``, the
+    default here and the only scope allowed: the spread of a head is that of its task's gradient
+    against the other tasks' zeros); the ascent uses the mean task gradient, the descent the
+    solver's direction at the perturbed weights.
+
+    Args:
+        lambda_max: the largest mixing weight.
+        mix_vectors: mix the directions of 1-d parameters too (default) or keep ``g / ||g||``.
+        Other arguments as :class:`SAGE` (no ``gamma``).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 3)
+        >>> opt = SAGEAlign(model.parameters(), torch.optim.SGD, rho=0.05, mix_vectors=False, lr=0.1)
+        >>> data = [(torch.randn(8, 4), torch.randn(8, 3)) for _ in range(2)]
+        >>> info = opt.step(lambda: [torch.nn.functional.mse_loss(model(x), y) for x, y in data])
+        >>> round(info.perturbation_norm, 6)
+        0.05
     """
 
     def __init__(
@@ -251,13 +302,18 @@ class SAGEAlign(SAGE):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         lambda_max: float = 0.8,
+        mix_vectors: bool = True,
         **kwargs: Any,
     ):
         if "gamma" in kwargs:
             raise ValueError("SAGEAlign adds no noise (gamma = 0); use SAGE for noise")
+        if kwargs.get("solver") is not None:
+            kwargs.setdefault("disagreement_scope", "all")
         self.lambda_max = lambda_max
+        self.mix_vectors = mix_vectors
         super().__init__(params, base_optimizer, rho=rho, gamma=0.0, **kwargs)
 
     def _make_ascent(self, **kwargs: Any) -> AscentRule:
-        return AlignedPolarAscent(lambda_max=self.lambda_max, **kwargs)
+        return AlignedPolarAscent(lambda_max=self.lambda_max, mix_vectors=self.mix_vectors, **kwargs)

@@ -30,7 +30,12 @@ class SAM(SharpnessAware):
         rho: ascent radius.
         adaptive: ASAM's scale-invariant ascent.
         eta: ASAM's offset in ``T = |w| + eta``.
-        model, update_bn_on_perturbed, max_grad_norm, on_nonfinite: see
+        scaled: which parameters ASAM scales: ``"all"`` (default: ``T = |w| + eta`` for every
+            parameter; with ``eta=0`` it is the adaptive mode of the widely used SAM package,
+            ``T = |w|``) or ``"weights"`` (the ASAM authors' code: ``T = |w| + eta`` for the
+            parameters whose name ends in ``weight``, ``T = 1`` for the others, biases among
+            them; names are read from ``model=``, which is then required).
+        model, update_bn_on_perturbed, max_grad_norm, on_nonfinite, solver_update: see
             :class:`torchsage.optim.SharpnessAware`.
         solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
             forms the descent direction from the perturbed task losses. With ``rho=0`` a step is
@@ -39,7 +44,8 @@ class SAM(SharpnessAware):
             :class:`torchsage.optim.SharpnessAware` and docs/distributed.md).
 
     The closure returns one scalar loss per distribution (or one scalar); SAM descends on their
-    mean, like SAGE, so the two compare on equal terms.
+    mean, like SAGE, so the two compare on equal terms. Every option after ``rho`` is
+    keyword-only, in every torchsage optimizer.
 
     Example:
         >>> import torch
@@ -56,19 +62,31 @@ class SAM(SharpnessAware):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         adaptive: bool = False,
         eta: float = 0.01,
-        *,
+        scaled: str = "all",
         model: nn.Module | None = None,
         update_bn_on_perturbed: bool = False,
         max_grad_norm: float | None = None,
         on_nonfinite: str = "raise",
         solver: Any = None,
+        solver_update: str = "clean",
         process_group: Any = "auto",
         layout: str = "shards",
         **base_kwargs: Any,
     ) -> None:
-        ascent = AdaptiveGradientAscent(eta=eta) if adaptive else GradientAscent()
+        if scaled not in ("all", "weights"):
+            raise ValueError(f"scaled must be 'all' or 'weights', got {scaled!r}")
+        if scaled == "weights" and model is None:
+            raise ValueError(
+                "scaled='weights' reads the parameters' names from the model: pass model=model "
+                "(and update_bn_on_perturbed=True to keep BatchNorm updated on both passes)"
+            )
+        unscaled = (
+            [] if scaled == "all" else [p for n, p in model.named_parameters() if not n.endswith("weight")]
+        )
+        ascent = AdaptiveGradientAscent(eta=eta, unscaled=unscaled) if adaptive else GradientAscent()
         super().__init__(
             params,
             base_optimizer,
@@ -79,6 +97,7 @@ class SAM(SharpnessAware):
             max_grad_norm=max_grad_norm,
             on_nonfinite=on_nonfinite,
             solver=solver,
+            solver_update=solver_update,
             process_group=process_group,
             layout=layout,
             **base_kwargs,
@@ -87,13 +106,28 @@ class SAM(SharpnessAware):
 
 
 class ASAM(SAM):
-    """Adaptive SAM: :class:`SAM` with ``adaptive=True``; its radius is usually larger (0.5)."""
+    """Adaptive SAM: :class:`SAM` with ``adaptive=True``; its radius is usually larger (0.5).
+
+    ``ASAM(..., eta=0)`` is the adaptive mode of the widely used SAM package (``T = |w|`` on every
+    parameter); ``ASAM(..., scaled="weights", model=model)`` is the ASAM authors' own rule
+    (``T = |w| + eta`` on the parameters named ``weight``, ``T = 1`` on biases).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = ASAM(model.parameters(), torch.optim.SGD, rho=0.5, scaled="weights", model=model, lr=0.1)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> info = opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        >>> info.perturbation_norm > 0
+        True
+    """
 
     def __init__(
         self,
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.5,
+        *,
         eta: float = 0.01,
         **kwargs: Any,
     ) -> None:
@@ -115,9 +149,32 @@ class GSAM(SAM):
     lowers the surrogate gap :math:`L(w + e) - L(w)` without changing the perturbed loss to
     first order.
 
+    GSAM's authors tie the radius to the learning rate: with ``rho_min`` given, every step sets
+    each group's radius to
+    :math:`\rho_t = \rho_{min} + (\rho_{max} - \rho_{min}) (lr_t - lr_{min}) / (lr_{max} - lr_{min})`,
+    :math:`\rho_{max}` the group's ``rho`` and :math:`lr_t` its learning rate at that step (as an LR
+    scheduler left it), so ``rho`` decays with the learning rate, linearly in it.
+
     Args:
         alpha: weight of the orthogonal correction.
+        rho_min: radius at ``lr_min``; ``None`` (default) keeps ``rho`` fixed.
+        lr_max: learning rate at which the radius is ``rho`` (default: each group's learning rate
+            when the optimizer is built).
+        lr_min: learning rate at which the radius is ``rho_min`` (default 0, the end of a cosine
+            or linear decay).
         Other arguments as :class:`SAM`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = GSAM(model.parameters(), torch.optim.SGD, rho=0.1, rho_min=0.02, lr=0.1)
+        >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / 4)
+        >>> x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        >>> for _ in range(3):
+        ...     info = opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+        ...     sched.step()
+        >>> round(info.perturbation_norm, 6)  # lr 0.05 = halfway: rho 0.02 + 0.08 / 2
+        0.06
     """
 
     needs_clean_gradient = True
@@ -127,11 +184,42 @@ class GSAM(SAM):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         alpha: float = 0.01,
+        rho_min: float | None = None,
+        lr_max: float | None = None,
+        lr_min: float = 0.0,
         **kwargs: Any,
     ) -> None:
         self.alpha = _check_alpha(alpha)
+        for name, value in (("rho_min", rho_min), ("lr_max", lr_max), ("lr_min", lr_min)):
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 <= value < float("inf")
+            ):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if rho_min is None and lr_max is not None:
+            raise ValueError("lr_max ties rho to the learning rate only with rho_min: pass rho_min too")
+        self.rho_min = rho_min
+        self.lr_min = float(lr_min)
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
+        if rho_min is not None:
+            for group in self.param_groups:  # saved with the groups, so a resumed run keeps them
+                group.setdefault("rho_max", group["rho"])
+                group.setdefault("lr_max", group["lr"] if lr_max is None else float(lr_max))
+                if not group["lr_max"] > self.lr_min:
+                    raise ValueError(f"lr_max ({group['lr_max']}) must exceed lr_min ({self.lr_min})")
+
+    def step(self, closure: Any = None, **kwargs: Any) -> Any:
+        if self.rho_min is not None:
+            for group in self.param_groups:
+                group.setdefault("rho_max", group["rho"])  # a group added after building
+                group.setdefault("lr_max", group["lr"])
+                share = (group["lr"] - self.lr_min) / (group["lr_max"] - self.lr_min)
+                # below lr_min the line would give a negative radius
+                group["rho"] = max(0.0, self.rho_min + (group["rho_max"] - self.rho_min) * share)
+        return super().step(closure, **kwargs)
 
     def _descent(self, groups, measured, clean: dict[Tensor, Tensor] | None) -> dict[str, float]:
         if clean is None or self.alpha == 0:
@@ -166,6 +254,7 @@ class SAGM(SAM):
         params: Any,
         base_optimizer: Callable[..., Optimizer],
         rho: float = 0.05,
+        *,
         alpha: float = 0.001,
         **kwargs: Any,
     ) -> None:
