@@ -48,7 +48,7 @@ def test_mtl_train_under_torchrun_matches_one_process(tmp_path):
 
 
 def test_the_slices_of_a_batch_make_it_up_again():
-    from torchsage.mtl.train import _slice
+    from torchsage.harness.session import shard_batch as _slice
 
     x = torch.arange(14.0).reshape(7, 2)
     targets = {"left": torch.arange(7), "right": torch.arange(7) * 10}

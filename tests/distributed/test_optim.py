@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import torchsage
-from torchsage.optim._distributed import LAYOUTS, make_data_parallel
+from torchsage.optim import LAYOUTS, make_data_parallel
 
 HERE = Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("dist_worker", HERE / "dist_worker.py")

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from torchsage.cli import main
+from torchsage.mtl.checkpoint import load_for_diagnostics
 from torchsage.mtl.data import multi_digits, write_fake_cityscapes, write_fake_nyuv2
 from torchsage.mtl.metrics import BASELINES, HIGHER_IS_BETTER
-from torchsage.mtl.train import MTLArgs, load_for_diagnostics, run_dir, sweep, train
+from torchsage.mtl.sweep import make_jobs, sweep
+from torchsage.mtl.train import MTLArgs, train
 
 pytest.importorskip("torchjd")
 
@@ -152,7 +154,13 @@ def test_load_for_diagnostics_gives_one_batch_and_loss_per_task(tmp_path):
 
 
 def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, capsys):
-    done = run_dir(tmp_path, "multidigits", "ls", "sage", 1)
+    jobs = make_jobs(tmp_path, "multidigits", ["stl", "ls"], ["plain", "sage"], [0, 1], ["--epochs", "2"])
+    done = next(
+        j
+        for j in jobs
+        if (j.settings["solver"], j.settings["method"], j.settings["seed"]) == ("ls", "sage", 1)
+    )
+    done = done.output_dir
     done.mkdir(parents=True)
     (done / "done").write_text("done\n")
     sweep(benchmark="multidigits", solvers=["stl", "ls"], methods=["plain", "sage"], seeds=[0, 1],

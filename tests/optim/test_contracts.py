@@ -1,4 +1,4 @@
-"""The public contracts of the optimizers (DESIGN.md): base-optimizer equivalence, exact
+"""The public contracts of the optimizers (docs/usage.md): base-optimizer equivalence, exact
 restoration, non-finite handling, resume, schedulers, BatchNorm, clipping, groups, arguments."""
 
 import copy

@@ -2,8 +2,9 @@
 
 ``hparams_seed = 0`` gives the defaults; any other seed draws every hyperparameter from its search
 space, each from its own generator seeded by ``(hparams_seed, name)``, so adding a hyperparameter
-does not change the others' draws. The spaces follow DomainBed (REFERENCES section 3) for the shared
-ones; the sharpness-aware ones search their radius and their own coefficient.
+does not change the others' draws. The spaces follow DomainBed's hyperparameter registry
+(Gulrajani and Lopez-Paz, 2021) for the shared ones; the sharpness-aware ones search their radius
+and their own coefficient.
 """
 
 from __future__ import annotations

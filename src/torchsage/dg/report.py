@@ -22,11 +22,14 @@ from torchsage.dg.selection import (
     DatasetTable,
     Summary,
     TrainingDomainValidation,
+    check_settings,
     load_records,
     summarize,
 )
+from torchsage.harness.records import read_json_lines
+from torchsage.harness.tables import render_table, save_figure
 
-__all__ = ["ERRORS", "env_labels", "format_tables", "plot", "report"]
+__all__ = ["ERRORS", "env_labels", "format_tables", "plot", "report", "run_summary"]
 
 Fmt = Literal["markdown", "latex"]
 Error = Literal["sem", "std"]
@@ -36,23 +39,6 @@ ERRORS: dict[str, tuple[str, str]] = {
     "std": ("± std", "population std over trials (ddof=0)"),
 }
 EnvNames = Mapping[str, Sequence[str]]
-
-_LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
-
-
-def _latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
 
 
 def env_labels(dataset: str, n_envs: int, env_names: EnvNames | None = None) -> list[str]:
@@ -94,36 +80,9 @@ def _table_text(table: DatasetTable, fmt: Fmt, env_names: EnvNames | None, error
         f"{table.expected_trials} trial{'s' if table.expected_trials != 1 else ''}"
     )
     missing = "; ".join(str(m) for m in table.missing)
-    if fmt == "latex":
-        lines = [
-            f"% {caption}",
-            r"\begin{tabular}{l" + "c" * len(labels) + "|c}",
-            r"\hline",
-            " & ".join(_latex_escape(h) for h in header).replace("±", r"$\pm$") + r" \\",
-            r"\hline",
-        ]
-        lines += [" & ".join([_latex_escape(r[0]), *r[1:]]) + r" \\" for r in body]
-        lines += [r"\hline", r"\end{tabular}"]
-        if missing:
-            lines.append(f"% missing: {missing}")
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    lines = [
-        f"**{caption}**",
-        "",
-        line(header),
-        "|"
-        + "|".join(("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":") for i, w in enumerate(widths))
-        + "|",
-    ]
-    lines += [line(r) for r in body]
-    if missing:
-        lines += ["", f"missing: {missing}"]
-    return "\n".join(lines)
+    notes = [f"missing: {missing}"] if missing else []
+    columns = "l" + "c" * len(labels) + "|c"
+    return render_table(header, body, caption=caption, fmt=fmt, notes=notes, columns=columns)
 
 
 def format_tables(
@@ -214,7 +173,7 @@ def plot(summary: Summary, path: str | Path, env_names: EnvNames | None = None, 
     fig.suptitle(f"{summary.method}: mean {ERRORS[error][0]} over trials")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
+    save_figure(fig, path, dpi=120)
     return path
 
 
@@ -253,6 +212,7 @@ def report(
     if not root.is_dir():
         raise ValueError(f"{root}: no such directory")
     records = load_records(root, include_unfinished=include_unfinished)
+    check_settings(records.records)
     if not records.records:
         raise ValueError(
             f"{root} holds no usable records: {len(records.runs)} run director"
@@ -296,3 +256,25 @@ def report(
         heading = f"## {s.method}" if not latex else f"% == {s.method} =="
         blocks.append(heading + "\n\n" + format_tables(s, fmt, error=error))
     return "\n\n".join(blocks) + "\n"
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """The accuracies of one run's last checkpoint as a short markdown table (what ``dg train``
+    prints): one row per environment, its ``in`` and ``out`` splits, test environments marked."""
+    records, _ = read_json_lines(Path(run_dir) / "results.jsonl")
+    if not records:
+        return f"no results in {run_dir}"
+    last = records[-1]
+    args = last.get("args", {})
+    test_envs = set(args.get("test_envs", []))
+    n = len([k for k in last if k.startswith("env") and k.endswith("_in_acc")])
+    labels = env_labels(str(args.get("dataset")), n)
+    rows = []
+    for i, label in enumerate(labels):
+        role = "test" if i in test_envs else "train"
+        cells = [f"{100 * last[f'env{i}_{part}_acc']:.1f}" for part in ("in", "out")]
+        rows.append([f"{i} {label}", role, *cells])
+    caption = (
+        f"{args.get('algorithm')} on {args.get('dataset')}: accuracy (%) after step {last.get('step', 0) + 1}"
+    )
+    return render_table(["environment", "role", "in", "out"], rows, caption=caption)

@@ -39,15 +39,21 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset
-from tqdm.auto import tqdm
 
-from torchsage._util import append_json_line as _append_line
 from torchsage.amp import AMP_DTYPES, LossScaledOptimizer, autocast
-from torchsage.dg.algorithms import Algorithm, get_algorithm
-from torchsage.dg.datasets import environment_names, get_dataset, seed_hash, split_environment
+from torchsage.dg.algorithms import Algorithm, canonical_algorithm, get_algorithm
+from torchsage.dg.datasets import (
+    canonical_dataset,
+    environment_names,
+    get_dataset,
+    seed_hash,
+    split_environment,
+)
 from torchsage.dg.hparams import parse_hparams, random_hparams
-from torchsage.optim import SharpnessAware
-from torchsage.optim._distributed import Communicator, average_gradients, torchrun_session
+from torchsage.harness.progress import bar as tqdm
+from torchsage.harness.records import append_json_line as _append_line
+from torchsage.harness.records import mark_done
+from torchsage.optim import Communicator, SharpnessAware, average_gradients, torchrun_session
 
 __all__ = [
     "TrainArgs",
@@ -226,9 +232,11 @@ def tensor_devices(algorithm: Algorithm) -> dict[str, set[torch.device]]:
 
 
 def _check(args: TrainArgs) -> dict[str, Any]:
-    """Validates everything that can be checked before loading data; returns the hparams."""
-    names = environment_names(args.dataset)  # unknown dataset -> ValueError
-    get_algorithm(args.algorithm)  # unknown algorithm -> ValueError
+    """Validates everything that can be checked before loading data; returns the hparams.
+    Names in any case and punctuation become the registered ones (recorded as such)."""
+    args.dataset = canonical_dataset(args.dataset)  # unknown dataset -> ValueError
+    args.algorithm = canonical_algorithm(args.algorithm)  # unknown algorithm -> ValueError
+    names = environment_names(args.dataset)
     if not args.test_envs:
         raise ValueError("--test-envs needs at least one environment index")
     for i in args.test_envs:
@@ -503,18 +511,8 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
     if rank != 0:
         return out
     if args.save_model:
-        tmp = out / "model.pt.tmp"
-        torch.save(
-            {
-                "args": record_args,
-                "hparams": hparams,
-                "input_shape": list(dataset.input_shape),
-                "num_classes": dataset.num_classes,
-                "env_names": dataset.env_names,
-                "model": algorithm.network.state_dict(),
-            },
-            tmp,
-        )
-        tmp.replace(out / "model.pt")
-    (out / "done").write_text("done\n")
+        from torchsage.dg.checkpoint import save_model
+
+        save_model(out, record_args, hparams, dataset, algorithm.network)
+    mark_done(out)
     return out
