@@ -62,6 +62,7 @@ def featurizer(input_shape: Sequence[int], hparams: dict[str, Any]) -> nn.Module
             weights_path=hparams.get("pretrained_path"),
             freeze_bn=hparams.get("freeze_bn", True),
             dropout=hparams.get("dropout", 0.0),
+            pretrained=hparams.get("pretrained"),
         )
     raise ValueError(f"unknown backbone {backbone!r}: use mnist_cnn, resnet18 or resnet50")
 

@@ -25,10 +25,10 @@ Training-domain validation and the oracle only use runs with a single test envir
 reported number of a (dataset, algorithm, test environment) cell is the mean over trial seeds of
 the selected test accuracies (:func:`summarize`).
 
-Ties are broken deterministically: the earliest checkpoint within a run, the lowest
-``hparams_seed`` across runs. Records with a missing or non-finite accuracy that a method needs
-are skipped by that method. Two run directories with the same (dataset, algorithm, test
-environments, hparams seed, trial seed) are merged, as in DomainBed.
+Ties are broken as DomainBed's model selection breaks them: the earliest checkpoint within a run,
+and among runs with equal validation accuracy the highest ``hparams_seed``. Records with a missing
+or non-finite accuracy that a method needs are skipped by that method. Two run directories with the
+same (dataset, algorithm, test environments, hparams seed, trial seed) are merged, as in DomainBed.
 """
 
 from __future__ import annotations
@@ -127,9 +127,14 @@ class Selection:
     step: float
 
 
-def _best(candidates: Iterable[Selection]) -> Selection | None:
-    # max() keeps the first of equal values: candidates come in ascending step / hparams seed order.
-    return max(candidates, key=lambda s: s.val_acc, default=None)
+def _best(candidates: Iterable[Selection], last_of_equals: bool = False) -> Selection | None:
+    # Among equal validation accuracies: the first (candidates come in ascending step order) or,
+    # with last_of_equals, the last: the highest hparams seed, as DomainBed's selection picks.
+    best = None
+    for c in candidates:
+        if best is None or c.val_acc > best.val_acc or (last_of_equals and c.val_acc == best.val_acc):
+            best = c
+    return best
 
 
 class SelectionMethod(ABC):
@@ -151,11 +156,8 @@ class SelectionMethod(ABC):
         by_seed: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
         for record in records:
             by_seed[record["args"]["hparams_seed"]].append(record)
-        return _best(
-            s
-            for seed in sorted(by_seed)
-            if (s := self.select_run(sorted(by_seed[seed], key=lambda r: r["step"]), t, seed)) is not None
-        )
+        runs = (self.select_run(sorted(by_seed[h], key=lambda r: r["step"]), t, h) for h in sorted(by_seed))
+        return _best((s for s in runs if s is not None), last_of_equals=True)
 
     @abstractmethod
     def select_run(
@@ -309,10 +311,7 @@ class Cell:
         return None if std is None else std / math.sqrt(self.n)
 
     def acc_of_trial(self, trial_seed: int) -> float | None:
-        for seed, selection in zip(self.trial_seeds, self.selections):
-            if seed == trial_seed:
-                return selection.test_acc
-        return None
+        return next((s.test_acc for t, s in zip(self.trial_seeds, self.selections) if t == trial_seed), None)
 
 
 @dataclass(frozen=True)
@@ -461,13 +460,7 @@ def summarize(
                     selection = method.select(group, env) if group else None
                     if selection is not None:
                         chosen.append((seed, selection))
-                cell = Cell(
-                    dataset,
-                    algorithm,
-                    env,
-                    tuple(s for s, _ in chosen),
-                    tuple(sel for _, sel in chosen),
-                )
+                cell = Cell(dataset, algorithm, env, tuple(s for s, _ in chosen), tuple(x for _, x in chosen))
                 cells.append(cell)
                 if cell.n < len(seeds):
                     missing.append(MissingCell(dataset, algorithm, env, cell.n, len(seeds)))

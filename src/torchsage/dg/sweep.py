@@ -117,16 +117,17 @@ class Job:
     Attributes:
         root: the sweep's output folder; the run directory is ``root / run_id``.
         dataset, algorithm, test_envs, hparams_seed, trial_seed, steps, checkpoint_freq,
-        holdout_fraction, data_dir, hparams, amp: the arguments of ``torchsage dg train``
+        holdout_fraction, data_dir, hparams, amp, device: the arguments of ``torchsage dg train``
             (``hparams`` is a JSON object as a string, or ``None``; ``amp`` is ``"bf16"``,
             ``"fp16"`` or ``None``).
         seed: initialisation and minibatch seed; ``None`` (the default) derives it with
             :func:`job_seed`.
         output_dir: the run directory (computed, not an argument).
 
-    The run id hashes every argument except ``root`` and ``data_dir`` (the location of the data
-    does not change the run, so moving the data does not restart finished runs). ``hparams`` is
-    hashed as parsed JSON, so whitespace and key order do not matter.
+    The run id hashes every argument except ``root``, ``data_dir`` and ``device`` (where the data
+    lie and which card trains do not define the run, so moving either does not restart finished
+    runs). ``device`` ``None`` lets every run take cuda where available, on the node it runs on.
+    ``hparams`` is hashed as parsed JSON, so whitespace and key order do not matter.
     """
 
     root: Path
@@ -142,6 +143,7 @@ class Job:
     data_dir: str | None = None
     hparams: str | None = None
     amp: str | None = None
+    device: str | None = None
     output_dir: Path = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -210,6 +212,8 @@ class Job:
             argv += ["--hparams", self.hparams]
         if self.amp is not None:
             argv += ["--amp", self.amp]
+        if self.device is not None:
+            argv += ["--device", self.device]
         if not progress:
             argv.append("--no-progress")
         return argv
@@ -277,6 +281,7 @@ def make_jobs(
     env_names: EnvNames | None = None,
     algorithm_names: AlgorithmNames | None = None,
     amp: str | None = None,
+    device: str | None = None,
 ) -> list[Job]:
     """Every job of a sweep, in the order dataset, algorithm, test envs, hparams seed, trial seed.
 
@@ -285,7 +290,7 @@ def make_jobs(
         datasets, algorithms: names (repeats are dropped).
         n_hparams: hyperparameter seeds ``0 .. n_hparams - 1`` (0: the defaults).
         n_trials: trial seeds ``0 .. n_trials - 1``.
-        steps, checkpoint_freq, data_dir, hparams, holdout_fraction, amp: passed to every run.
+        steps, checkpoint_freq, data_dir, hparams, holdout_fraction, amp, device: passed to every run.
         test_envs: ``"single"`` or ``"loo"`` (see the module docstring).
         env_names: ``dataset -> environment names``; default
             :func:`torchsage.dg.datasets.environment_names` (raises on unknown data sets).
@@ -337,6 +342,7 @@ def make_jobs(
                                 data_dir=data_dir,
                                 hparams=hparams,
                                 amp=amp,
+                                device=device,
                             )
                         )
     return jobs
