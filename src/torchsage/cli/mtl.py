@@ -245,6 +245,10 @@ def _check_first_runs(args: argparse.Namespace, jobs: list[Any]) -> None:
             n_train=args.n_train,
             n_test=args.n_test,
             device=args.device,
+            **{
+                name: getattr(args, name) if method == "sage" else None
+                for name in ("preset", "rho_scaling", "disagreement", "disagreement_scope")
+            },
         )
         try:
             check(run)
