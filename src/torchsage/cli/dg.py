@@ -81,6 +81,12 @@ def add_dg_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) -> No
         help="data loader processes (default: 8 for the image sets, as DomainBed; 0 for the digits)",
     )
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    train.add_argument(
+        "--preset",
+        choices=["authors", "authors-domainbed"],
+        default=None,
+        help="SAGE only: the authors' DG recipe, or their optimizer values on DomainBed's protocol",
+    )
     train.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast (fp16: loss-scaled)")
     add_threads(train)
     add_no_progress(train)
@@ -97,7 +103,9 @@ def add_dg_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) -> No
     report.add_argument("dir", help="a sweep output directory")
     report.add_argument("--latex", action="store_true", help="LaTeX tables instead of markdown")
     report.add_argument("--plot", default=None, help="PNG path (default: DIR/report.png)")
-    report.add_argument("--std", action="store_true", help="± std over trials instead of DomainBed's std/sqrt(n)")
+    report.add_argument(
+        "--std", action="store_true", help="± std over trials instead of DomainBed's std/sqrt(n)"
+    )
 
 
 def test_env_indices(dataset: str, specs: list[str]) -> list[int]:
@@ -144,6 +152,7 @@ def _train(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             amp=args.amp,
             device=args.device,
+            preset=args.preset,
             progress=not args.no_progress,
         )
     )
@@ -286,7 +295,15 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast of every run")
     parser.add_argument(
-        "--device", default=None, help="every run's device: cpu, cuda, ... (default: cuda where the run finds one)"
+        "--device",
+        default=None,
+        help="every run's device: cpu, cuda, ... (default: cuda where the run finds one)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=["authors"],
+        default=None,
+        help="SAGE runs twice: the authors' DG recipe and their optimizer values on DomainBed's protocol",
     )
     parser.add_argument(
         "--test-envs",
@@ -407,6 +424,7 @@ def run_from_args(
         algorithm_names=algorithm_names,
         amp=getattr(args, "amp", None),
         device=getattr(args, "device", None),
+        preset=getattr(args, "preset", None),
     )
     if getattr(args, "device", None) is not None:
         from torchsage.dg.train import check_device_name, resolve_device
