@@ -104,3 +104,13 @@ def test_a_sweep_checks_its_first_run_before_launching_anything(tmp_path, capsys
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "cnn_width must be a positive multiple of 8" in err
     assert "nothing launched" in err and not (tmp_path / "s").exists()
+
+
+def test_sweep_test_environments_by_name_or_index(tmp_path, capsys):
+    argv = ["dg", "sweep", "--datasets", "ColoredDigits", "--algorithms", "ERM", "--n-hparams", "1"]
+    argv += ["--n-trials", "1", "--output-dir", str(tmp_path), "--dry-run", "--test-envs"]
+    assert main([*argv, "+80%", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()[:-1]
+    assert [line.split("--test-envs ")[1].split()[0] for line in lines] == ["0", "1"]
+    assert main([*argv, "loo", "0"]) == 2
+    assert "one mode (single, loo) or environments, not both" in capsys.readouterr().err

@@ -108,7 +108,7 @@ def test_dg_train_preset_authors_records_the_recipe(tmp_path, monkeypatch):
     out = train(
         TrainArgs(
             "RotatedDigits",
-            "SAGE",
+            "sage",  # any case, as --algorithm takes it
             [0],
             str(tmp_path / "run"),
             steps=10,

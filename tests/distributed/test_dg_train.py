@@ -32,7 +32,8 @@ def run_cli_under_torchrun(algorithm, out):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("algorithm", ["SAGE", "ERM"])  # the optimizer's reduction; the step hook
+# the optimizer's reduction; the step hook; Mixup's draws, the same in every process
+@pytest.mark.parametrize("algorithm", ["SAGE", "ERM", "Mixup"])
 def test_dg_train_under_torchrun_matches_one_process(algorithm, tmp_path):
     proc = run_cli_under_torchrun(algorithm, tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -173,15 +173,29 @@ def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, caps
     assert sum("--sage" in line for line in lines) == 1
 
 
-def test_sweep_passes_rho_and_gamma_only_to_the_methods_that_take_them(tmp_path, capsys):
-    options = ["--rho", "0.1", "--gamma", "0.2"]
+def _sweep_lines(tmp_path, capsys, options):
+    """The dry-run command line of each method's run of a one-solver, one-seed sweep."""
     sweep(benchmark="multidigits", solvers=["ls"], methods=["plain", "sam", "sage"], seeds=[0],
           output_dir=str(tmp_path), dry_run=True, train_options=options)  # fmt: skip
-    lines = {m: line for line in capsys.readouterr().out.splitlines() for m in ("plain", "sam", "sage")
-             if f"/{m}/" in line}  # fmt: skip
+    return {m: line for line in capsys.readouterr().out.splitlines() for m in ("plain", "sam", "sage")
+            if f"/{m}/" in line}  # fmt: skip
+
+
+def test_sweep_passes_rho_and_gamma_only_to_the_methods_that_take_them(tmp_path, capsys):
+    lines = _sweep_lines(tmp_path, capsys, ["--rho", "0.1", "--gamma", "0.2"])
     assert "--rho" not in lines["plain"] and "--gamma" not in lines["plain"]
     assert "--rho 0.1" in lines["sam"] and "--gamma" not in lines["sam"]
     assert "--rho 0.1 --gamma 0.2" in lines["sage"]
+
+
+def test_sweep_passes_the_sage_settings_to_sage_runs_only(tmp_path, capsys):
+    lines = _sweep_lines(tmp_path, capsys, ["--preset", "authors", "--disagreement-scope", "shared"])
+    assert "--preset" not in lines["plain"] and "--preset" not in lines["sam"]
+    assert "--preset authors --disagreement-scope shared" in lines["sage"]
+    code = main(["mtl", "sweep", "--benchmark", "multidigits", "--preset", "paper",
+                 "--output-dir", str(tmp_path / "s"), "--dry-run"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown preset 'paper'" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

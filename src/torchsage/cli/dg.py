@@ -51,7 +51,7 @@ def add_dg_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) -> No
         "--test-envs",
         nargs="+",
         required=True,
-        help="held-out environments, by index (0, 1, ...) or by name (e.g. 15deg, '-90%%')",
+        help="held-out environments, by index (0, 1, ...) or by name (e.g. 15deg, +80%%)",
     )
     train.add_argument("--output-dir", required=True, help="run directory (results.jsonl, done, model.pt)")
     train.add_argument("--data-dir", default=None, help="folder holding the image data sets")
@@ -275,10 +275,34 @@ def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     add_no_progress(parser)
 
 
-def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the options of ``torchsage dg sweep`` to ``parser`` (returned for chaining)."""
+def _test_env_spec(text: str) -> str:
+    """argparse type of a sweep's ``--test-envs``: a mode, an index, or an environment name."""
+    from torchsage.dg.datasets import DATASETS
     from torchsage.dg.sweep import TEST_ENV_MODES
 
+    names = {n.lower() for envs, _ in DATASETS.values() for n in envs}
+    if text in TEST_ENV_MODES or text.isdigit() or text.lower() in names:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(TEST_ENV_MODES)}, or environment indices or names)"
+    )
+
+
+def _held_out(args: argparse.Namespace) -> tuple[str, list[str] | None]:
+    """The test-environment mode of a sweep's arguments and the environments it keeps (None: all)."""
+    from torchsage.dg.sweep import TEST_ENV_MODES
+
+    specs = [args.test_envs] if isinstance(args.test_envs, str) else list(args.test_envs)
+    modes = [s for s in specs if s in TEST_ENV_MODES]
+    if modes and len(specs) > 1:
+        raise ValueError(
+            f"--test-envs takes one mode ({', '.join(TEST_ENV_MODES)}) or environments, not both"
+        )
+    return (modes[0], None) if modes else ("single", specs)
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the options of ``torchsage dg sweep`` to ``parser`` (returned for chaining)."""
     parser.add_argument("--datasets", nargs="+", required=True, help=f"data sets: {_dataset_names()}")
     parser.add_argument("--algorithms", nargs="+", required=True, help=f"algorithms: {_algorithm_names()}")
     parser.add_argument("--n-trials", type=positive_int, default=3, help="trial seeds 0..T-1")
@@ -307,9 +331,12 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument(
         "--test-envs",
-        choices=TEST_ENV_MODES,
+        nargs="+",
+        type=_test_env_spec,
         default="single",
-        help="single: each environment held out alone; loo: also every pair (leave-one-domain-out selection)",
+        metavar="MODE_OR_ENV",
+        help="single: each environment held out alone; loo: also every pair (leave-one-domain-out "
+        "selection); or environments by index or name, each held out alone",
     )
     add_launcher_arguments(parser)
     return parser
@@ -408,6 +435,7 @@ def run_from_args(
     """
     from torchsage.dg.sweep import make_jobs, validate_jobs
 
+    mode, chosen = _held_out(args)
     jobs = make_jobs(
         root=args.output_dir,
         datasets=args.datasets,
@@ -419,13 +447,16 @@ def run_from_args(
         data_dir=args.data_dir,
         hparams=args.hparams,
         holdout_fraction=args.holdout_fraction,
-        test_envs=args.test_envs,
+        test_envs=mode,
         env_names=env_names,
         algorithm_names=algorithm_names,
         amp=getattr(args, "amp", None),
         device=getattr(args, "device", None),
         preset=getattr(args, "preset", None),
     )
+    if chosen is not None:  # environments named: each of them held out alone
+        keep = {d: set(test_env_indices(d, chosen)) for d in dict.fromkeys(job.dataset for job in jobs)}
+        jobs = [job for job in jobs if job.test_envs[0] in keep[job.dataset]]
     if getattr(args, "device", None) is not None:
         from torchsage.dg.train import check_device_name, resolve_device
 

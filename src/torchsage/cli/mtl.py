@@ -22,7 +22,10 @@ __all__ = ["TOY_SOLVERS", "add_mtl_commands", "run_mtl"]
 #: solvers drawn by ``torchsage mtl toy`` by default
 TOY_SOLVERS = ("ls", "mgda", "pcgrad", "cagrad", "imtlg", "nashmtl", "upgrad", "famo")
 #: ``mtl train`` options a sweep passes on to every run (argparse dest names)
-TRAIN_OPTIONS = ("rho", "gamma", "epochs", "data_dir", "batch_size", "lr", "width", "n_train", "n_test")
+TRAIN_OPTIONS = (
+    "rho", "gamma", "epochs", "data_dir", "batch_size", "lr", "width", "n_train", "n_test",
+    "preset", "rho_scaling", "disagreement", "disagreement_scope",
+)  # fmt: skip
 
 
 def _benchmarks() -> str:
@@ -54,6 +57,35 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=None, help="MultiDigits training pairs (default: all)")
     p.add_argument("--n-test", type=int, default=None, help="MultiDigits test pairs (default: all)")
     p.add_argument("--num-workers", type=non_negative_int, default=None, help="data loader processes")
+    # Choices are checked by train() (one line naming the option), so a sweep fails before launching.
+    p.add_argument(
+        "--preset",
+        default=None,
+        metavar="authors",
+        help="SAGE with the settings of the authors' code (implies --sage; NYUv2/MultiDigits: "
+        "torchsage.preset('authors-mtl'), Cityscapes: 'authors-mtl-cityscapes'; LS summed, FAMO "
+        "updated from the perturbed losses); options given here override its values "
+        "(default: none, the benchmark's and the library's settings)",
+    )
+    p.add_argument(
+        "--rho-scaling",
+        default=None,
+        metavar="{global,layer,weight}",
+        help="SAGE's rho scaling (default: global; with --preset authors: weight)",
+    )
+    p.add_argument(
+        "--disagreement",
+        default=None,
+        metavar="{normalized_std,cosine,normalized_var,raw_std,raw_var}",
+        help="SAGE's disagreement measure (default: normalized_std, also with --preset authors)",
+    )
+    p.add_argument(
+        "--disagreement-scope",
+        default=None,
+        metavar="{shared,all}",
+        help="parameters the disagreement covers: shared (those two or more tasks reach) or all "
+        "(other tasks' heads count as zero gradient) (default: shared; with --preset authors: all)",
+    )
 
 
 def add_mtl_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) -> None:
@@ -150,6 +182,10 @@ def _train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             device=args.device,
             num_workers=args.num_workers or 0,
+            preset=args.preset,
+            rho_scaling=args.rho_scaling,
+            disagreement=args.disagreement,
+            disagreement_scope=args.disagreement_scope,
         )
     )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes
@@ -162,9 +198,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from torchsage.cli.dg import check_launcher, dry_run, launch_summary, print_summary
+    from torchsage.mtl.sage_settings import check_choices
     from torchsage.mtl.solvers import SOLVER_NAMES
     from torchsage.mtl.sweep import make_jobs, run_sweep
 
+    check_choices(args.preset, args.rho_scaling, args.disagreement, args.disagreement_scope)
     options: list[str] = []
     for name in (*TRAIN_OPTIONS, "device", "num_workers"):
         value = getattr(args, name)
@@ -176,7 +214,47 @@ def _sweep(args: argparse.Namespace) -> int:
     check_launcher(args)
     if args.dry_run:
         return dry_run(args, jobs)
+    _check_first_runs(args, jobs)
     return print_summary(args, lambda: run_sweep(jobs, lambda part: launch_summary(args, part)))
+
+
+def _check_first_runs(args: argparse.Namespace, jobs: list[Any]) -> None:
+    """Builds the first run of every (solver, method) in this process before anything is launched
+    (:func:`torchsage.mtl.train.check`); a problem stops the sweep with one line."""
+    from torchsage.mtl.train import MTLArgs, check
+
+    seen = set()
+    for job in jobs:
+        solver, method = job.settings["solver"], job.settings["method"]
+        if (solver, method) in seen:
+            continue
+        seen.add((solver, method))
+        run = MTLArgs(
+            benchmark=job.settings["benchmark"],
+            solver=solver,
+            output_dir=str(job.output_dir),
+            sage=method == "sage",
+            sam=method == "sam",
+            rho=args.rho if method != "plain" else None,
+            gamma=args.gamma if method == "sage" else None,
+            epochs=args.epochs,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            width=args.width,
+            n_train=args.n_train,
+            n_test=args.n_test,
+            device=args.device,
+            **{
+                name: getattr(args, name) if method == "sage" else None
+                for name in ("preset", "rho_scaling", "disagreement", "disagreement_scope")
+            },
+        )
+        try:
+            check(run)
+        except (ValueError, ImportError, OSError, RuntimeError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{job.describe()}: {first} (nothing launched)") from None
 
 
 def _toy(args: argparse.Namespace) -> int:

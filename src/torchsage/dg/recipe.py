@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import torchsage
-from torchsage.dg.algorithms import SAGE, Algorithm
+from torchsage.dg.algorithms import SAGE, Algorithm, canonical_algorithm
 
 __all__ = [
     "DG_PRESETS",
@@ -84,7 +84,7 @@ def preset_hparams(preset: str, dataset: str) -> dict[str, Any]:
 
 def preset_label(algorithm: str, preset: str | None) -> str:
     """The algorithm name a run records: ``SAGE@authors`` for a preset run, else ``algorithm``."""
-    return algorithm if preset is None else f"{algorithm}@{preset}"
+    return algorithm if preset is None else f"{canonical_algorithm(algorithm)}@{preset}"
 
 
 def preset_variants(algorithm: str, preset: str | None) -> list[str | None]:
@@ -105,7 +105,7 @@ def check_preset(algorithm: str, preset: str | None) -> None:
         return
     if preset not in DG_PRESETS:
         raise ValueError(f"unknown --preset {preset!r}: use one of {', '.join(DG_PRESETS)}")
-    if algorithm != "SAGE":
+    if canonical_algorithm(algorithm) != "SAGE":
         raise ValueError(
             f"--preset {preset} is the SAGE authors' recipe: use it with --algorithm SAGE, not {algorithm}"
         )

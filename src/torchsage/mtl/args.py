@@ -41,8 +41,16 @@ class MTLArgs:
     device: str | None = None
     #: data loader worker processes (NYUv2 / Cityscapes)
     num_workers: int = 0
+    #: ``"authors"``: SAGE with the authors' settings (implies ``sage``; see
+    #: :mod:`torchsage.mtl.sage_settings`); None: the benchmark's and the library's defaults
+    preset: str | None = None
+    #: SAGE's ``rho_scaling``, ``disagreement`` and ``disagreement_scope`` (None: the default,
+    #: or the preset's)
+    rho_scaling: str | None = None
+    disagreement: str | None = None
+    disagreement_scope: str | None = None
 
     @property
     def method(self) -> str:
-        """``"sage"``, ``"sam"`` or ``"plain"``."""
-        return "sage" if self.sage else "sam" if self.sam else "plain"
+        """``"sage"`` (``sage`` or a preset), ``"sam"`` or ``"plain"``."""
+        return "sage" if self.sage or self.preset is not None else "sam" if self.sam else "plain"

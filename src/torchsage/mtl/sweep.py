@@ -45,7 +45,8 @@ def _options(train_options: Sequence[str]) -> dict[str, Any]:
 
 def _method_options(options: Sequence[str], method: str) -> list[str]:
     """``options`` without the ones ``method`` does not take (a sweep passes --rho to plain runs)."""
-    drop = {"plain": {"--rho", "--gamma"}, "sam": {"--gamma"}}.get(method, set())
+    sage_only = {"--gamma", "--preset", "--rho-scaling", "--disagreement", "--disagreement-scope"}
+    drop = {"plain": {"--rho", *sage_only}, "sam": sage_only}.get(method, set())
     kept: list[str] = []
     skip = False
     for item in options:

@@ -41,9 +41,10 @@ from torchsage.harness.session import shard_batch, torchrun_session
 from torchsage.mtl.args import MTLArgs
 from torchsage.mtl.benchmarks import BENCHMARKS, Benchmark, LossFn, get_benchmark
 from torchsage.mtl.data import Loader
+from torchsage.mtl.sage_settings import check_sage_settings, optimizer_options, sage_settings, solver_options
 from torchsage.mtl.solvers import STL, canonical_solver, solver_spec
 
-__all__ = ["BENCHMARKS", "Benchmark", "Loader", "MTLArgs", "train"]
+__all__ = ["BENCHMARKS", "Benchmark", "Loader", "MTLArgs", "check", "train"]
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -51,9 +52,9 @@ __all__ = ["BENCHMARKS", "Benchmark", "Loader", "MTLArgs", "train"]
 
 def _check_method_options(args: MTLArgs) -> None:
     """An option the chosen method does not use is refused rather than silently ignored."""
-    if args.rho is not None and not (args.sage or args.sam):
+    if args.rho is not None and args.method == "plain":
         raise ValueError("--rho is the ascent radius of --sage or --sam: add one of them, or drop --rho")
-    if args.gamma is not None and not args.sage:
+    if args.gamma is not None and args.method != "sage":
         raise ValueError("--gamma is SAGE's noise scale: add --sage, or drop --gamma")
 
 
@@ -64,6 +65,7 @@ def _resolved(args: MTLArgs) -> tuple[Benchmark, dict[str, Any]]:
     if args.sage and args.sam:
         raise ValueError("--sage and --sam exclude each other: choose one")
     _check_method_options(args)
+    check_sage_settings(args, solver, STL)
     if bench.needs_data_dir and args.data_dir is None:
         raise ValueError(f"benchmark {bench.name!r} needs --data-dir (the preprocessed numpy folder)")
     cfg: dict[str, Any] = {
@@ -74,10 +76,11 @@ def _resolved(args: MTLArgs) -> tuple[Benchmark, dict[str, Any]]:
         "rho": 0.0,
         "gamma": 0.0,
     }
-    if args.sage or args.sam:
+    if args.method != "plain":
         cfg["rho"] = args.rho if args.rho is not None else bench.rho
-    if args.sage:
+    if args.method == "sage":
         cfg["gamma"] = args.gamma if args.gamma is not None else bench.gamma
+        cfg.update(sage_settings(args, bench.name, cfg["lr"], cfg["rho"], cfg["gamma"]))
     for key in ("epochs", "batch_size", "width"):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]!r}")
@@ -120,6 +123,7 @@ def _make_optimizer(
             seed=seed,
             model=model,
             lr=cfg["lr"],
+            **optimizer_options(cfg),
         )
     rho = cfg["rho"] if method == "sam" else 0.0
     return torchsage.SAM(params, torch.optim.Adam, rho=rho, solver=solver, model=model, lr=cfg["lr"])
@@ -224,6 +228,22 @@ def train(args: MTLArgs) -> Path:
         return _train(args, (comm.rank, comm.world_size) if comm is not None else (0, 1))
 
 
+def check(args: MTLArgs) -> None:
+    """Checks a run without training it: the arguments, the benchmark's data folder, the network
+    and the solver (its optional dependencies), as :func:`train` builds them. A sweep calls it on
+    its first run of every solver and method before launching anything.
+
+    Raises:
+        ValueError, FileNotFoundError, ImportError: as :func:`train` would.
+    """
+    bench, cfg = _resolved(args)
+    if bench.needs_data_dir and not Path(str(args.data_dir)).is_dir():
+        raise FileNotFoundError(f"data directory {args.data_dir} does not exist")
+    bench.build(cfg["width"])
+    if cfg["solver"] != STL:
+        solver_spec(cfg["solver"])(len(bench.tasks), **args.solver_options)
+
+
 def _train(args: MTLArgs, shard: tuple[int, int]) -> Path:
     rank, world = shard
     bench, cfg = _resolved(args)
@@ -247,7 +267,7 @@ def _train(args: MTLArgs, shard: tuple[int, int]) -> Path:
         }
     else:
         model = bench.build(cfg["width"]).to(cfg["device"])
-        solver = spec(len(bench.tasks), **args.solver_options)
+        solver = spec(len(bench.tasks), **solver_options(args, cfg["solver"]))
         if isinstance(solver, nn.Module):  # UW's log-variances, FAMO's logits and bounds
             solver.to(cfg["device"])
         params: Any = model.parameters()

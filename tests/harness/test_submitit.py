@@ -2,8 +2,8 @@
 executors (subprocesses on this machine, or in this process), the skipping of finished runs, the
 rerun of unfinished and failed ones, the Slurm options and their errors.
 
-Training is replaced by the tiny fake program of ``test_sweep`` (``sys.executable -c ...``), so
-nothing here trains except the one end-to-end run through the command line.
+Training is replaced by the tiny fake program of ``tests/dg/test_sweep.py`` (``sys.executable -c
+...``), so nothing here trains except the one end-to-end run through the command line.
 """
 
 from __future__ import annotations
