@@ -4,10 +4,12 @@
   average pool, linear head).
 * :func:`mlp`: a ReLU MLP on flattened 28x28 inputs (784-512-512-10 by default).
 * :func:`make_batches`: K random ``(x, y)`` batches of 1x28x28 inputs and 10-class labels.
-* :class:`ReferenceSAGE`: SAGE written the way the paper's authors implement it (one joint forward
-  over the concatenated batches, K backward passes through the joint graph, K flattened gradient
-  copies stacked into a K x P matrix). It is the baseline the library's streaming step is
-  compared against; it is written here from that description and imports nothing from outside.
+* :class:`ReferenceSAGE`: a SAGE step organised the way the paper's authors organise theirs (one
+  joint forward over the concatenated batches, K backward passes through the joint graph, K
+  flattened gradient copies stacked into a K x P matrix) but computing torchsage's default step
+  (global rho scaling, ``normalized_std``), not the authors' settings (``||W||_F`` scaling, see
+  ``torchsage.preset``). It is the baseline the library's streaming step is compared against for
+  time and memory; it is written here from that description and imports nothing from outside.
 * :func:`build_step`: a zero-argument callable doing one optimisation step of a method
   (``erm``, ``sam``, ``sage``, ``sage_gen``, ``reference``) on a given model and batches.
 """
@@ -106,7 +108,7 @@ def make_batches(k: int, batch_size: int, seed: int = 0, num_classes: int = 10) 
 
 
 class ReferenceSAGE:
-    """SAGE as the paper's authors implement it (the design the library is compared against).
+    """SAGE organised as the paper's authors organise it, computing torchsage's default step.
 
     One step:
 

@@ -13,7 +13,11 @@ Sections (each one runs even if an earlier one failed; its error is printed and 
 3. **step_time**: one optimisation step of ERM, SAM, SAGE (float32 Newton-Schulz), SAGE with
    bf16 Newton-Schulz and SAGE with the compiled kernel, on the models and random batches of
    ``benchmarks/step_time.py`` (``_models.py``), medians of interleaved rounds, with the
-   SAGE / SAM ratio.
+   SAGE / SAM ratio;
+4. **dg_train**: ``torchsage dg train --device`` end to end on a generated image folder with
+   ResNet-18 (``benchmarks/dg_device_check.py``): every batch, parameter, buffer, optimizer state
+   and SAGE's noise generator on the device, then the documented command for ERM and SAGE with
+   its seconds per step.
 
 It prints markdown tables headed by the card's name and writes everything as JSON to
 ``$OUT/gpu_check.json`` when ``OUT`` is set (and to ``--json PATH`` if given), written whole.
@@ -232,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument(
+        "--dg-backbone",
+        default="resnet18",
+        help="section 4's backbone (mnist_cnn: smoke run without torchvision)",
+    )
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -293,6 +302,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rows
 
     section("step_time", results, steps)
+
+    def dg_train() -> dict:
+        import dg_device_check
+
+        return dg_device_check.run(device, args.quick, args.dg_backbone, workers=min(4, os.cpu_count() or 1))
+
+    section("dg_train", results, dg_train)
 
     targets = [Path(args.json)] if args.json else []
     if os.environ.get("OUT"):

@@ -133,6 +133,8 @@ def test_equal_shapes_share_one_batched_call(monkeypatch):
         assert d.shape == g.shape
         if g.ndim >= 2:
             alone = real(g.reshape(g.shape[0], -1))
+            # a batched matmul sums in another order: ~sqrt(18) * 2**-24 = 3e-7 per product, grown
+            # by at most |p'| < 3.5 per Muon step on these well-conditioned matrices: 1e-5
             torch.testing.assert_close(d.reshape(g.shape[0], -1), alone, rtol=1e-5, atol=1e-5)
         else:
             torch.testing.assert_close(d, g / g.norm())
@@ -146,6 +148,8 @@ def test_compiled_kernel_matches_eager():
     G = torch.randn(3, 12, 20, generator=gen)
     eager = polar_factor(G)
     compiled = polar_factor(G, compile=True)
+    # inductor fuses and reorders the float32 sums: ~sqrt(20) * 2**-24 = 3e-7 per product, grown by
+    # at most |p'| < 3.5 per step over five Muon steps (worst case 3.5**5 * 3e-7 = 2e-4): 1e-4
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     # and both against the exact factor, per matrix: Muon's five steps, singular values in [0.6, 1.2]
     for Q in compiled:
@@ -190,7 +194,9 @@ def test_sage_bf16_perturbation_tracks_float32():
             lambda clone=clone: [torch.nn.functional.cross_entropy(clone(x), y) for x, y in data]
         )
     a, b = results[torch.float32], results[torch.bfloat16]
-    assert a.loss == b.loss
+    assert a.loss == b.loss  # the clean pass is the same float32 code
+    # bf16 keeps 8 bits (2**-8 = 4e-3 per rounding): the direction is off by ~1e-2 relative, the
+    # perturbed loss by ||g|| * rho * 1e-2 ~ 3e-3 of itself: 1e-2
     assert b.perturbed_loss == pytest.approx(a.perturbed_loss, rel=1e-2)
     assert b.perturbation_norm == pytest.approx(0.5, rel=1e-5)  # global scaling: the norm is rho
 

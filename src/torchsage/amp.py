@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchsage.optim._core import SharpnessAware, StepInfo
+from torchsage.optim import SharpnessAware, StepInfo
 
 __all__ = ["AMP_DTYPES", "LossScaledOptimizer", "autocast", "scaled_step"]
 

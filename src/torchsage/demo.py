@@ -36,9 +36,11 @@ def run_demo(
     steps: int = 200,
     processes: int = 2,
     progress: bool = True,
+    threads: int | None = None,
 ) -> tuple[str, Path]:
     """Runs (or resumes) the demo sweep; returns the training-domain-validation tables and the
-    path of the plot. Raises :class:`DemoFailed` naming the failed runs if any run failed."""
+    path of the plot. ``threads``: torch threads of each run (default: the cores divided by
+    ``processes``). Raises :class:`DemoFailed` naming the failed runs if any run failed."""
     root = Path(output_dir)
     jobs = make_jobs(
         root,
@@ -50,7 +52,7 @@ def run_demo(
         checkpoint_freq=max(steps // 4, 1),
         hparams=json.dumps(DEMO_HPARAMS),
     )
-    summary = launch(jobs, processes=processes, progress=progress)
+    summary = launch(jobs, processes=processes, progress=progress, threads=threads)
     if not summary.ok:
         raise DemoFailed(str(summary))
     plot_path = root / "report.png"  # report() draws the training-domain-validation plot there

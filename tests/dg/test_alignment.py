@@ -95,6 +95,15 @@ def test_masked_steps(name, mask):
     assert_weights(algorithm, expected)
 
 
+def test_sand_mask_with_domainbeds_default_tau_does_not_move_the_weights():
+    with pytest.warns(UserWarning, match="will not progress"):
+        algorithm = build("SANDMask")  # tau = 1.0
+    before = [p.detach().clone() for p in algorithm.network.parameters()]
+    algorithm.update(batches(), 0)
+    for p, b in zip(algorithm.network.parameters(), before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-15)  # 1e-17-masked coordinates at most
+
+
 def test_iga_step_against_functional_second_derivatives():
     lam = 30.0
     algorithm = build("IGA", penalty=lam)

@@ -323,7 +323,7 @@ def test_resnet_logic_on_a_stand_in_torchvision(fake_torchvision: None, tmp_path
     torch.save({**source.state_dict(), "conv1.weight": torch.zeros(2, 3, 3, 3)}, path)
     with pytest.raises(ValueError, match=r"wrong shape: conv1.weight"):
         ResNetFeaturizer("resnet18", weights_path=path)
-    with pytest.raises(FileNotFoundError, match="never downloaded"):
+    with pytest.raises(FileNotFoundError, match="pretrained_path to an existing state_dict file"):
         ResNetFeaturizer("resnet18", weights_path=tmp_path / "absent.pt")
 
 

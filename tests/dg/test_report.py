@@ -12,13 +12,15 @@ from torchsage.dg.selection import TrainingDomainValidation, load_records, summa
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DATASET = "ColoredDigits"  # registered: environments "+90%", "+80%", "-90%"
 
-# test accuracy per (algorithm, test env) and trial seed 0, 1, 2; None: no run.
+# test accuracy per (algorithm, test env) and trial seed 0, 1, 2; None: no run. By hand: population
+# std over trials, and the standard error std / sqrt(n) that DomainBed prints.
 ACCS = {
-    ("ERM", 0): (0.5, 0.6, 0.7),  # 60.0 ± 8.2
+    ("ERM", 0): (0.5, 0.6, 0.7),  # 60.0, std sqrt(0.02/3) = 8.16, SE 8.16/sqrt(3) = 4.71
     ("ERM", 1): (0.8, 0.8, 0.8),  # 80.0 ± 0.0
-    ("ERM", 2): (0.9, 0.7, 0.8),  # 80.0 ± 8.2; Avg 73.3 ± 2.7 (per-trial 73.3, 70.0, 76.7)
+    ("ERM", 2): (0.9, 0.7, 0.8),  # 80.0, std 8.16, SE 4.71
+    # ERM Avg: per-trial 73.33, 70.00, 76.67 -> 73.3, std sqrt((0 + 3.33^2 + 3.33^2)/3) = 2.72, SE 1.57
     ("SAM", 0): (0.6, 0.6, 0.6),
-    ("SAM", 1): (0.7, 0.9, None),  # 80.0 ± 10.0 over 2 trials
+    ("SAM", 1): (0.7, 0.9, None),  # 80.0 over 2 trials, std 10.0, SE 10/sqrt(2) = 7.07
 }
 
 
@@ -64,11 +66,12 @@ def test_markdown_report(sweep):
         assert heading in text
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in rows[0]]
-    assert header == ["Algorithm", "+90%", "+80%", "-90%", "Avg"]
+    assert header == ["Algorithm (% ± SE)", "+90%", "+80%", "-90%", "Avg"]
     erm = [c.strip() for c in rows[1]]
-    assert erm == ["ERM", "60.0 ± 8.2", "80.0 ± 0.0", "80.0 ± 8.2", "73.3 ± 2.7"]
+    assert erm == ["ERM", "60.0 ± 4.7", "80.0 ± 0.0", "80.0 ± 4.7", "73.3 ± 1.6"]
     sam = [c.strip() for c in rows[2]]
-    assert sam == ["SAM", "60.0 ± 0.0", "80.0 ± 10.0", "—", "—"]
+    assert sam == ["SAM", "60.0 ± 0.0", "80.0 ± 7.1", "—", "—"]
+    assert "standard error over trials (std/sqrt(n), as DomainBed prints it)" in text
     missing = "missing: ColoredDigits SAM env 1 (2 of 3 trials); ColoredDigits SAM env 2 (0 of 3 trials)"
     assert text.count(missing) == 2  # training-domain validation and oracle
     assert "ColoredDigits, leave-one-domain-out cross-validation: no results" in text
@@ -81,9 +84,9 @@ def test_markdown_report(sweep):
 def test_latex_report(sweep, tmp_path):
     text = report(sweep, latex=True, plot_path=tmp_path / "figs" / "out.png")
     assert text.count(r"\begin{tabular}") == 2 and text.count(r"\end{tabular}") == 2
-    assert r"Algorithm & +90\% & +80\% & -90\% & Avg \\" in text
-    assert r"ERM & 60.0 $\pm$ 8.2 & 80.0 $\pm$ 0.0 & 80.0 $\pm$ 8.2 & 73.3 $\pm$ 2.7 \\" in text
-    assert r"SAM & 60.0 $\pm$ 0.0 & 80.0 $\pm$ 10.0 & -- & -- \\" in text
+    assert r"Algorithm (\% $\pm$ SE) & +90\% & +80\% & -90\% & Avg \\" in text
+    assert r"ERM & 60.0 $\pm$ 4.7 & 80.0 $\pm$ 0.0 & 80.0 $\pm$ 4.7 & 73.3 $\pm$ 1.6 \\" in text
+    assert r"SAM & 60.0 $\pm$ 0.0 & 80.0 $\pm$ 7.1 & -- & -- \\" in text
     assert (
         "% missing: ColoredDigits SAM env 1 (2 of 3 trials); ColoredDigits SAM env 2 (0 of 3 trials)" in text
     )
@@ -108,7 +111,7 @@ def test_report_names_unfinished_and_corrupt_runs(sweep):
     assert "Corrupt lines or files skipped (1):" in text
     assert "- torn/results.jsonl: line 2: invalid JSON" in text
     # The unfinished run's .99 is not used; the torn run's valid line is.
-    assert "60.0 ± 8.2" in text
+    assert "60.0 ± 4.7" in text
     assert "missing: ColoredDigits SAM env 1 (2 of 3 trials); ColoredDigits SAM env 2 (1 of 3 trials)" in text
     assert not (sweep / "report.png").exists()
 
@@ -145,11 +148,12 @@ def test_without_matplotlib(sweep, tmp_path, monkeypatch):
 def test_format_tables_options(sweep):
     records = load_records(sweep)
     summary = summarize(records, TrainingDomainValidation())
-    named = format_tables(summary, env_names={DATASET: ["red", "green", "blue"]}, error="sem")
-    assert "| Algorithm | red" in named and "mean ± sem" in named
-    assert "60.0 ± 4.7" in named  # std 8.16 / sqrt(3)
+    named = format_tables(summary, env_names={DATASET: ["red", "green", "blue"]}, error="std")
+    assert "| Algorithm (% ± std) | red" in named and "mean ± population std over trials" in named
+    assert "60.0 ± 8.2" in named and "73.3 ± 2.7" in named and "80.0 ± 10.0" in named
+    assert "60.0 ± 4.7" in format_tables(summary)  # the standard error by default
     both = format_tables([summary, summary])
-    assert both.count("| Algorithm |") == 2
+    assert both.count("| Algorithm (% ± SE) |") == 2
     with pytest.raises(ValueError, match="fmt"):
         format_tables(summary, fmt="html")
 
@@ -158,3 +162,14 @@ def test_env_labels_fall_back_to_indices():
     assert env_labels("ColoredDigits", 3) == ["+90%", "+80%", "-90%"]
     assert env_labels("NoSuchDataset", 2) == ["env0", "env1"]
     assert env_labels("ColoredDigits", 4) == ["env0", "env1", "env2", "env3"]
+
+
+def test_cli_report_prints_the_standard_error_or_the_std_on_request(sweep, capsys):
+    from torchsage.cli import main
+
+    assert main(["dg", "report", str(sweep), "--plot", str(sweep / "a.png")]) == 0
+    text = capsys.readouterr().out
+    assert "| Algorithm (% ± SE) |" in text and "73.3 ± 1.6" in text
+    assert main(["dg", "report", str(sweep), "--std", "--plot", str(sweep / "b.png")]) == 0
+    text = capsys.readouterr().out
+    assert "| Algorithm (% ± std) |" in text and "73.3 ± 2.7" in text and "± SE" not in text

@@ -157,10 +157,17 @@ def test_pair_runs_join_both_test_env_groups(tmp_path):
     assert len(groups[GroupKey("Toy", "ERM", 2, 0)]) == 9
 
 
-def test_ties_go_to_the_earliest_step_and_lowest_hparams_seed(tmp_path):
-    for seed in (1, 0):
+def test_ties_go_to_the_earliest_step_and_the_highest_hparams_seed_as_in_domainbed(tmp_path):
+    # Validation accuracy (out1 + out2) / 2 = 0.25 at every checkpoint of every run: DomainBed takes
+    # the first checkpoint of a run (argmax) and, across runs, the highest hparams seed (its runs
+    # sorted by validation accuracy, then reversed). Seeds written out of order on purpose.
+    for seed in (1, 4, 0):
         write_run(tmp_path, [record([0], seed, step=s, in0=0.1 * (s // 100), out1=0.5) for s in (100, 200)])
-    assert TrainingDomainValidation().select(group_of(tmp_path), 0) == Selection(0.25, 0.1, 0, 100)
+    assert TrainingDomainValidation().select(group_of(tmp_path), 0) == Selection(0.25, 0.1, 4, 100)
+    assert Oracle().select(group_of(tmp_path), 0).hparams_seed == 4  # last checkpoint, same tie rule
+    # a strictly better run still wins over a higher seed
+    write_run(tmp_path, [record([0], 2, step=100, in0=0.7, out1=0.6)])
+    assert TrainingDomainValidation().select(group_of(tmp_path), 0) == Selection(0.3, 0.7, 2, 100)
 
 
 def test_non_finite_or_missing_accuracies_are_skipped(tmp_path):

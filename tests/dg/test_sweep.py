@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from torchsage.cli.dg import add_sweep_arguments, run_from_args
 from torchsage.dg import sweep
-from torchsage.dg.sweep import Job, launch, make_jobs, run_from_args, sweep_status
+from torchsage.dg.sweep import Job, launch, make_jobs, sweep_status
 
 FAKE_ENVS = {"Three": ["a", "b", "c"], "Two": ["x", "y"]}
 FAKE_ALGORITHMS = ["ERM", "SAGE"]
@@ -339,7 +340,7 @@ def test_interrupt_stops_the_running_children(tmp_path):
 
 
 def parser() -> argparse.ArgumentParser:
-    return sweep.add_sweep_arguments(argparse.ArgumentParser(prog="sweep"))
+    return add_sweep_arguments(argparse.ArgumentParser(prog="sweep"))
 
 
 def test_arguments_and_defaults(tmp_path):

@@ -33,7 +33,12 @@ def test_mtl_train_under_torchrun_matches_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["done", "model.pt", "results.jsonl"]
     (two,) = [json.loads(x) for x in (tmp_path / "two" / "results.jsonl").read_text().splitlines()]
     (one,) = [json.loads(x) for x in (tmp_path / "one" / "results.jsonl").read_text().splitlines()]
-    assert two["left/acc"] == one["left/acc"] and two["right/acc"] == one["right/acc"]
+    # Error estimate: the gradients of the shard average and of the whole batch differ by float32
+    # rounding (~1e-6 relative); Adam (lr 1e-3, 3 steps) passes a relative gradient error on
+    # scaled by eps / (|g| + eps), small because MultiLeNet has no parameter whose gradient is
+    # zero up to rounding (no bias feeding a normalisation; see test_dg_train for one that has).
+    # Measured under ATEN_CPU_CAPABILITY default and avx2: 4e-8 on the records, 2e-7 on the weights.
+    assert two["left/acc"] == one["left/acc"] and two["right/acc"] == one["right/acc"]  # 40 examples
     for key in ("loss/left", "loss/right", "disagreement"):
         assert two[key] == pytest.approx(one[key], rel=1e-4)
     m2 = torch.load(tmp_path / "two" / "model.pt", weights_only=False)["model"]
@@ -43,7 +48,7 @@ def test_mtl_train_under_torchrun_matches_one_process(tmp_path):
 
 
 def test_the_slices_of_a_batch_make_it_up_again():
-    from torchsage.mtl.train import _slice
+    from torchsage.harness.session import shard_batch as _slice
 
     x = torch.arange(14.0).reshape(7, 2)
     targets = {"left": torch.arange(7), "right": torch.arange(7) * 10}

@@ -117,6 +117,7 @@ def test_every_solver_steps_with_and_without_sage(name, sage, batch):
         clean = [ce(out[t], targets[t]).item() for t in ("left", "right")]
     info = opt.step(closure)
     assert info.names == ("left", "right")
+    # the same float32 forward, one batched and one not under no_grad: a few ulp; 1e-5 for margin
     assert info.losses == pytest.approx(clean, rel=1e-5)
     moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
     assert all(moved[:6])  # every encoder tensor moved (conv, conv, linear: weight and bias)

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from torchsage.cli import main
+from torchsage.mtl.checkpoint import load_for_diagnostics
 from torchsage.mtl.data import multi_digits, write_fake_cityscapes, write_fake_nyuv2
 from torchsage.mtl.metrics import BASELINES, HIGHER_IS_BETTER
-from torchsage.mtl.train import MTLArgs, load_for_diagnostics, run_dir, sweep, train
+from torchsage.mtl.sweep import make_jobs, sweep
+from torchsage.mtl.train import MTLArgs, train
 
 pytest.importorskip("torchjd")
 
@@ -152,7 +154,13 @@ def test_load_for_diagnostics_gives_one_batch_and_loss_per_task(tmp_path):
 
 
 def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, capsys):
-    done = run_dir(tmp_path, "multidigits", "ls", "sage", 1)
+    jobs = make_jobs(tmp_path, "multidigits", ["stl", "ls"], ["plain", "sage"], [0, 1], ["--epochs", "2"])
+    done = next(
+        j
+        for j in jobs
+        if (j.settings["solver"], j.settings["method"], j.settings["seed"]) == ("ls", "sage", 1)
+    )
+    done = done.output_dir
     done.mkdir(parents=True)
     (done / "done").write_text("done\n")
     sweep(benchmark="multidigits", solvers=["stl", "ls"], methods=["plain", "sage"], seeds=[0, 1],
@@ -165,15 +173,29 @@ def test_sweep_plan_skips_finished_runs_and_passes_the_stl_folder(tmp_path, caps
     assert sum("--sage" in line for line in lines) == 1
 
 
-def test_sweep_passes_rho_and_gamma_only_to_the_methods_that_take_them(tmp_path, capsys):
-    options = ["--rho", "0.1", "--gamma", "0.2"]
+def _sweep_lines(tmp_path, capsys, options):
+    """The dry-run command line of each method's run of a one-solver, one-seed sweep."""
     sweep(benchmark="multidigits", solvers=["ls"], methods=["plain", "sam", "sage"], seeds=[0],
           output_dir=str(tmp_path), dry_run=True, train_options=options)  # fmt: skip
-    lines = {m: line for line in capsys.readouterr().out.splitlines() for m in ("plain", "sam", "sage")
-             if f"/{m}/" in line}  # fmt: skip
+    return {m: line for line in capsys.readouterr().out.splitlines() for m in ("plain", "sam", "sage")
+            if f"/{m}/" in line}  # fmt: skip
+
+
+def test_sweep_passes_rho_and_gamma_only_to_the_methods_that_take_them(tmp_path, capsys):
+    lines = _sweep_lines(tmp_path, capsys, ["--rho", "0.1", "--gamma", "0.2"])
     assert "--rho" not in lines["plain"] and "--gamma" not in lines["plain"]
     assert "--rho 0.1" in lines["sam"] and "--gamma" not in lines["sam"]
     assert "--rho 0.1 --gamma 0.2" in lines["sage"]
+
+
+def test_sweep_passes_the_sage_settings_to_sage_runs_only(tmp_path, capsys):
+    lines = _sweep_lines(tmp_path, capsys, ["--preset", "authors", "--disagreement-scope", "shared"])
+    assert "--preset" not in lines["plain"] and "--preset" not in lines["sam"]
+    assert "--preset authors --disagreement-scope shared" in lines["sage"]
+    code = main(["mtl", "sweep", "--benchmark", "multidigits", "--preset", "paper",
+                 "--output-dir", str(tmp_path / "s"), "--dry-run"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown preset 'paper'" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

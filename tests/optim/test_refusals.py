@@ -184,3 +184,13 @@ def test_base_optimizer_instance_gives_one_line():
     message = str(info.value)
     assert "\n" not in message
     assert "not an instance" in message and "torch.optim.Adam" in message
+
+
+def test_losses_from_a_graph_built_outside_the_closure_are_explained():
+    model, data = problem()
+    opt = torchsage.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    outside = [F.cross_entropy(model(x), y) for x, y in data]  # differentiated by the first step
+    opt.step(lambda: [F.cross_entropy(model(x), y) for x, y in data])
+    outside[0].backward()
+    with pytest.raises(ValueError, match="graph built outside the closure"):
+        opt.step(lambda: outside)

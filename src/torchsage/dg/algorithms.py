@@ -421,10 +421,18 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
 }
 
 
+def canonical_algorithm(name: str) -> str:
+    """The registered name of an algorithm, matched without regard to case and punctuation
+    (``sage`` -> ``SAGE``, ``SAGECurvatureOnly`` -> ``SAGE_CurvatureOnly``); ValueError listing
+    the known ones otherwise."""
+    from torchsage.registry import resolve
+
+    return resolve(name, ALGORITHMS, "algorithm")
+
+
 def get_algorithm(name: str) -> type[Algorithm]:
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}: use one of {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name]
+    """The algorithm class registered as ``name`` (any case and punctuation)."""
+    return ALGORITHMS[canonical_algorithm(name)]
 
 
 # The gradient-alignment baselines (Fish, ANDMask, SANDMask, IGA, GGA) live in their own module,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,14 +28,20 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def environment_gradients(
-    losses: Sequence[Tensor], params: Sequence[Tensor], create_graph: bool = False
-) -> list[list[Tensor]]:
-    """``[env][param]`` gradients of each loss (zeros where a parameter does not reach it)."""
-    grads = []
-    for loss in losses:
-        g = torch.autograd.grad(loss, params, retain_graph=True, create_graph=create_graph, allow_unused=True)
+    predict: Callable[[Tensor], Tensor],
+    minibatches: Minibatches,
+    params: Sequence[Tensor],
+    create_graph: bool = False,
+) -> tuple[list[Tensor], list[list[Tensor]]]:
+    """Each environment's risk and its ``[param]`` gradients (zeros where a parameter does not
+    reach it), one environment at a time so that without ``create_graph`` only one graph lives."""
+    losses, grads = [], []
+    for x, y in minibatches:
+        loss = F.cross_entropy(predict(x), y)
+        g = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        losses.append(loss if create_graph else loss.detach())
         grads.append([torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)])
-    return grads
+    return losses, grads
 
 
 def _rescaled(mask: Tensor, mean: Tensor) -> Tensor:
@@ -83,8 +90,7 @@ class _MaskedGradient(Algorithm):
 
     def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         params = _trainable(self.network)
-        losses = [F.cross_entropy(self.predict(x), y) for x, y in minibatches]
-        grads = environment_gradients(losses, params)
+        losses, grads = environment_gradients(self.predict, minibatches, params)
         self.optimizer.zero_grad()
         kept = []
         for i, p in enumerate(params):
@@ -102,7 +108,21 @@ class ANDMask(_MaskedGradient):
 
 
 class SANDMask(_MaskedGradient):
-    """SAND-mask (Shahtalebi et al., 2021): :func:`sand_mask` with ``tau`` and steepness ``k``."""
+    """SAND-mask (Shahtalebi et al., 2021): :func:`sand_mask` with ``tau`` and steepness ``k``.
+
+    With ``tau >= 1`` (DomainBed's default is 1) the mask is zero wherever the environment
+    gradients vary at all, so training does not progress; DomainBed's search draws ``tau`` from
+    U(0, 1). A warning says so.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.hparams["tau"] >= 1:
+            warnings.warn(
+                f"SANDMask with tau={self.hparams['tau']} masks every coordinate whose environment "
+                "gradients differ: training will not progress (choose tau < 1)",
+                stacklevel=2,
+            )
 
     def combine(self, grads: Tensor) -> Tensor:
         return sand_mask(grads, self.hparams["tau"], self.hparams["k"])
@@ -115,8 +135,7 @@ class IGA(Algorithm):
 
     def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         params = _trainable(self.network)
-        losses = [F.cross_entropy(self.predict(x), y) for x, y in minibatches]
-        grads = environment_gradients(losses, params, create_graph=True)
+        losses, grads = environment_gradients(self.predict, minibatches, params, create_graph=True)
         mean = [torch.stack([g[i].detach() for g in grads]).mean(0) for i in range(len(params))]
         penalty = torch.stack([(gi - mi).square().sum() for g in grads for gi, mi in zip(g, mean)]).sum()
         loss = torch.stack(losses).mean()
@@ -206,9 +225,7 @@ class GGA(Algorithm):
 
     def measure(self, minibatches: Minibatches) -> tuple[float, float]:
         """(minimum pairwise cosine of the environment gradients, mean risk) at the current weights."""
-        params = _trainable(self.network)
-        losses = [F.cross_entropy(self.predict(x), y) for x, y in minibatches]
-        grads = environment_gradients(losses, params)
+        losses, grads = environment_gradients(self.predict, minibatches, _trainable(self.network))
         flat = [torch.cat([g.flatten() for g in env]) for env in grads]
         return min_pairwise_cosine(flat).item(), torch.stack(losses).mean().item()
 

@@ -14,6 +14,7 @@ The real DomainBed image data sets (VLCS, PACS, OfficeHome, TerraIncognita, Doma
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -29,6 +30,7 @@ __all__ = [
     "DATASETS",
     "ROTATED_DIGITS_ANGLES",
     "DGDataset",
+    "canonical_dataset",
     "colored_digits",
     "environment_names",
     "get_dataset",
@@ -133,15 +135,22 @@ class DGDataset:
         return self.environments[i] if self.train_environment is None else self.train_environment(i)
 
 
+@functools.cache
+def _embedded(name: str) -> tuple[TensorDataset, ...]:
+    """The environments of an embedded data set, built once per process (a sweep's worker
+    processes run many jobs; the tensors are only read)."""
+    return tuple(rotated_digits() if name == "RotatedDigits" else colored_digits())
+
+
 def _rotated(data_dir: str | None, augment: bool, image_size: int) -> DGDataset:
-    envs = rotated_digits()
+    envs = list(_embedded("RotatedDigits"))
     return DGDataset(
         "RotatedDigits", envs, [f"{a}deg" for a in ROTATED_DIGITS_ANGLES], 10, (1, 16, 16), steps=1001
     )
 
 
 def _colored(data_dir: str | None, augment: bool, image_size: int) -> DGDataset:
-    envs = colored_digits()
+    envs = list(_embedded("ColoredDigits"))
     names = [f"{'+' if f < 0.5 else '-'}{round(100 * max(f, 1 - f))}%" for f in COLORED_DIGITS_FLIPS]
     return DGDataset("ColoredDigits", envs, names, 2, (2, 8, 8), steps=1001)
 
@@ -185,15 +194,17 @@ DATASETS: dict[str, tuple[tuple[str, ...], Callable[[str | None, bool, int], DGD
 }
 
 
-def _check_name(name: str) -> None:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+def canonical_dataset(name: str) -> str:
+    """The registered name of a data set, matched without regard to case and punctuation
+    (``rotateddigits`` -> ``RotatedDigits``); ValueError listing the known ones otherwise."""
+    from torchsage.registry import resolve
+
+    return resolve(name, DATASETS, "dataset")
 
 
 def environment_names(name: str) -> list[str]:
-    """The environments of a registered data set, without loading it."""
-    _check_name(name)
-    return list(DATASETS[name][0])
+    """The environments of a registered data set (any spelling), without loading it."""
+    return list(DATASETS[canonical_dataset(name)][0])
 
 
 def get_dataset(
@@ -201,8 +212,7 @@ def get_dataset(
 ) -> DGDataset:
     """Builds a registered data set. ``augment`` (training views) and ``image_size`` apply to the
     image sets; the embedded digit sets have fixed sizes."""
-    _check_name(name)
-    return DATASETS[name][1](data_dir, augment, image_size)
+    return DATASETS[canonical_dataset(name)][1](data_dir, augment, image_size)
 
 
 def split_environment(env: Dataset, holdout_fraction: float, seed: int) -> tuple[Subset, Subset]:

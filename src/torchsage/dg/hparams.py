@@ -2,8 +2,9 @@
 
 ``hparams_seed = 0`` gives the defaults; any other seed draws every hyperparameter from its search
 space, each from its own generator seeded by ``(hparams_seed, name)``, so adding a hyperparameter
-does not change the others' draws. The spaces follow DomainBed (REFERENCES section 3) for the shared
-ones; the sharpness-aware ones search their radius and their own coefficient.
+does not change the others' draws. The spaces follow DomainBed's hyperparameter registry
+(Gulrajani and Lopez-Paz, 2021) for the shared ones; the sharpness-aware ones search their radius
+and their own coefficient.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     # -- shared --------------------------------------------------------------------------------
     add("backbone", "mnist_cnn" if small else "resnet50")
     add("cnn_width", 64)  # MNIST CNN channels: (w, 2w, 2w, 2w); DomainBed uses 64
-    add("pretrained_path", None)  # a local ResNet state_dict; no download
+    add("pretrained_path", None)  # a local ResNet state_dict (takes precedence over "pretrained")
     add("freeze_bn", True)
     add("data_augmentation", not small)
     if not small:
@@ -120,6 +121,11 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
         add("gga_search_steps", 250)
         add("gga_neighborhood", 1e-6)
         add("gga_loss_tolerance", 0.1)
+
+    # -- backbone weights and learning-rate schedule, every algorithm --------------------------
+    if not small:
+        add("pretrained", "imagenet")  # ResNet backbones: torchvision's ImageNet weights; null: random
+    add("lr_schedule", "none")  # or "step" (x0.1 at 80% of the steps) or "cosine" (to 0 at the end)
     return h
 
 

@@ -47,7 +47,12 @@ def featurizer(input_shape: Sequence[int], hparams: dict[str, Any]) -> nn.Module
     """The feature extractor named by ``hparams["backbone"]``; it exposes ``n_outputs``."""
     backbone = hparams["backbone"]
     if backbone == "mnist_cnn":
-        w = int(hparams.get("cnn_width", 64))
+        w = hparams.get("cnn_width", 64)
+        if isinstance(w, bool) or not isinstance(w, int) or w < 8 or w % 8:
+            raise ValueError(
+                f"hparam cnn_width must be a positive multiple of 8 (GroupNorm(8) splits the channels "
+                f"into 8 groups), got {w!r}"
+            )
         return MNISTCNN(input_shape[0], None, widths=(w, 2 * w, 2 * w, 2 * w))
     if backbone in ("resnet18", "resnet50"):
         from torchsage.dg.resnet import ResNetFeaturizer
@@ -57,6 +62,7 @@ def featurizer(input_shape: Sequence[int], hparams: dict[str, Any]) -> nn.Module
             weights_path=hparams.get("pretrained_path"),
             freeze_bn=hparams.get("freeze_bn", True),
             dropout=hparams.get("dropout", 0.0),
+            pretrained=hparams.get("pretrained"),
         )
     raise ValueError(f"unknown backbone {backbone!r}: use mnist_cnn, resnet18 or resnet50")
 

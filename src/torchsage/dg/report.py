@@ -4,7 +4,9 @@
 training-domain validation, leave-one-domain-out cross-validation and test-domain validation
 (oracle) (see :mod:`torchsage.dg.selection`), and returns the tables as text: per method and data
 set, a row per algorithm and a column per test environment plus the average, each cell the test
-accuracy in percent as "mean ± std" over trial seeds (population std, ``ddof=0``). Cells without
+accuracy in percent as "mean ± standard error" over trial seeds (``std / sqrt(n)`` with the
+population std, ``ddof=0``: the error bars DomainBed prints, so the tables compare with published
+ones), or "mean ± std" on request (``error="std"``, ``--std``); the header says which. Cells without
 results print as "—" (markdown) or "--" (LaTeX) and every incomplete cell is named below its table.
 It also writes a bar chart of the training-domain-validation results (:func:`plot`).
 """
@@ -20,31 +22,23 @@ from torchsage.dg.selection import (
     DatasetTable,
     Summary,
     TrainingDomainValidation,
+    check_settings,
     load_records,
     summarize,
 )
+from torchsage.harness.records import read_json_lines
+from torchsage.harness.tables import render_table, save_figure
 
-__all__ = ["env_labels", "format_tables", "plot", "report"]
+__all__ = ["ERRORS", "env_labels", "format_tables", "plot", "report", "run_summary"]
 
 Fmt = Literal["markdown", "latex"]
-EnvNames = Mapping[str, Sequence[str]]
-
-_LATEX_SPECIAL = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
+Error = Literal["sem", "std"]
+#: the error bars: their name in the tables' first header cell and in the captions
+ERRORS: dict[str, tuple[str, str]] = {
+    "sem": ("± SE", "standard error over trials (std/sqrt(n), as DomainBed prints it)"),
+    "std": ("± std", "population std over trials (ddof=0)"),
 }
-
-
-def _latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+EnvNames = Mapping[str, Sequence[str]]
 
 
 def env_labels(dataset: str, n_envs: int, env_names: EnvNames | None = None) -> list[str]:
@@ -75,60 +69,34 @@ def _cell_text(mean: float | None, err: float | None, fmt: Fmt) -> str:
 
 def _table_text(table: DatasetTable, fmt: Fmt, env_names: EnvNames | None, error: str) -> str:
     labels = env_labels(table.dataset, len(table.test_envs), env_names)
-    header = ["Algorithm", *labels, "Avg"]
+    header = [f"Algorithm (% {ERRORS[error][0]})", *labels, "Avg"]
     body = []
     for row in table.rows:
         cells = [_cell_text(c.mean, c.std if error == "std" else c.sem, fmt) for c in row.cells]
         avg = _cell_text(row.avg, row.avg_std if error == "std" else row.avg_sem, fmt)
         body.append([row.algorithm, *cells, avg])
     caption = (
-        f"{table.dataset}, {table.method}: test accuracy (%), mean ± {error} over "
+        f"{table.dataset}, {table.method}: test accuracy (%), mean ± {ERRORS[error][1]}, "
         f"{table.expected_trials} trial{'s' if table.expected_trials != 1 else ''}"
     )
     missing = "; ".join(str(m) for m in table.missing)
-    if fmt == "latex":
-        lines = [
-            f"% {caption}",
-            r"\begin{tabular}{l" + "c" * len(labels) + "|c}",
-            r"\hline",
-            " & ".join(_latex_escape(h) for h in header) + r" \\",
-            r"\hline",
-        ]
-        lines += [" & ".join([_latex_escape(r[0]), *r[1:]]) + r" \\" for r in body]
-        lines += [r"\hline", r"\end{tabular}"]
-        if missing:
-            lines.append(f"% missing: {missing}")
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    lines = [
-        f"**{caption}**",
-        "",
-        line(header),
-        "|"
-        + "|".join(("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":") for i, w in enumerate(widths))
-        + "|",
-    ]
-    lines += [line(r) for r in body]
-    if missing:
-        lines += ["", f"missing: {missing}"]
-    return "\n".join(lines)
+    notes = [f"missing: {missing}"] if missing else []
+    columns = "l" + "c" * len(labels) + "|c"
+    return render_table(header, body, caption=caption, fmt=fmt, notes=notes, columns=columns)
 
 
 def format_tables(
     summary: Summary | Sequence[Summary],
     fmt: Fmt = "markdown",
     env_names: EnvNames | None = None,
-    error: Literal["std", "sem"] = "std",
+    error: Error = "sem",
 ) -> str:
     """One table per data set per selection method.
 
     Rows are algorithms, columns the test environments (labelled by :func:`env_labels`) and their
-    average, cells the test accuracy in percent as "mean ± std" with one decimal over trial seeds
-    (``error="sem"`` prints std/sqrt(n) instead, as DomainBed's tables do). The average of a row
+    average, cells the test accuracy in percent as "mean ± standard error" with one decimal over
+    trial seeds (std/sqrt(n), population std: DomainBed's error bars; ``error="std"`` prints the
+    std instead); the first header cell says which. The average of a row
     exists only when every environment has results; its spread is over the per-trial averages of
     the trial seeds every environment shares. Missing cells print as "—" (markdown) or "--"
     (LaTeX), and a line below the table names every cell with fewer trials than expected
@@ -151,10 +119,10 @@ def format_tables(
     return "\n\n".join(blocks)
 
 
-def plot(summary: Summary, path: str | Path, env_names: EnvNames | None = None) -> Path:
+def plot(summary: Summary, path: str | Path, env_names: EnvNames | None = None, error: Error = "sem") -> Path:
     """Writes a PNG: one subplot per data set, grouped bars of the mean test accuracy (%) per test
-    environment (and the average) with one bar per algorithm and population-std error bars over
-    trials. Cells without results get no bar. Returns the path written.
+    environment (and the average) with one bar per algorithm and error bars over trials (standard
+    error, or the std with ``error="std"``). Cells without results get no bar. Returns the path.
 
     Raises:
         ImportError: matplotlib is not installed.
@@ -185,7 +153,10 @@ def plot(summary: Summary, path: str | Path, env_names: EnvNames | None = None) 
         lows: list[float] = []
         highs: list[float] = []
         for k, row in enumerate(table.rows):
-            points = [(c.mean, c.std) for c in row.cells] + [(row.avg, row.avg_std)]
+            if error == "std":
+                points = [(c.mean, c.std) for c in row.cells] + [(row.avg, row.avg_std)]
+            else:
+                points = [(c.mean, c.sem) for c in row.cells] + [(row.avg, row.avg_sem)]
             xs = [i - 0.4 + width * (k + 0.5) for i, (m, _) in enumerate(points) if m is not None]
             means = [100 * m for m, _ in points if m is not None]
             errs = [100 * (e or 0.0) for m, e in points if m is not None]
@@ -199,10 +170,10 @@ def plot(summary: Summary, path: str | Path, env_names: EnvNames | None = None) 
         ax.set_title(f"{table.dataset} ({table.expected_trials} trials)")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(f"{summary.method}: mean ± std over trials")
+    fig.suptitle(f"{summary.method}: mean {ERRORS[error][0]} over trials")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120)
+    save_figure(fig, path, dpi=120)
     return path
 
 
@@ -221,6 +192,7 @@ def report(
     *,
     include_unfinished: bool = False,
     make_plot: bool = True,
+    error: Error = "sem",
 ) -> str:
     """The full report of a sweep directory as text.
 
@@ -228,9 +200,10 @@ def report(
     the three selection methods and returns, after a few lines naming the unfinished runs that
     were skipped and the corrupt lines, one heading per method followed by its tables
     (:func:`format_tables`; markdown, or LaTeX with every other line a ``%`` comment when
-    ``latex``). Unless ``make_plot`` is False it writes :func:`plot` of the training-domain
-    validation results to ``plot_path`` (default ``root/report.png``); without matplotlib the
-    default plot is skipped with a note, a requested ``plot_path`` raises ImportError.
+    ``latex``), with standard-error bars (``error="std"``: the std). Unless ``make_plot`` is False
+    it writes :func:`plot` of the training-domain validation results to ``plot_path`` (default
+    ``root/report.png``); without matplotlib the default plot is skipped with a note, a requested
+    ``plot_path`` raises ImportError.
 
     Raises:
         ValueError: ``root`` is not a directory, or holds no usable records.
@@ -239,6 +212,7 @@ def report(
     if not root.is_dir():
         raise ValueError(f"{root}: no such directory")
     records = load_records(root, include_unfinished=include_unfinished)
+    check_settings(records.records)
     if not records.records:
         raise ValueError(
             f"{root} holds no usable records: {len(records.runs)} run director"
@@ -258,7 +232,7 @@ def report(
         "",
         f"{len(records.runs) - (0 if include_unfinished else len(records.unfinished))} runs, "
         f"{len(records.records)} checkpoint records, data sets: {', '.join(datasets)}.",
-        "Test accuracy (%) of the selected checkpoint, mean ± std (population, ddof=0) over trial seeds.",
+        f"Test accuracy (%) of the selected checkpoint, mean ± {ERRORS[error][1]}.",
     ]
     if records.unfinished:
         names = ", ".join(_run_name(r, root) for r in records.unfinished)
@@ -271,14 +245,36 @@ def report(
         target = root / "report.png" if plot_path is None else Path(plot_path)
         tdv = next(s for s in summaries if s.method == TrainingDomainValidation.name)
         try:
-            written = plot(tdv, target)
+            written = plot(tdv, target, error=error)
             header.append(f"Plot ({tdv.method}): {written}")
-        except ImportError as error:
+        except ImportError as missing:
             if plot_path is not None:
                 raise
-            header.append(f"Plot skipped: {error}")
+            header.append(f"Plot skipped: {missing}")
     blocks = [note("\n".join(header))]
     for s in summaries:
         heading = f"## {s.method}" if not latex else f"% == {s.method} =="
-        blocks.append(heading + "\n\n" + format_tables(s, fmt))
+        blocks.append(heading + "\n\n" + format_tables(s, fmt, error=error))
     return "\n\n".join(blocks) + "\n"
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """The accuracies of one run's last checkpoint as a short markdown table (what ``dg train``
+    prints): one row per environment, its ``in`` and ``out`` splits, test environments marked."""
+    records, _ = read_json_lines(Path(run_dir) / "results.jsonl")
+    if not records:
+        return f"no results in {run_dir}"
+    last = records[-1]
+    args = last.get("args", {})
+    test_envs = set(args.get("test_envs", []))
+    n = len([k for k in last if k.startswith("env") and k.endswith("_in_acc")])
+    labels = env_labels(str(args.get("dataset")), n)
+    rows = []
+    for i, label in enumerate(labels):
+        role = "test" if i in test_envs else "train"
+        cells = [f"{100 * last[f'env{i}_{part}_acc']:.1f}" for part in ("in", "out")]
+        rows.append([f"{i} {label}", role, *cells])
+    caption = (
+        f"{args.get('algorithm')} on {args.get('dataset')}: accuracy (%) after step {last.get('step', 0) + 1}"
+    )
+    return render_table(["environment", "role", "in", "out"], rows, caption=caption)

@@ -1,14 +1,20 @@
 """ResNet feature extractors for the DomainBed image data sets (torchvision's ResNet-18 / ResNet-50).
 
 torchvision is optional (``pip install 'torchsage[vision]'``); it is imported only when a
-:class:`ResNetFeaturizer` is built. Pretrained weights are read from a local file only, never
-downloaded: save them once where a network is reachable, e.g.
-``torch.save(torchvision.models.resnet50(weights="IMAGENET1K_V1").state_dict(), "resnet50.pt")``.
+:class:`ResNetFeaturizer` is built. Backbones start from ImageNet weights when asked
+(``pretrained="imagenet"``, the default hyperparameter of the image data sets, as in DomainBed and
+the SAGE paper): torchvision's published ``IMAGENET1K_V1`` weights (the ones DomainBed's
+``pretrained=True`` loads), read from torch's cache (``torch.hub.get_dir()/checkpoints``) and
+fetched into it on first use where a network is reachable. A local state dict
+(``weights_path``, the hyperparameter ``pretrained_path``) takes precedence. Where neither is
+available, building the backbone fails with one line naming the URL, the file to put in the cache
+and the hyperparameter for a local file.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,12 +22,63 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RESNET_ARCHS", "ResNetFeaturizer", "load_backbone_weights"]
+__all__ = ["PRETRAINED", "RESNET_ARCHS", "ResNetFeaturizer", "imagenet_weights_file", "load_backbone_weights"]
 
 #: Supported architectures and the width of their pooled features.
 RESNET_ARCHS: dict[str, int] = {"resnet18": 512, "resnet50": 2048}
 
+#: Values of ``pretrained``: ImageNet weights, or ``None`` for a random initialisation.
+PRETRAINED: tuple[str | None, ...] = ("imagenet", None)
+
 _TORCHVISION_MESSAGE = "ResNet backbones need torchvision: pip install 'torchsage[vision]'"
+
+
+def _torchvision_models() -> Any:
+    try:
+        import torchvision.models
+    except ImportError as error:
+        raise ImportError(_TORCHVISION_MESSAGE) from error
+    return torchvision.models
+
+
+def imagenet_weights_file(arch: str) -> Path:
+    """The file of torchvision's ImageNet weights (``IMAGENET1K_V1``) of ``arch`` in torch's cache
+    (``torch.hub.get_dir()/checkpoints/<file name of the URL>``), downloaded there first (hash
+    checked, written whole) when it is missing.
+
+    Raises:
+        FileNotFoundError: the file is not in the cache and cannot be downloaded; the one-line
+            message names the URL, where to put the file, and the ``pretrained_path``
+            hyperparameter for a file kept elsewhere.
+        ValueError: unknown ``arch``.
+
+    Example:
+        >>> imagenet_weights_file("resnet50")  # doctest: +SKIP
+        PosixPath('/home/me/.cache/torch/hub/checkpoints/resnet50-0676ba61.pth')
+    """
+    if arch not in RESNET_ARCHS:
+        raise ValueError(f"unknown ResNet {arch!r}: use one of {', '.join(RESNET_ARCHS)}")
+    models = _torchvision_models()
+    enum = getattr(models, f"ResNet{arch.removeprefix('resnet')}_Weights")
+    url = str(enum.IMAGENET1K_V1.url)
+    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    match = re.search(r"-([a-f0-9]+)\.", target.name)  # torchvision names carry a hash prefix
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # to a temporary file, moved into place only when whole and matching the hash
+        torch.hub.download_url_to_file(url, str(target), match.group(1) if match else None, progress=False)
+    except Exception as error:  # no network, refused, proxy, hash mismatch, read-only cache
+        target.unlink(missing_ok=True)
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+        raise FileNotFoundError(
+            f"ImageNet weights of {arch} are not in torch's cache and could not be downloaded ({reason}); "
+            f"download {url} to {target} on a machine with network access, or set the hyperparameter "
+            f'pretrained_path to a local copy ({{"pretrained_path": "/path/{target.name}"}}); '
+            f'{{"pretrained": null}} trains from a random initialisation'
+        ) from None
+    return target
 
 
 def _backbone_state(checkpoint: Any) -> dict[str, Tensor]:
@@ -57,7 +114,8 @@ def load_backbone_weights(network: nn.Module, weights_path: str | os.PathLike) -
     path = Path(weights_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"pretrained weights file {path} does not exist (weights are never downloaded)"
+            f"pretrained weights file {path} does not exist (set the hyperparameter pretrained_path to "
+            "an existing state_dict file)"
         )
     state = _backbone_state(torch.load(path, map_location="cpu", weights_only=True))
     expected = network.state_dict()
@@ -85,7 +143,10 @@ class ResNetFeaturizer(nn.Module):
     Args:
         arch: ``"resnet18"`` (512 features) or ``"resnet50"`` (2048 features).
         weights_path: a local file with the network's state dict (``fc.*`` is ignored; a
-            ``module.`` prefix is removed); ``None`` leaves the random initialisation.
+            ``module.`` prefix is removed); it takes precedence over ``pretrained``.
+        pretrained: ``"imagenet"``: torchvision's ImageNet weights (:func:`imagenet_weights_file`)
+            when no ``weights_path`` is given; ``None``: the random initialisation unless
+            ``weights_path`` is given.
         freeze_bn: keep every BatchNorm layer in evaluation mode, even under ``train()``, so their
             running statistics stay those of the pretrained weights (DomainBed's default). Their
             affine parameters still train.
@@ -96,9 +157,16 @@ class ResNetFeaturizer(nn.Module):
         network: the torchvision ResNet, ``fc`` replaced by ``nn.Identity``.
 
     Raises:
-        ValueError: unknown ``arch``, ``dropout`` outside [0, 1), weights that do not fit.
+        ValueError: unknown ``arch`` or ``pretrained``, ``dropout`` outside [0, 1), weights that
+            do not fit.
         ImportError: torchvision is not installed.
-        FileNotFoundError: ``weights_path`` does not exist.
+        FileNotFoundError: ``weights_path`` does not exist, or the ImageNet weights are neither
+            cached nor downloadable (the message says how to provide them).
+
+    Example:
+        >>> model = ResNetFeaturizer("resnet18", pretrained=None)  # doctest: +SKIP
+        >>> model(torch.randn(2, 3, 64, 64)).shape  # doctest: +SKIP
+        torch.Size([2, 512])
     """
 
     def __init__(
@@ -107,21 +175,25 @@ class ResNetFeaturizer(nn.Module):
         weights_path: str | os.PathLike | None = None,
         freeze_bn: bool = True,
         dropout: float = 0.0,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         if arch not in RESNET_ARCHS:
             raise ValueError(f"unknown ResNet {arch!r}: use one of {', '.join(RESNET_ARCHS)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        try:
-            import torchvision.models
-        except ImportError as error:
-            raise ImportError(_TORCHVISION_MESSAGE) from error
-        network = getattr(torchvision.models, arch)(weights=None)
+        if pretrained not in PRETRAINED:
+            raise ValueError(
+                f'pretrained must be "imagenet" or null (random initialisation), got {pretrained!r}'
+            )
+        network = getattr(_torchvision_models(), arch)(weights=None)
         self.n_outputs = int(network.fc.in_features)
         network.fc = nn.Identity()
+        if weights_path is None and pretrained == "imagenet":
+            weights_path = imagenet_weights_file(arch)
         if weights_path is not None:
             load_backbone_weights(network, weights_path)
+        self.weights_path = None if weights_path is None else str(weights_path)
         self.network = network
         self.arch = arch
         self.freeze_bn = bool(freeze_bn)

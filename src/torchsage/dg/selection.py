@@ -25,24 +25,24 @@ Training-domain validation and the oracle only use runs with a single test envir
 reported number of a (dataset, algorithm, test environment) cell is the mean over trial seeds of
 the selected test accuracies (:func:`summarize`).
 
-Ties are broken deterministically: the earliest checkpoint within a run, the lowest
-``hparams_seed`` across runs. Records with a missing or non-finite accuracy that a method needs
-are skipped by that method. Two run directories with the same (dataset, algorithm, test
-environments, hparams seed, trial seed) are merged, as in DomainBed.
+Ties are broken as DomainBed's model selection breaks them: the earliest checkpoint within a run,
+and among runs with equal validation accuracy the highest ``hparams_seed``. Records with a missing
+or non-finite accuracy that a method needs are skipped by that method. Two run directories with the
+same (dataset, algorithm, test environments, hparams seed, trial seed) are merged, as in DomainBed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
+
+from torchsage.dg.records import Records, check_settings, load_records
 
 __all__ = [
     "SELECTION_METHODS",
@@ -58,6 +58,7 @@ __all__ = [
     "SelectionMethod",
     "Summary",
     "TrainingDomainValidation",
+    "check_settings",
     "group_records",
     "load_records",
     "num_envs",
@@ -65,133 +66,6 @@ __all__ = [
 ]
 
 Record = dict[str, Any]
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Records:
-    """What :func:`load_records` found under a sweep directory.
-
-    Attributes:
-        records: the parsed checkpoint records (one dict per valid line), in run-directory order
-            then file order. Iterating, indexing and ``len`` act on this list.
-        runs: every run directory found (finished or not).
-        unfinished: run directories without a ``done`` file, whether or not their records were
-            included (see ``include_unfinished``).
-        corrupt: ``(file, problem)`` for every line that could not be used (torn or invalid JSON,
-            not an object, missing ``args`` fields) and every unreadable or missing results file.
-    """
-
-    records: list[Record] = field(default_factory=list)
-    runs: list[Path] = field(default_factory=list)
-    unfinished: list[Path] = field(default_factory=list)
-    corrupt: list[tuple[Path, str]] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[Record]:
-        return iter(self.records)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> Record:
-        return self.records[index]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _record_problem(obj: Any) -> str | None:
-    """Why a parsed line cannot serve as a record, or None when it can."""
-    if not isinstance(obj, dict):
-        return f"not a JSON object ({type(obj).__name__})"
-    if not isinstance(obj.get("step"), int | float) or isinstance(obj.get("step"), bool):
-        return "no numeric 'step'"
-    args = obj.get("args")
-    if not isinstance(args, dict):
-        return "no 'args' object"
-    for key in ("dataset", "algorithm"):
-        if not isinstance(args.get(key), str):
-            return f"no string args.{key}"
-    test_envs = args.get("test_envs")
-    if not isinstance(test_envs, list) or not test_envs or not all(_is_int(i) and i >= 0 for i in test_envs):
-        return "args.test_envs is not a non-empty list of environment indices"
-    for key in ("hparams_seed", "trial_seed"):
-        if not _is_int(args.get(key)):
-            return f"no integer args.{key}"
-    return None
-
-
-def _read_results(path: Path) -> tuple[list[Record], list[tuple[Path, str]]]:
-    records: list[Record] = []
-    corrupt: list[tuple[Path, str]] = []
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        return records, [(path, f"unreadable: {error}")]
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            corrupt.append((path, f"line {number}: not UTF-8"))
-            continue
-        except json.JSONDecodeError as error:
-            corrupt.append((path, f"line {number}: invalid JSON ({error.msg}, torn write?)"))
-            continue
-        problem = _record_problem(obj)
-        if problem is not None:
-            corrupt.append((path, f"line {number}: {problem}"))
-            continue
-        records.append(obj)
-    return records, corrupt
-
-
-def _is_run_dir(path: Path) -> bool:
-    return (path / "results.jsonl").is_file() or (path / "done").exists()
-
-
-def load_records(root: str | Path, include_unfinished: bool = False) -> Records:
-    """Reads the records of every run under ``root``.
-
-    Run directories are the direct subdirectories of ``root`` holding ``results.jsonl`` or
-    ``done``; ``root`` itself counts as the only run when it holds ``results.jsonl``. A run without
-    ``done`` is unfinished: it is listed in ``Records.unfinished`` and its records are left out
-    unless ``include_unfinished``. Lines that cannot be used are listed in ``Records.corrupt`` (with
-    their line number and the reason) and skipped; nothing is raised for bad content.
-
-    Raises:
-        ValueError: ``root`` is not an existing directory.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"{root}: no such directory")
-    if (root / "results.jsonl").is_file():
-        run_dirs = [root]
-    else:
-        run_dirs = sorted(
-            p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _is_run_dir(p)
-        )
-    out = Records(runs=list(run_dirs))
-    for run in run_dirs:
-        finished = (run / "done").exists()
-        if not finished:
-            out.unfinished.append(run)
-        results = run / "results.jsonl"
-        if not results.is_file():
-            if finished:
-                out.corrupt.append((results, "missing although the run is marked done"))
-            continue
-        records, corrupt = _read_results(results)
-        out.corrupt.extend(corrupt)
-        if finished or include_unfinished:
-            out.records.extend(records)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,9 +127,14 @@ class Selection:
     step: float
 
 
-def _best(candidates: Iterable[Selection]) -> Selection | None:
-    # max() keeps the first of equal values: candidates come in ascending step / hparams seed order.
-    return max(candidates, key=lambda s: s.val_acc, default=None)
+def _best(candidates: Iterable[Selection], last_of_equals: bool = False) -> Selection | None:
+    # Among equal validation accuracies: the first (candidates come in ascending step order) or,
+    # with last_of_equals, the last: the highest hparams seed, as DomainBed's selection picks.
+    best = None
+    for c in candidates:
+        if best is None or c.val_acc > best.val_acc or (last_of_equals and c.val_acc == best.val_acc):
+            best = c
+    return best
 
 
 class SelectionMethod(ABC):
@@ -277,11 +156,8 @@ class SelectionMethod(ABC):
         by_seed: dict[int, list[Mapping[str, Any]]] = defaultdict(list)
         for record in records:
             by_seed[record["args"]["hparams_seed"]].append(record)
-        return _best(
-            s
-            for seed in sorted(by_seed)
-            if (s := self.select_run(sorted(by_seed[seed], key=lambda r: r["step"]), t, seed)) is not None
-        )
+        runs = (self.select_run(sorted(by_seed[h], key=lambda r: r["step"]), t, h) for h in sorted(by_seed))
+        return _best((s for s in runs if s is not None), last_of_equals=True)
 
     @abstractmethod
     def select_run(
@@ -435,10 +311,7 @@ class Cell:
         return None if std is None else std / math.sqrt(self.n)
 
     def acc_of_trial(self, trial_seed: int) -> float | None:
-        for seed, selection in zip(self.trial_seeds, self.selections):
-            if seed == trial_seed:
-                return selection.test_acc
-        return None
+        return next((s.test_acc for t, s in zip(self.trial_seeds, self.selections) if t == trial_seed), None)
 
 
 @dataclass(frozen=True)
@@ -587,13 +460,7 @@ def summarize(
                     selection = method.select(group, env) if group else None
                     if selection is not None:
                         chosen.append((seed, selection))
-                cell = Cell(
-                    dataset,
-                    algorithm,
-                    env,
-                    tuple(s for s, _ in chosen),
-                    tuple(sel for _, sel in chosen),
-                )
+                cell = Cell(dataset, algorithm, env, tuple(s for s, _ in chosen), tuple(x for _, x in chosen))
                 cells.append(cell)
                 if cell.n < len(seeds):
                     missing.append(MissingCell(dataset, algorithm, env, cell.n, len(seeds)))

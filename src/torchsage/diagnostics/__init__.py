@@ -17,7 +17,7 @@ blocks work on flat vectors and any symmetric ``matvec``: :func:`hessian_vector_
 
 :mod:`torchsage.diagnostics.sandbox` is a problem where both terms and the held-out excess risk
 are known in closed form (linear regression with distribution shift), with the counterexample
-showing that neither term bounds the other; ``torchsage diagnose`` (:mod:`.command`) runs
+showing that neither term bounds the other; ``torchsage diagnose`` (:mod:`torchsage.cli.diagnose`) runs
 :func:`decompose` on a saved model or reproduces the sandbox (see docs/theory.md).
 
 Example:

@@ -11,11 +11,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from torchsage.diagnostics._hessian import MeanHessian, as_batches, check_params
 from torchsage.diagnostics._krylov import _lanczos_ritz, conjugate_gradient, hutchinson_trace
 from torchsage.disagreement import MEASURES, GradientStatistics
+from torchsage.harness.progress import bar as tqdm
 
 __all__ = ["DecompositionReport", "decompose"]
 
@@ -210,7 +210,7 @@ def decompose(
         strict: raise :class:`ValueError` on negative curvature instead of reporting ``nan``.
         seed: seeds the Lanczos start vector and the Hutchinson probes (drawn on the CPU, so the
             same on every device).
-        progress: show tqdm bars for the long estimates.
+        progress: show progress for the long estimates.
 
     Returns:
         A :class:`DecompositionReport`.

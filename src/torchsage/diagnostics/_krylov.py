@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from torchsage.harness.progress import bar as tqdm
 
 __all__ = ["CGInfo", "conjugate_gradient", "hutchinson_trace", "lanczos"]
 
@@ -169,7 +170,7 @@ def hutchinson_trace(
         generator: draws the probes (on its own device, then moved to ``device``); ``None`` uses
             the global generator.
         dtype, device: of the probe vectors handed to ``matvec``.
-        progress: show a tqdm bar.
+        progress: show progress (a bar on a terminal, plain lines otherwise).
 
     Returns:
         ``(estimate, stderr)`` as floats.
@@ -291,7 +292,7 @@ def lanczos(
         k: number of eigenvalues wanted (at most ``min(steps, dim)``).
         generator: draws the start vector (on its own device); ``None`` uses the global one.
         dtype, device: of the basis vectors handed to ``matvec``.
-        progress: show a tqdm bar.
+        progress: show progress (a bar on a terminal, plain lines otherwise).
 
     Returns:
         ``(eigenvalues, residuals)``: float64 CPU tensors of length ``k``, eigenvalues descending.

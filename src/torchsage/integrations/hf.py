@@ -24,8 +24,7 @@ from torch import Tensor
 
 from torchsage.groups import check_options, group_counts, group_losses
 from torchsage.integrations import step_info_metrics
-from torchsage.optim import SAGE
-from torchsage.optim._core import SharpnessAware
+from torchsage.optim import SAGE, SharpnessAware
 
 __all__ = ["SAGETrainer", "per_sample_loss"]  # noqa: F822 (SAGETrainer is built on first use)
 

@@ -16,8 +16,7 @@ import math
 from typing import Any
 
 from torchsage.integrations import step_info_metrics
-from torchsage.optim import StepInfo
-from torchsage.optim._core import Closure
+from torchsage.optim import Closure, StepInfo
 
 __all__ = ["SAGEMixin", "step_info_metrics"]
 

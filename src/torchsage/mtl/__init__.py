@@ -7,7 +7,10 @@ measure it:
 * :mod:`torchsage.mtl.solvers`: the registry of base solvers by name (``make_solver``);
 * :mod:`torchsage.mtl.data`, :mod:`torchsage.mtl.networks`, :mod:`torchsage.mtl.metrics`:
   MultiDigits, NYUv2 and Cityscapes, MultiLeNet and SegNet-MTAN, task metrics and Delta-m%;
-* :mod:`torchsage.mtl.train`: one training run (``MTLArgs``, ``train``) and the benchmark registry;
+* :mod:`torchsage.mtl.benchmarks`: the benchmark registry; :mod:`torchsage.mtl.args`: ``MTLArgs``;
+* :mod:`torchsage.mtl.train`: one training run (``train``); :mod:`torchsage.mtl.checkpoint`: its
+  ``model.pt``, written and read back for the diagnostics;
+* :mod:`torchsage.mtl.sweep`: solvers x methods x seeds in hashed, resumable run directories;
 * :mod:`torchsage.mtl.report`: tables and a figure over a directory of runs;
 * :mod:`torchsage.mtl.toy`: the two-task toy problem.
 
@@ -25,7 +28,7 @@ __all__ = ["SOLVERS", "MTLArgs", "make_solver"]
 _LAZY = {
     "SOLVERS": "torchsage.mtl.solvers",
     "make_solver": "torchsage.mtl.solvers",
-    "MTLArgs": "torchsage.mtl.train",
+    "MTLArgs": "torchsage.mtl.args",
 }
 
 

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
     "CITYSCAPES_TASKS",
@@ -41,6 +42,7 @@ __all__ = [
     "NYUV2_TASKS",
     "Cityscapes",
     "DenseDataset",
+    "Loader",
     "NYUv2",
     "digit_sources",
     "horizontal_flip",
@@ -354,3 +356,34 @@ def write_fake_cityscapes(
 ) -> Path:
     """Writes a tiny random Cityscapes folder (labels in ``label_7/``) and returns it."""
     return _write_fake(root, CITYSCAPES_TASKS, "label_7", n, size, seed)
+
+
+class Loader:
+    """Seeded shuffled minibatches of a data set, a new order every epoch (tensors sliced directly)."""
+
+    def __init__(
+        self, data: Dataset, batch_size: int, seed: int, shuffle: bool, num_workers: int = 0
+    ) -> None:
+        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+        self.num_workers = num_workers
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return max(1, math.ceil(len(self.data) / self.batch_size))
+
+    def __iter__(self):
+        n = len(self.data)
+        if isinstance(self.data, TensorDataset):
+            order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+            for i in range(0, n, self.batch_size):
+                idx = order[i : i + self.batch_size]
+                yield tuple(t[idx] for t in self.data.tensors)
+            return
+        yield from DataLoader(
+            self.data,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+            generator=self.generator,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )

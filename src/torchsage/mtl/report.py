@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from torchsage.harness.records import read_json_lines
+from torchsage.harness.seeds import canonical_json
+from torchsage.harness.tables import render_table, save_figure
+
 __all__ = [
     "Cell",
     "Row",
@@ -31,6 +35,7 @@ __all__ = [
     "load_runs",
     "plot",
     "report",
+    "run_summary",
     "stl_baseline",
     "summarize",
 ]
@@ -52,18 +57,22 @@ class Run:
     seed: int
     epoch: int
     metrics: dict[str, float]  # "task/metric" -> value
+    #: every recorded setting but the seed and the bookkeeping (device, folders): runs that differ
+    #: here are different experiments, shown in separate rows
+    settings: dict[str, Any] = field(default_factory=dict)
+    #: lines of results.jsonl that did not parse (a torn last line of a killed run)
+    torn: int = 0
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
-    records = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line of a killed run
-            continue
-    return records
+#: recorded arguments that do not change what a run computes, or that name the row already
+_NOT_SETTINGS = frozenset(
+    {"seed", "benchmark", "solver", "method", "tasks", "device", "data_dir", "num_workers", "output_dir",
+     "stl_dir", "save_model", "progress", "sage", "sam"}
+)  # fmt: skip
+
+
+def _settings(args: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k not in _NOT_SETTINGS}
 
 
 def load_runs(root: str | Path) -> list[Run]:
@@ -75,7 +84,7 @@ def load_runs(root: str | Path) -> list[Run]:
     for results in sorted(root.rglob("results.jsonl")):
         if not (results.parent / "done").exists():
             continue
-        records = _read_records(results)
+        records, problems = read_json_lines(results)
         if not records:
             continue
         last = records[-1]
@@ -95,6 +104,8 @@ def load_runs(root: str | Path) -> list[Run]:
                 seed=int(args.get("seed", 0)),
                 epoch=int(last.get("epoch", 0)),
                 metrics=metrics,
+                settings=_settings(args),
+                torn=len(problems),
             )
         )
     return runs
@@ -138,6 +149,9 @@ class Row:
     missing_seeds: tuple[int, ...]
     metrics: dict[str, Cell]
     delta_m: Cell
+    #: the settings that set this row apart from other rows of the same solver and method
+    #: (``"epochs=2"``), empty when there is one variant
+    variant: str = ""
 
 
 @dataclass
@@ -149,11 +163,30 @@ class Table:
     baseline_source: str
     rows: list[Row] = field(default_factory=list)
 
-    def row(self, solver: str, method: str) -> Row | None:
+    def row(self, solver: str, method: str, variant: str = "") -> Row | None:
         for r in self.rows:
-            if r.solver == solver and r.method == method:
+            if r.solver == solver and r.method == method and r.variant == variant:
                 return r
         return None
+
+
+def _differing(settings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The keys whose values are not the same in every settings dict."""
+    keys = sorted({k for d in settings for k in d})
+    return [k for k in keys if len({canonical_json(d.get(k)) for d in settings}) > 1]
+
+
+def _variant_labels(groups: Mapping[tuple[str, str, str], Any]) -> dict[tuple[str, str, str], str]:
+    by_row: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for solver, method, key in groups:
+        by_row[(solver, method)].append(key)
+    labels = {}
+    for (solver, method), keys in by_row.items():
+        settings = [json.loads(k) for k in keys]
+        differ = _differing(settings) if len(keys) > 1 else []
+        for key, d in zip(keys, settings):
+            labels[(solver, method, key)] = ", ".join(f"{k}={d.get(k)}" for k in differ)
+    return labels
 
 
 def _solver_order(name: str) -> tuple[int, str]:
@@ -173,6 +206,13 @@ def _baseline_for(benchmark: str, runs: Sequence[Run]) -> tuple[dict[str, float]
     stl = [r for r in runs if r.solver == "stl" and r.method == "plain"]
     if not stl:
         return None, "no stl runs: Delta-m% needs finished `--solver stl` runs"
+    differ = _differing([r.settings for r in stl])
+    if differ:
+        values = "; ".join(f"{k}: {sorted({canonical_json(r.settings.get(k)) for r in stl})}" for k in differ)
+        raise ValueError(
+            f"the stl runs of {benchmark} differ in {', '.join(differ)} ({values}): the Delta-m% "
+            "baseline needs one setting; keep each setting's runs in its own folder"
+        )
     keys = sorted(set.intersection(*(set(r.metrics) for r in stl)))
     seeds = sorted(r.seed for r in stl)
     baseline = {k: sum(r.metrics[k] for r in stl) / len(stl) for k in keys}
@@ -199,13 +239,18 @@ def summarize(runs: Sequence[Run], higher_is_better: Mapping[str, bool] | None =
                 k for k in names if k not in baseline
             ]
         table = Table(bench, names, seeds, baseline, source)
-        groups: dict[tuple[str, str], dict[int, Run]] = defaultdict(dict)
-        for r in bruns:
-            groups[(r.solver, r.method)][r.seed] = r  # a seed run twice counts once
-        for solver, method in sorted(
-            groups, key=lambda k: (_solver_order(k[0]), METHODS.index(k[1]) if k[1] in METHODS else 9)
+        groups: dict[tuple[str, str, str], dict[int, Run]] = defaultdict(dict)
+        for r in bruns:  # runs that differ in anything but the seed are separate rows
+            groups[(r.solver, r.method, canonical_json(r.settings))][r.seed] = (
+                r  # a seed run twice counts once
+            )
+        labels = _variant_labels(groups)
+        for key in sorted(
+            groups,
+            key=lambda k: (_solver_order(k[0]), METHODS.index(k[1]) if k[1] in METHODS else 9, labels[k]),
         ):
-            g = groups[(solver, method)]
+            solver, method, _ = key
+            g = groups[key]
             present = tuple(sorted(g))
             dms = []
             if baseline is not None:
@@ -220,6 +265,7 @@ def summarize(runs: Sequence[Run], higher_is_better: Mapping[str, bool] | None =
                     missing_seeds=tuple(s for s in seeds if s not in g),
                     metrics={k: Cell.of([r.metrics[k] for r in g.values() if k in r.metrics]) for k in names},
                     delta_m=Cell.of(dms),
+                    variant=labels[key],
                 )
             )
         tables.append(table)
@@ -256,6 +302,8 @@ def format_table(table: Table, fmt: Literal["markdown", "latex"] = "markdown") -
     body = []
     for row in table.rows:
         name = _title(row.solver) + _METHOD_LABEL.get(row.method, f" + {row.method}")
+        if row.variant:
+            name += f" [{row.variant}]"
         if row.missing_seeds:
             name += "*"
         cells = [_fmt(row.metrics[k], k.rsplit("/", 1)[-1] in _PERCENT, fmt) for k in table.metric_names]
@@ -265,7 +313,7 @@ def format_table(table: Table, fmt: Literal["markdown", "latex"] = "markdown") -
             else ("--" if fmt == "latex" else "—")
         )
         gain = ""
-        plain = table.row(row.solver, "plain")
+        plain = table.row(row.solver, "plain", row.variant)
         if (
             row.method == "sage"
             and plain is not None
@@ -286,46 +334,14 @@ def format_table(table: Table, fmt: Literal["markdown", "latex"] = "markdown") -
         for r in table.rows
         if r.missing_seeds
     ]
-    if fmt == "latex":
-        esc = _latex_escape
-        lines = [
-            f"% {caption}",
-            r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}",
-            r"\hline",
-            " & ".join(esc(h) for h in header) + r" \\",
-            r"\hline",
-        ]
-        lines += [" & ".join([esc(r[0]), *r[1:]]) + r" \\" for r in body]
-        lines += [r"\hline", r"\end{tabular}"]
-        lines += [f"% * {m}" for m in missing]
-        return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-
-    lines = [f"**{caption}**", "", line(header)]
-    lines.append(
-        "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
-    )
-    lines += [line(r) for r in body]
-    if missing:
-        lines += [""] + [f"\\* {m}" for m in missing]
-    return "\n".join(lines)
+    notes = [f"* {m}" if fmt == "latex" else f"\\* {m}" for m in missing]
+    return render_table(header, body, caption=caption, fmt=fmt, notes=notes)
 
 
 def _metric_label(key: str) -> str:
     task, metric = key.split("/", 1)
     unit = " (%)" if metric in _PERCENT else ""
     return f"{task} {metric}{unit}"
-
-
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_"}
-
-
-def _latex_escape(text: str) -> str:
-    text = "".join(_LATEX_SPECIAL.get(c, c) for c in text)
-    return text.replace("Δ", r"$\Delta$").replace("↓", r"$\downarrow$").replace("±", r"$\pm$")
 
 
 def plot(tables: Sequence[Table], path: str | Path) -> Path:
@@ -368,10 +384,8 @@ def plot(tables: Sequence[Table], path: str | Path) -> Path:
         ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -388,5 +402,29 @@ def report(root: str | Path, *, latex: bool = False, plot_path: str | Path | Non
         raise ValueError(f"no finished multi-task runs (results.jsonl with a done file) under {root}")
     tables = summarize(runs)
     text = "\n\n".join(format_table(t, "latex" if latex else "markdown") for t in tables)
+    torn = [r for r in runs if r.torn]
+    if torn:
+        text += "\n\n" + "\n".join(
+            f"note: {r.torn} unreadable line(s) skipped in {r.path / 'results.jsonl'} (torn write?)"
+            for r in torn
+        )
     figure = plot(tables, Path(plot_path) if plot_path is not None else Path(root) / "report.png")
     return f"{text}\n\nfigure: {figure}"
+
+
+def run_summary(run_dir: str | Path) -> str:
+    """The final test metrics of one run as a short markdown table (what ``mtl train`` prints)."""
+    records, _ = read_json_lines(Path(run_dir) / "results.jsonl")
+    if not records:
+        return f"no results in {run_dir}"
+    last = records[-1]
+    tasks = last.get("args", {}).get("tasks", [])
+    rows = []
+    for key in sorted(k for k in last if "/" in k and k.split("/", 1)[0] in tasks):
+        value = last[key]
+        if isinstance(value, (int, float)):
+            percent = key.rsplit("/", 1)[-1] in _PERCENT
+            rows.append([_metric_label(key), f"{100 * value:.2f}" if percent else f"{value:.4f}"])
+    if last.get("delta_m") is not None:
+        rows.append(["Δm% ↓", f"{last['delta_m']:.2f}"])
+    return render_table(["metric", "value"], rows, caption=f"test metrics after epoch {last.get('epoch')}")

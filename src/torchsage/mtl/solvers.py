@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
-__all__ = ["SOLVERS", "SOLVER_NAMES", "STL", "SolverSpec", "make_solver", "solver_spec"]
+__all__ = ["SOLVERS", "SOLVER_NAMES", "STL", "SolverSpec", "canonical_solver", "make_solver", "solver_spec"]
 
 #: the name of single-task learning (one model per task, handled by the training harness)
 STL = "stl"
@@ -161,9 +161,19 @@ SOLVERS: Mapping[str, SolverSpec] = MappingProxyType({s.name: s for s in _SPECS}
 SOLVER_NAMES: tuple[str, ...] = (*SOLVERS, STL)
 
 
+def canonical_solver(name: str) -> str:
+    """The registered name of a solver (or ``stl``), matched without regard to case and
+    punctuation (``IMTL-G`` -> ``imtlg``, ``Nash-MTL`` -> ``nashmtl``); ValueError listing the
+    known ones otherwise."""
+    from torchsage.registry import resolve
+
+    return resolve(name, SOLVER_NAMES, "solver")
+
+
 def solver_spec(name: str) -> SolverSpec:
-    """The spec of a registered solver; ``ValueError`` naming the known solvers otherwise."""
-    key = name.lower() if isinstance(name, str) else name
+    """The spec of a registered solver (any case and punctuation); ``ValueError`` naming the known
+    solvers otherwise."""
+    key = canonical_solver(name)
     if key == STL:
         raise ValueError("'stl' trains one model per task and has no solver object (see torchsage.mtl.train)")
     if key not in SOLVERS:

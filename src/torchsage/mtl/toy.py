@@ -97,7 +97,7 @@ def toy_trajectory(
         lr: Adam's learning rate.
         rho, gamma: SAGE's ascent radius and noise scale (ignored when ``sage`` is False).
         seed: seeds torch's global generator (random solvers) and SAGE's noise.
-        progress: show a tqdm bar.
+        progress: show progress (a bar on a terminal, plain lines otherwise).
     """
     import torchsage
 
@@ -126,7 +126,7 @@ def toy_trajectory(
     path[0] = x.detach().numpy()
     iterator: Iterable[int] = range(steps)
     if progress:
-        from tqdm.auto import tqdm
+        from torchsage.harness.progress import bar as tqdm
 
         iterator = tqdm(iterator, desc=f"toy {'SAGE' if sage else 'plain'} from {tuple(start)}", leave=False)
     for t in iterator:
@@ -281,7 +281,7 @@ def run_toy(
         steps, lr, rho, gamma, seed: as in :func:`toy_trajectory`.
         starts: starting points (default: the five standard ones).
         sage: which variants to run (False: plain, True: SAGE).
-        progress: show a tqdm bar over the runs.
+        progress: show progress (a bar on a terminal, plain lines otherwise) over the runs.
         callback: called as ``callback(name, sage, start_index, trajectory)`` after each run.
 
     Returns:
@@ -292,7 +292,7 @@ def run_toy(
     jobs = [(name, s, i) for name in solvers for s in sage for i in range(len(starts))]
     iterator: Iterable[tuple[str, bool, int]] = jobs
     if progress:
-        from tqdm.auto import tqdm
+        from torchsage.harness.progress import bar as tqdm
 
         iterator = tqdm(jobs, desc="toy problem")
     result: dict[str, dict[bool, list[np.ndarray]]] = {name: {s: [] for s in sage} for name in solvers}

@@ -1,4 +1,9 @@
-"""Sharpness-aware optimizers: one two-pass core, one ascent rule each."""
+"""Sharpness-aware optimizers: one two-pass core, one ascent rule each.
+
+The data-parallel pieces the training harnesses use under ``torchrun`` (:class:`Communicator`,
+:func:`torchrun_session`, :func:`average_gradients`, :func:`make_data_parallel`, :data:`LAYOUTS`)
+are exported here too, so nothing outside this package imports its private modules.
+"""
 
 from torchsage.optim._ascent import (
     RHO_SCALINGS,
@@ -8,13 +13,21 @@ from torchsage.optim._ascent import (
     GradientMatchingAscent,
     PolarAscent,
 )
-from torchsage.optim._core import AscentRule, SharpnessAware, StepInfo, frozen_bn_stats
+from torchsage.optim._core import AscentRule, Closure, SharpnessAware, StepInfo, frozen_bn_stats
+from torchsage.optim._distributed import (
+    LAYOUTS,
+    Communicator,
+    average_gradients,
+    make_data_parallel,
+    torchrun_session,
+)
 from torchsage.optim._sage import SAGE, SAGEAlign, SAGEAlignmentOnly, SAGECurvatureOnly
 from torchsage.optim._sam import ASAM, GSAM, SAGM, SAM
 
 __all__ = [
     "ASAM",
     "GSAM",
+    "LAYOUTS",
     "RHO_SCALINGS",
     "SAGE",
     "SAGM",
@@ -22,6 +35,8 @@ __all__ = [
     "AdaptiveGradientAscent",
     "AlignedPolarAscent",
     "AscentRule",
+    "Closure",
+    "Communicator",
     "GradientAscent",
     "GradientMatchingAscent",
     "PolarAscent",
@@ -30,5 +45,8 @@ __all__ = [
     "SAGECurvatureOnly",
     "SharpnessAware",
     "StepInfo",
+    "average_gradients",
     "frozen_bn_stats",
+    "make_data_parallel",
+    "torchrun_session",
 ]

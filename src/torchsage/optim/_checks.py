@@ -139,7 +139,11 @@ def closure_errors(owner: str) -> Iterator[None]:
         yield
     except RuntimeError as error:
         if "second time" in str(error):
-            raise ValueError(closure_backward_message(owner)) from error
+            raise ValueError(
+                closure_backward_message(owner)
+                + " (or the losses reuse a graph built outside the closure: run the forward pass "
+                "inside it, on every call)"
+            ) from error
         raise
 
 

@@ -2,8 +2,8 @@
 executors (subprocesses on this machine, or in this process), the skipping of finished runs, the
 rerun of unfinished and failed ones, the Slurm options and their errors.
 
-Training is replaced by the tiny fake program of ``test_sweep`` (``sys.executable -c ...``), so
-nothing here trains except the one end-to-end run through the command line.
+Training is replaced by the tiny fake program of ``tests/dg/test_sweep.py`` (``sys.executable -c
+...``), so nothing here trains except the one end-to-end run through the command line.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from torchsage.cli.dg import add_sweep_arguments, run_from_args
 from torchsage.dg import sweep
-from torchsage.dg.sweep import SlurmOptions, launch_submitit, run_from_args
+from torchsage.dg.sweep import SlurmOptions, launch_submitit
 
 pytest.importorskip("submitit")  # the [cluster] extra, part of [dev]
 
@@ -199,7 +200,7 @@ def test_missing_submitit_names_the_extra(tmp_path, monkeypatch):
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return sweep.add_sweep_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+    return add_sweep_arguments(argparse.ArgumentParser()).parse_args(list(argv))
 
 
 def test_cli_submitit_launcher_runs_the_array(tmp_path, capsys):
