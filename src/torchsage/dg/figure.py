@@ -35,8 +35,11 @@ class Panel:
     trials: int
 
 
-def panels_from_summary(summary: Any, env_names: Mapping[str, Sequence[str]] | None = None) -> list[Panel]:
-    """The panels of a :class:`~torchsage.dg.selection.Summary` (tables without results left out)."""
+def panels_from_summary(
+    summary: Any, env_names: Mapping[str, Sequence[str]] | None = None, error: str = "sem"
+) -> list[Panel]:
+    """The panels of a :class:`~torchsage.dg.selection.Summary` (tables without results left
+    out), with the standard error (``"sem"``) or the std (``"std"``) over trials as the error."""
     from torchsage.dg.report import env_labels
 
     panels = []
@@ -46,7 +49,10 @@ def panels_from_summary(summary: Any, env_names: Mapping[str, Sequence[str]] | N
         labels = (*env_labels(table.dataset, len(table.test_envs), env_names), "Avg")
         series = {}
         for row in table.rows:
-            points = [(c.mean, c.std) for c in row.cells] + [(row.avg, row.avg_std)]
+            if error == "std":
+                points = [(c.mean, c.std) for c in row.cells] + [(row.avg, row.avg_std)]
+            else:
+                points = [(c.mean, c.sem) for c in row.cells] + [(row.avg, row.avg_sem)]
             series[row.algorithm] = tuple(
                 (None, None) if m is None else (100 * m, 100 * (e or 0.0)) for m, e in points
             )
@@ -54,17 +60,16 @@ def panels_from_summary(summary: Any, env_names: Mapping[str, Sequence[str]] | N
     return panels
 
 
-_CAPTION = re.compile(
-    r"^\*\*(?P<dataset>[^,*]+), (?P<method>[^:*]+):.*? over (?P<trials>\d+) trials?\*\*$", re.M
-)
+_CAPTION = re.compile(r"^\*\*(?P<dataset>[^,*]+), (?P<method>[^:*]+):(?P<rest>[^\n]*)\*\*$", re.M)
+_TRIALS = re.compile(r"(\d+) trials?\b")
 _CELL = re.compile(r"^\s*(?P<mean>-?\d+(?:\.\d+)?)(?:\s*±\s*(?P<std>\d+(?:\.\d+)?))?\s*$")
 
 
 def panels_from_markdown(text: str, method: str) -> list[Panel]:
     """The panels of the markdown tables of ``torchsage dg report`` for one selection method.
 
-    Each table follows a caption line ``**Dataset, method: ... over N trials**``; its header is
-    ``| Algorithm | domain ... | Avg |`` and its cells ``mean ± std`` (``—`` where missing).
+    Each table follows a caption line ``**Dataset, method: ... N trials**``; its header is
+    ``| Algorithm | domain ... | Avg |`` and its cells ``mean ± error`` (``—`` where missing).
 
     Example:
         >>> text = '''**Toy, training-domain validation: test accuracy (%), mean ± std over 2 trials**
@@ -100,7 +105,10 @@ def panels_from_markdown(text: str, method: str) -> list[Panel]:
                     (None, None) if match is None else (float(match["mean"]), float(match["std"] or 0))
                 )
             series[cells[0]] = tuple(points)
-        panels.append(Panel(caption["dataset"].strip(), tuple(header[1:]), series, int(caption["trials"])))
+        trials = _TRIALS.findall(caption["rest"])
+        if not trials:
+            raise ValueError(f"the caption {caption.group(0)!r} does not say how many trials")
+        panels.append(Panel(caption["dataset"].strip(), tuple(header[1:]), series, int(trials[-1])))
     if not panels:
         raise ValueError(f"no table of the method {method!r} in the text")
     return panels
@@ -162,7 +170,8 @@ def _figure(panels: Sequence[Panel], title: str) -> Any:
                 handles.append(h)
                 labels.append(lab)
     if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize="small", title="algorithm (left to right)")
+        legend_title = "algorithm (left to right)"
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small", title=legend_title)
     fig.suptitle(title)
     return fig
 
@@ -174,7 +183,8 @@ def draw(panels: Sequence[Panel], path: str | os.PathLike[str], title: str) -> P
         ImportError: matplotlib is not installed.
     """
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
     except ImportError as error:
         raise ImportError("plotting needs matplotlib: pip install 'torchsage[plot]'") from error
     fig = _figure(panels, title)
