@@ -39,7 +39,7 @@ def _parser() -> Parser:
     run.add_argument("--dry-run", action="store_true", help="print what would run")
     theory = sub.add_parser("theory", help="measure the terms on a sample of finished DG runs (resumable)")
     theory.add_argument("--root", default=DEFAULT_ROOT)
-    theory.add_argument("--max-runs", type=positive_int, default=120)
+    theory.add_argument("--max-runs", type=positive_int, default=80)
     theory.add_argument("--seed", type=int, default=0)
     report = sub.add_parser("report", help="render the tables and figures")
     report.add_argument("--root", default=DEFAULT_ROOT)
@@ -61,10 +61,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "pilot":
         import torch
 
-        from torchsage.study.pilot import run_pilot
+        from torchsage.study.pilot import run_pilot, summary
 
         torch.set_num_threads(1)
         run_pilot(args.output_dir, steps=args.steps, checkpoint_freq=args.checkpoint_freq)
+        print(summary(args.output_dir))
         return 0
     if args.command == "plan":
         from torchsage.study.budget import plan_text

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torchsage.harness.records import append_json_line
 
-__all__ = ["PILOT_CELLS", "plateau_step", "run_pilot", "train_accuracy_curve"]
+__all__ = ["PILOT_CELLS", "plateau_step", "run_pilot", "summary", "train_accuracy_curve"]
 
 #: (data set, held-out environment, algorithm): the hardest held-out domain of each suite in
 #: docs/results.md (RotatedDigits 0deg, ColoredDigits -90%), ERM and SAGE at their defaults.
@@ -117,3 +117,28 @@ def plateau_step(curve: Sequence[tuple[int, float]], tolerance: float = 0.01, ta
             break
         step = s
     return step
+
+
+def summary(output_dir: str | Path, tolerance: float = 0.01) -> str:
+    """One line per finished pilot run: wall and CPU time, CPU per step, the training-domain
+    validation accuracy's plateau level (mean of the last quarter) and :func:`plateau_step`."""
+    root = Path(output_dir)
+    times = {}
+    if (root / "pilot_times.jsonl").exists():
+        times = {
+            json.loads(line)["run"]: json.loads(line)
+            for line in (root / "pilot_times.jsonl").read_text().splitlines()
+        }
+    lines = [f"{'run':<24}{'steps':>6}{'wall s':>8}{'CPU s':>8}{'CPU s/step':>11}{'level':>7}{'plateau':>8}"]
+    for run in sorted(p for p in root.iterdir() if (p / "done").exists()):
+        curve = train_accuracy_curve(run / "results.jsonl")
+        k = max(1, round(0.25 * len(curve)))
+        level = sum(a for _, a in curve[-k:]) / k
+        t = times.get(run.name, {})
+        steps = t.get("steps", curve[-1][0] + 1)
+        wall, cpu = t.get("wall_s", float("nan")), t.get("cpu_s", float("nan"))
+        lines.append(
+            f"{run.name:<24}{steps:>6}{wall:>8.0f}{cpu:>8.0f}{cpu / steps:>11.4f}{level:>7.4f}"
+            f"{plateau_step(curve, tolerance):>8}"
+        )
+    return "\n".join(lines)

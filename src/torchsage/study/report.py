@@ -173,8 +173,8 @@ def dg_table(
 
 
 def plot_sensitivity(runs: Sequence[DGRun], path: str | Path) -> Path:
-    """Test accuracy of every SAGE grid choice (mean over trials, before selection) against rho,
-    one line per gamma, one panel per (cell, rho scaling); markers: disagreement measure."""
+    """Test accuracy of every SAGE grid choice before selection (mean and 95% t-interval over the
+    trials) against rho, one panel per (cell, rho scaling); colour: gamma; marker: disagreement."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -186,9 +186,8 @@ def plot_sensitivity(runs: Sequence[DGRun], path: str | Path) -> Path:
     for r in runs:
         if r.method == "SAGE":
             h = r.hparams
-            values[(r.dataset, r.test_env, h["rho_scaling"], h["gamma"], h["rho"], h["disagreement"])].append(
-                r.test_acc
-            )
+            key = (r.dataset, r.test_env, h["rho_scaling"], h["rho"], h["gamma"], h["disagreement"])
+            values[key].append(100 * r.test_acc)
     cells = [c for c in DG_CELLS if any(k[:2] == c for k in values)]
     if not cells:
         raise ValueError("no finished SAGE grid runs to plot")
@@ -198,24 +197,20 @@ def plot_sensitivity(runs: Sequence[DGRun], path: str | Path) -> Path:
     for i, (dataset, env) in enumerate(cells):
         for j, scaling in enumerate(scalings):
             ax = axes[i][j]
-            for gamma in gammas:
-                pts = sorted(
-                    (k[4], k[5], 100 * sum(v) / len(v))
-                    for k, v in values.items()
-                    if k[:4] == (dataset, env, scaling, gamma)
-                )
-                if not pts:
+            for (d, e, sc, rho, gamma, measure), accs in sorted(values.items()):
+                if (d, e, sc) != (dataset, env, scaling):
                     continue
-                ax.plot(
-                    [p[0] for p in pts], [p[2] for p in pts], color=colours[gamma], label=f"gamma {gamma:g}"
-                )
-                for rho, measure, acc in pts:
-                    ax.plot([rho], [acc], markers[measure], color=colours[gamma])
+                mean, lo, hi = mean_ci(accs)
+                err = [[mean - lo], [hi - mean]] if not math.isnan(lo) else None
+                ax.errorbar(
+                    [rho], [mean], yerr=err, fmt=markers[measure], color=colours[gamma], capsize=3,
+                    label=f"gamma {gamma:g}, {measure}",
+                )  # fmt: skip
             ax.set_xscale("log")
             ax.set_xlabel("rho")
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"{dataset} env {env}, rho scaling {scaling}", fontsize=9)
-            ax.legend(fontsize=7, title="o normalized_std, s cosine", title_fontsize=6)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
 
