@@ -173,3 +173,25 @@ def test_cli_report_prints_the_standard_error_or_the_std_on_request(sweep, capsy
     assert main(["dg", "report", str(sweep), "--std", "--plot", str(sweep / "b.png")]) == 0
     text = capsys.readouterr().out
     assert "| Algorithm (% ± std) |" in text and "73.3 ± 2.7" in text and "± SE" not in text
+
+
+def test_figure_points_are_the_table_cells(sweep):
+    """The figure's panels hold the table's numbers (in %), and the markdown table parses back
+    to the same panels (to the printed decimal)."""
+    from torchsage.dg.figure import panels_from_markdown, panels_from_summary
+
+    summary = summarize(load_records(sweep), TrainingDomainValidation())
+    for error in ("sem", "std"):
+        (panel,) = panels_from_summary(summary, error=error)
+        assert panel.labels == ("+90%", "+80%", "-90%", "Avg") and panel.trials == 3
+        erm = panel.series["ERM"]
+        assert erm[0][0] == pytest.approx(60.0) and erm[3][0] == pytest.approx(73.333, abs=1e-3)
+        assert erm[0][1] == pytest.approx(8.165 if error == "std" else 4.714, abs=1e-3)
+        assert panel.series["SAM"][2] == (None, None)  # no run
+        (parsed,) = panels_from_markdown(format_tables(summary, error=error), summary.method)
+        assert parsed.labels == panel.labels and parsed.trials == panel.trials
+        for algorithm, points in panel.series.items():
+            for (m, e), (pm, pe) in zip(points, parsed.series[algorithm]):
+                assert (m is None) == (pm is None)
+                if m is not None:
+                    assert pm == pytest.approx(m, abs=0.05) and pe == pytest.approx(e, abs=0.05)

@@ -39,6 +39,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "sage_shards_nan": dict(opt="SAGE", layout="shards", nan=True, kw=dict(rho=0.05, gamma=0.05)),
     "sage_domains_nan": dict(opt="SAGE", layout="domains", nan=True, kw=dict(rho=0.05, gamma=0.05)),
     "sage_upgrad_shards": dict(opt="SAGE", layout="shards", solver="upgrad", kw=dict(rho=0.05, gamma=0.05)),
+    # per-distribution weights (step(closure, weights=...)): the same on every shard
+    "sage_shards_weights": dict(
+        opt="SAGE", layout="shards", bucket_rows=2, weights=[1.0, 3.0, 2.0], kw=dict(rho=0.05, gamma=0.05)
+    ),
+    "sam_shards_weights": dict(opt="SAM", layout="shards", weights=[1.0, 3.0, 2.0], kw=dict(rho=0.05)),
+    # the domains layout refuses weights (each process holds only some distributions)
+    "sage_domains_weights": dict(
+        opt="SAGE", layout="domains", refused=True, weights=[1.0, 3.0, 2.0], kw=dict(rho=0.05, gamma=0.05)
+    ),
     # rank 0 holds 3 distributions, rank 1 only 2: a shards layout error on both processes
     "sam_shards_unequal": dict(opt="SAM", layout="shards", unequal=True, kw=dict(rho=0.05)),
     "sage_shards_unequal": dict(opt="SAGE", layout="shards", unequal=True, kw=dict(rho=0.05, gamma=0.05)),
@@ -158,7 +167,8 @@ def run(name: str, rank: int | None, world: int, seed_offset: int = 0) -> dict[s
         batches = local_batches(config, rank, world)
         infos = []
         for step in range(STEPS):
-            infos.append(opt.step(make_closure(config, net, batches, step, rank)).as_dict())
+            closure = make_closure(config, net, batches, step, rank)
+            infos.append(opt.step(closure, weights=config.get("weights")).as_dict())
     finally:
         _distributed.BUCKET_BYTES = saved
     result: dict[str, Any] = {

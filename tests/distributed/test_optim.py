@@ -22,7 +22,11 @@ _spec = importlib.util.spec_from_file_location("dist_worker", HERE / "dist_worke
 worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(worker)
 
-RUNNABLE = [n for n in worker.SCENARIOS if not worker.SCENARIOS[n].get("unequal")]
+RUNNABLE = [
+    n
+    for n in worker.SCENARIOS
+    if not (worker.SCENARIOS[n].get("unequal") or worker.SCENARIOS[n].get("refused"))
+]
 
 
 def torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -148,6 +152,11 @@ def test_shards_with_different_counts_raise_on_every_process(results):
     for name in ("sam_shards_unequal", "sage_shards_unequal"):
         for rank in results[name]:
             assert "same number of losses on every process" in rank["error"]
+
+
+def test_domains_layout_refuses_weights_on_every_process(results):
+    for rank in results["sage_domains_weights"]:
+        assert "not supported with layout='domains'" in rank["error"]
 
 
 def test_arguments_are_checked():

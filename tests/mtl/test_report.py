@@ -122,3 +122,23 @@ def test_report_without_stl_runs_says_delta_m_needs_them(tmp_path):
     _run(tmp_path, "ls", "plain", 0, 0.8, 0.8)
     text = report(tmp_path)
     assert "no stl runs" in text and "—" in text
+
+
+def test_captions_and_figure_read_properly(tmp_path, monkeypatch):
+    """Display names (MultiDigits, IMTL-G) and '1 seed' / 'seed 0' in the caption and the figure."""
+    import matplotlib.pyplot as plt
+
+    _run(tmp_path, "stl", "plain", 0, 0.8, 0.6)
+    _run(tmp_path, "imtlg", "plain", 0, 0.85, 0.7)
+    _run(tmp_path, "imtlg", "sage", 0, 0.8, 0.7)
+    (table,) = summarize(load_runs(tmp_path))
+    assert table.baseline_source == "STL runs (mean over seed 0)"
+    text = format_table(table)
+    assert "MultiDigits: final test metrics" in text and "over 1 seed (0)" in text and "IMTL-G" in text
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    report(tmp_path, plot_path=tmp_path / "fig.png")
+    (ax,) = figures[0].axes
+    assert ax.get_title() == "MultiDigits: Delta-m% vs STL runs (mean over seed 0), mean ± std over seed 0"
+    assert ax.get_xlabel() == "base solver" and "Δm%" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["IMTL-G"]

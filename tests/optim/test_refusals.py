@@ -28,9 +28,22 @@ def problem(K=2):
     return model, data
 
 
-@pytest.mark.parametrize("name", sorted(CLASSES))
+EXPORTED = sorted(
+    name
+    for name in torchsage.optim.__all__
+    if isinstance(getattr(torchsage.optim, name), type)
+    and issubclass(getattr(torchsage.optim, name), torchsage.optim.SharpnessAware)
+    and name != "SharpnessAware"
+)
+
+
+def test_every_exported_optimizer_is_checked_here():
+    assert set(CLASSES) <= set(EXPORTED) and len(EXPORTED) >= 8
+
+
+@pytest.mark.parametrize("name", EXPORTED)
 def test_options_after_rho_are_keyword_only(name):
-    cls = CLASSES[name]
+    cls = getattr(torchsage.optim, name)
     parameters = list(inspect.signature(cls.__init__).parameters.values())
     positional = [p.name for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD]
     # self, params, base_optimizer and at most the radius: anything else by name only

@@ -81,6 +81,12 @@ def add_dg_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) -> No
         help="data loader processes (default: 8 for the image sets, as DomainBed; 0 for the digits)",
     )
     train.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    train.add_argument(
+        "--preset",
+        choices=["authors", "authors-domainbed"],
+        default=None,
+        help="SAGE only: the authors' DG recipe, or their optimizer values on DomainBed's protocol",
+    )
     train.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast (fp16: loss-scaled)")
     add_threads(train)
     add_no_progress(train)
@@ -146,6 +152,7 @@ def _train(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             amp=args.amp,
             device=args.device,
+            preset=args.preset,
             progress=not args.no_progress,
         )
     )
@@ -317,6 +324,12 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="every run's device: cpu, cuda, ... (default: cuda where the run finds one)",
     )
     parser.add_argument(
+        "--preset",
+        choices=["authors"],
+        default=None,
+        help="SAGE runs twice: the authors' DG recipe and their optimizer values on DomainBed's protocol",
+    )
+    parser.add_argument(
         "--test-envs",
         nargs="+",
         type=_test_env_spec,
@@ -439,6 +452,7 @@ def run_from_args(
         algorithm_names=algorithm_names,
         amp=getattr(args, "amp", None),
         device=getattr(args, "device", None),
+        preset=getattr(args, "preset", None),
     )
     if chosen is not None:  # environments named: each of them held out alone
         keep = {d: set(test_env_indices(d, chosen)) for d in dict.fromkeys(job.dataset for job in jobs)}

@@ -126,6 +126,8 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     if not small:
         add("pretrained", "imagenet")  # ResNet backbones: torchvision's ImageNet weights; null: random
     add("lr_schedule", "none")  # or "step" (x0.1 at 80% of the steps) or "cosine" (to 0 at the end)
+    if algorithm == "SAGE":  # set by --preset authors (torchsage.dg.recipe): one batch from all domains
+        add("merged_batch", False)
     return h
 
 

@@ -27,7 +27,7 @@ from torchsage.dg.selection import (
     summarize,
 )
 from torchsage.harness.records import read_json_lines
-from torchsage.harness.tables import render_table, save_figure
+from torchsage.harness.tables import render_table
 
 __all__ = ["ERRORS", "env_labels", "format_tables", "plot", "report", "run_summary"]
 
@@ -120,61 +120,18 @@ def format_tables(
 
 
 def plot(summary: Summary, path: str | Path, env_names: EnvNames | None = None, error: Error = "sem") -> Path:
-    """Writes a PNG: one subplot per data set, grouped bars of the mean test accuracy (%) per test
-    environment (and the average) with one bar per algorithm and error bars over trials (standard
-    error, or the std with ``error="std"``). Cells without results get no bar. Returns the path.
+    """Writes a PNG: one panel per data set, the mean test accuracy (%) per held-out environment
+    (and their average) as one point per algorithm, each in its own colour and marker, with error
+    bars over trials (standard error, or the std with ``error="std"``); see
+    :mod:`torchsage.dg.figure`. Cells without results get no point. Returns the path.
 
     Raises:
         ImportError: matplotlib is not installed.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("plotting needs matplotlib: pip install 'torchsage[plot]'") from error
+    from torchsage.dg.figure import draw, panels_from_summary
 
-    path = Path(path)
-    tables = list(summary.tables) or [None]
-    groups = max((len(t.test_envs) + 1 for t in summary.tables), default=1)
-    n_algs = max((len(t.rows) for t in summary.tables), default=1)
-    fig = Figure(figsize=(max(6.0, 2.5 + groups * max(0.9, 0.25 * n_algs)), 3.2 * len(tables)))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(tables), 1, squeeze=False)[:, 0]
-    for ax, table in zip(axes, tables):
-        if table is None or not table.has_results:
-            ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes)
-            ax.set_axis_off()
-            if table is not None:
-                ax.set_title(table.dataset)
-            continue
-        labels = [*env_labels(table.dataset, len(table.test_envs), env_names), "Avg"]
-        n_alg = len(table.rows)
-        width = 0.8 / max(n_alg, 1)
-        lows: list[float] = []
-        highs: list[float] = []
-        for k, row in enumerate(table.rows):
-            if error == "std":
-                points = [(c.mean, c.std) for c in row.cells] + [(row.avg, row.avg_std)]
-            else:
-                points = [(c.mean, c.sem) for c in row.cells] + [(row.avg, row.avg_sem)]
-            xs = [i - 0.4 + width * (k + 0.5) for i, (m, _) in enumerate(points) if m is not None]
-            means = [100 * m for m, _ in points if m is not None]
-            errs = [100 * (e or 0.0) for m, e in points if m is not None]
-            lows += [m - e for m, e in zip(means, errs)]
-            highs += [m + e for m, e in zip(means, errs)]
-            ax.bar(xs, means, width, yerr=errs, capsize=2, label=row.algorithm)
-        ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels)
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_ylim(max(0.0, min(lows) - 5.0), max(100.0, *highs))
-        ax.set_title(f"{table.dataset} ({table.expected_trials} trials)")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(f"{summary.method}: mean {ERRORS[error][0]} over trials")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_figure(fig, path, dpi=120)
-    return path
+    panels = panels_from_summary(summary, env_names, error)
+    return draw(panels, path, f"{summary.method}: mean {ERRORS[error][0]} over trials")
 
 
 def _run_name(run: Path, root: Path) -> str:

@@ -117,7 +117,7 @@ class Job:
     Attributes:
         root: the sweep's output folder; the run directory is ``root / run_id``.
         dataset, algorithm, test_envs, hparams_seed, trial_seed, steps, checkpoint_freq,
-        holdout_fraction, data_dir, hparams, amp, device: the arguments of ``torchsage dg train``
+        holdout_fraction, data_dir, hparams, amp, device, preset: the arguments of ``torchsage dg train``
             (``hparams`` is a JSON object as a string, or ``None``; ``amp`` is ``"bf16"``,
             ``"fp16"`` or ``None``).
         seed: initialisation and minibatch seed; ``None`` (the default) derives it with
@@ -144,6 +144,7 @@ class Job:
     hparams: str | None = None
     amp: str | None = None
     device: str | None = None
+    preset: str | None = None
     output_dir: Path = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +176,7 @@ class Job:
             "hparams": _parse_hparams(self.hparams),
             # only when set, so the directories of full-precision runs keep their names
             **({"amp": self.amp} if self.amp is not None else {}),
+            **({"preset": self.preset} if self.preset is not None else {}),
         }
 
     @property
@@ -189,8 +191,9 @@ class Job:
 
     def describe(self) -> str:
         """A short human-readable identity, e.g. ``PACS ERM test_envs=[0] hparams_seed=0 trial_seed=1``."""
+        name = self.algorithm if self.preset is None else f"{self.algorithm}@{self.preset}"
         return (
-            f"{self.dataset} {self.algorithm} test_envs={list(self.test_envs)} "
+            f"{self.dataset} {name} test_envs={list(self.test_envs)} "
             f"hparams_seed={self.hparams_seed} trial_seed={self.trial_seed}"
         )
 
@@ -214,6 +217,8 @@ class Job:
             argv += ["--amp", self.amp]
         if self.device is not None:
             argv += ["--device", self.device]
+        if self.preset is not None:
+            argv += ["--preset", self.preset]
         if not progress:
             argv.append("--no-progress")
         return argv
@@ -282,6 +287,7 @@ def make_jobs(
     algorithm_names: AlgorithmNames | None = None,
     amp: str | None = None,
     device: str | None = None,
+    preset: str | None = None,
 ) -> list[Job]:
     """Every job of a sweep, in the order dataset, algorithm, test envs, hparams seed, trial seed.
 
@@ -291,6 +297,8 @@ def make_jobs(
         n_hparams: hyperparameter seeds ``0 .. n_hparams - 1`` (0: the defaults).
         n_trials: trial seeds ``0 .. n_trials - 1``.
         steps, checkpoint_freq, data_dir, hparams, holdout_fraction, amp, device: passed to every run.
+        preset: ``"authors"`` runs SAGE twice, under each of
+            :data:`torchsage.dg.recipe.DG_PRESETS` (the other algorithms as usual).
         test_envs: ``"single"`` or ``"loo"`` (see the module docstring).
         env_names: ``dataset -> environment names``; default
             :func:`torchsage.dg.datasets.environment_names` (raises on unknown data sets).
@@ -324,7 +332,7 @@ def make_jobs(
     combos = {d: held_out_env_sets(len(env_names(d)), test_envs) for d in dataset_list}
     jobs = []
     for dataset in dataset_list:
-        for algorithm in algorithm_list:
+        for algorithm, variant in [(a, v) for a in algorithm_list for v in _preset_variants(a, preset)]:
             for envs in combos[dataset]:
                 for hparams_seed in range(n_hparams):
                     for trial_seed in range(n_trials):
@@ -343,9 +351,18 @@ def make_jobs(
                                 hparams=hparams,
                                 amp=amp,
                                 device=device,
+                                preset=variant,
                             )
                         )
     return jobs
+
+
+def _preset_variants(algorithm: str, preset: str | None) -> list[str | None]:
+    if preset is None:
+        return [None]
+    from torchsage.dg.recipe import preset_variants
+
+    return preset_variants(algorithm, preset)
 
 
 def validate_jobs(jobs: Iterable[Job]) -> None:
@@ -381,6 +398,7 @@ def validate_jobs(jobs: Iterable[Job]) -> None:
             hparams=job.hparams,
             holdout_fraction=job.holdout_fraction,
             amp=job.amp,
+            preset=job.preset,
         )
         try:
             hparams = _check(args)

@@ -27,6 +27,7 @@ pinned memory when the device is a GPU, and copied asynchronously.
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import time
@@ -38,7 +39,15 @@ from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    Subset,
+    TensorDataset,
+)
 
 from torchsage.amp import AMP_DTYPES, LossScaledOptimizer, autocast
 from torchsage.dg.algorithms import Algorithm, canonical_algorithm, get_algorithm
@@ -50,6 +59,7 @@ from torchsage.dg.datasets import (
     split_environment,
 )
 from torchsage.dg.hparams import parse_hparams, random_hparams
+from torchsage.dg.recipe import algorithm_class, check_preset, preset_hparams, preset_label
 from torchsage.harness.progress import bar as tqdm
 from torchsage.harness.records import append_json_line as _append_line
 from torchsage.harness.records import mark_done
@@ -86,6 +96,7 @@ class TrainArgs:
     progress: bool = True
     amp: str | None = None  # autocast of the training steps: "bf16", "fp16" (loss-scaled) or None
     device: str | None = None  # None: "cuda" when available, else "cpu"
+    preset: str | None = None  # "authors" or "authors-domainbed": torchsage.dg.recipe
 
 
 def resolve_device(name: str | None = None, local_rank: int | None = None) -> torch.device:
@@ -261,8 +272,13 @@ def _check(args: TrainArgs) -> dict[str, Any]:
                 f"--amp fp16 needs loss scaling, which torchsage does for the sharpness-aware "
                 f"algorithms only, not {args.algorithm}: use --amp bf16"
             )
+    check_preset(args.algorithm, args.preset)
     hparams = random_hparams(args.algorithm, args.dataset, args.hparams_seed)
+    if args.preset is not None:
+        hparams.update(preset_hparams(args.preset, args.dataset))
     hparams.update(parse_hparams(args.hparams, args.algorithm, args.dataset))
+    if hparams.get("merged_batch") and args.preset is None:
+        raise ValueError("merged_batch is part of the authors' recipe: use --preset authors")
     if hparams.get("lr_schedule", "none") not in LR_SCHEDULES:
         raise ValueError(
             f"hparam lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {hparams['lr_schedule']!r}"
@@ -311,6 +327,41 @@ def _infinite_batches(
         yield from DataLoader(data, batch_sampler=sliced, **options)  # type: ignore[arg-type]
     loader = DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True, **options)
     yield from loader
+
+
+class _Tagged(Dataset):
+    """The union of ``sets``, every example followed by the index of its set."""
+
+    def __init__(self, sets: list[Dataset]) -> None:
+        self.union = ConcatDataset(sets)
+
+    def __len__(self) -> int:
+        return len(self.union)
+
+    def __getitem__(self, i: int) -> tuple:
+        return (*self.union[i], bisect.bisect_right(self.union.cumulative_sizes, i))
+
+
+def _merged_batches(
+    sets: list[Dataset], batch_size: int, seed: int, num_workers: int, pin_memory: bool = False
+) -> Iterator[list[tuple]]:
+    """Batches of ``batch_size`` drawn uniformly (with replacement) from the union of ``sets``, each
+    split into one ``(x, y)`` per set (possibly empty), in the order drawn."""
+    gen = torch.Generator().manual_seed(seed)
+    if all(isinstance(d, Subset) and isinstance(d.dataset, TensorDataset) for d in sets):
+        x_all, y_all = (
+            torch.cat([d.dataset.tensors[j][torch.as_tensor(d.indices)] for d in sets]) for j in (0, 1)
+        )
+        d_all = torch.cat([torch.full((len(d),), k) for k, d in enumerate(sets)])
+        while True:
+            pick = torch.randint(0, len(d_all), (batch_size,), generator=gen)
+            x, y, tag = x_all[pick], y_all[pick], d_all[pick]
+            yield [(x[tag == k], y[tag == k]) for k in range(len(sets))]
+    tagged = _Tagged(sets)
+    sampler = RandomSampler(tagged, replacement=True, num_samples=10**9, generator=gen)
+    options = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
+    for x, y, tag in DataLoader(tagged, batch_size=batch_size, sampler=sampler, drop_last=True, **options):
+        yield [(x[tag == k], y[tag == k]) for k in range(len(sets))]
 
 
 def _to(batch: tuple, device: torch.device) -> tuple:
@@ -420,11 +471,22 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
     ]
     train_envs = [i for i in range(len(splits)) if i not in args.test_envs]
     train_sets = [Subset(dataset.training_view(i), splits[i][0].indices) for i in train_envs]
+    merged = bool(hparams.get("merged_batch"))
+    if merged and world > 1:
+        raise ValueError(
+            "the authors' merged batch (--preset authors) runs in one process, not under torchrun"
+        )
     streams = [
         _infinite_batches(d, hparams["batch_size"], seed_hash(args.seed, i), num_workers, rank, world, pin)
         for i, d in zip(train_envs, train_sets)
     ]
-    algorithm = get_algorithm(args.algorithm)(
+    if merged:  # one stream of the union, split by domain at every step
+        streams = [
+            _merged_batches(
+                train_sets, hparams["batch_size"], seed_hash(args.seed, "merged"), num_workers, pin
+            )
+        ]
+    algorithm = algorithm_class(get_algorithm(args.algorithm), args.preset)(
         dataset.input_shape, dataset.num_classes, len(train_envs), hparams
     )
     evaluation = [
@@ -454,6 +516,7 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
 
         hook = register_optimizer_step_pre_hook(average)
     record_args = {k: v for k, v in asdict(args).items() if k != "progress"}
+    record_args["algorithm"] = preset_label(args.algorithm, args.preset)  # a row of its own in reports
     record_args.update(
         steps=steps,
         checkpoint_freq=checkpoint_freq,
@@ -473,7 +536,8 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
     )
     for step in bar:
         algorithm.train()
-        minibatches = [_to(next(s), device) for s in streams]
+        minibatches = next(streams[0]) if merged else [next(s) for s in streams]
+        minibatches = [_to(b, device) for b in minibatches]
         schedule.factor = lr_factor(hparams.get("lr_schedule", "none"), step, steps)
         with autocast(device_type, args.amp):  # forward passes in bf16/fp16, weights stay float32
             logged_now = algorithm.update(minibatches, step)

@@ -13,6 +13,13 @@ __all__ = ["plot_report", "summary"]
 
 def plot_report(report: Any, names: list[str], path: Path, title: str = "") -> None:
     """Cosine matrix heatmap, per-distribution gradient norms and the terms, as one PNG."""
+    fig = _report_figure(report, names, title)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    os.replace(tmp, path)
+
+
+def _report_figure(report: Any, names: list[str], title: str) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -28,13 +35,17 @@ def plot_report(report: Any, names: list[str], path: Path, title: str = "") -> N
     for i, row in enumerate(cos):
         for j, value in enumerate(row):
             ax1.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
-    fig.colorbar(im, ax=ax1, fraction=0.046)
-    ax1.set_title("gradient cosines", fontsize=9)
+    fig.colorbar(im, ax=ax1, fraction=0.046).set_label("cosine", fontsize=8)
+    ax1.set_title("cosine of the gradients of two distributions", fontsize=9)
+    ax1.set_xlabel("distribution", fontsize=8)
+    ax1.set_ylabel("distribution", fontsize=8)
     ax2.bar(range(len(names)), report.grad_norms, color="tab:gray")
-    ax2.axhline(report.mean_grad_norm, color="k", ls="--", lw=0.8, label="|mean gradient|")
+    ax2.axhline(report.mean_grad_norm, color="k", ls="--", lw=0.8, label="‖mean gradient‖")
     ax2.set_xticks(range(len(names)))
     ax2.set_xticklabels(names, rotation=45, fontsize=7)
     ax2.set_title("per-distribution gradient norms", fontsize=9)
+    ax2.set_xlabel("distribution", fontsize=8)
+    ax2.set_ylabel("gradient norm ‖g_k‖", fontsize=8)
     ax2.legend(fontsize=7)
     ax3.axis("off")
     alignment = "nan (negative curvature)" if math.isnan(report.alignment) else f"{report.alignment:.4g}"
@@ -52,9 +63,7 @@ def plot_report(report: Any, names: list[str], path: Path, title: str = "") -> N
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    return fig
 
 
 def summary(report: Any, names: list[str]) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from torchsage._style import seeds_phrase
 from torchsage.harness.records import read_json_lines
 from torchsage.harness.seeds import canonical_json
 from torchsage.harness.tables import render_table, save_figure
@@ -216,7 +217,7 @@ def _baseline_for(benchmark: str, runs: Sequence[Run]) -> tuple[dict[str, float]
     keys = sorted(set.intersection(*(set(r.metrics) for r in stl)))
     seeds = sorted(r.seed for r in stl)
     baseline = {k: sum(r.metrics[k] for r in stl) / len(stl) for k in keys}
-    return baseline, f"stl runs (mean over seeds {', '.join(map(str, seeds))})"
+    return baseline, f"STL runs (mean over {seeds_phrase(seeds)})"
 
 
 def summarize(runs: Sequence[Run], higher_is_better: Mapping[str, bool] | None = None) -> list[Table]:
@@ -272,6 +273,14 @@ def summarize(runs: Sequence[Run], higher_is_better: Mapping[str, bool] | None =
     return tables
 
 
+#: the benchmarks' names as papers write them
+_BENCHMARK_TITLES = {"multidigits": "MultiDigits", "nyuv2": "NYUv2", "cityscapes": "Cityscapes"}
+
+
+def _benchmark_title(benchmark: str) -> str:
+    return _BENCHMARK_TITLES.get(benchmark, benchmark)
+
+
 def _title(solver: str) -> str:
     from torchsage.mtl.solvers import SOLVERS
 
@@ -324,8 +333,8 @@ def format_table(table: Table, fmt: Literal["markdown", "latex"] = "markdown") -
         body.append([name, *cells, dm, gain])
     n = len(table.seeds)
     caption = (
-        f"{table.benchmark}: final test metrics and Delta-m% (%), mean ± std (population) over "
-        f"{n} seed{'s' if n != 1 else ''} ({', '.join(map(str, table.seeds))}); "
+        f"{_benchmark_title(table.benchmark)}: final test metrics and Delta-m% (%), mean ± std "
+        f"(population) over {n} seed{'s' if n != 1 else ''} ({', '.join(map(str, table.seeds))}); "
         f"baseline: {table.baseline_source}"
     )
     missing = [
@@ -379,8 +388,12 @@ def plot(tables: Sequence[Table], path: str | Path) -> Path:
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(solvers)))
         ax.set_xticklabels([_title(s) for s in solvers], rotation=30, ha="right")
+        ax.set_xlabel("base solver")
         ax.set_ylabel("Δm% (lower is better)")
-        ax.set_title(f"{table.benchmark}: Delta-m% vs {table.baseline_source}, mean ± std over seeds")
+        ax.set_title(
+            f"{_benchmark_title(table.benchmark)}: Delta-m% vs {table.baseline_source}, "
+            f"mean ± std over {seeds_phrase(table.seeds)}"
+        )
         ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -160,8 +160,10 @@ def plot_toy(
     title: str | None = None,
 ) -> Path:
     """Draws one panel per solver: trajectories without SAGE (solid) and with SAGE (dashed) from
-    each start, over the contours of the mean loss ``(L1 + L2) / 2`` and the Pareto set (black
-    dots), and saves a PNG (written whole: to a temporary file, then renamed).
+    each start (one colour per start; a dot where it starts, a star where it ends), over the
+    contours of the mean loss ``(L1 + L2) / 2`` and the Pareto set (black dots), and saves a PNG
+    (written whole: to a temporary file, then renamed). Panels are titled with the solvers'
+    display names (``IMTL-G`` for ``imtlg``); the legend sits in its own band below the panels.
 
     Args:
         trajectories: ``{solver name: {False: [path, ...], True: [path, ...]}}``, each path an
@@ -171,6 +173,24 @@ def plot_toy(
     """
     if not trajectories:
         raise ValueError("trajectories is empty: nothing to plot")
+    import matplotlib.pyplot as plt
+
+    fig = _toy_figure(trajectories, pareto, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _toy_figure(
+    trajectories: Mapping[str, Mapping[bool, Sequence[np.ndarray]]],
+    pareto: np.ndarray | None,
+    title: str | None,
+) -> Any:
+    """The figure of :func:`plot_toy` (a pyplot figure: close it after use)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,42 +202,60 @@ def plot_toy(
     mean_loss = toy_losses(grid).mean(-1).numpy()
     if pareto is None:
         pareto = toy_pareto_set()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     names = list(trajectories)
     cols = min(len(names), 4)
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    entries = 7  # the legend's, below
+    ncol = entries if cols >= 4 else (4 if cols >= 2 else 2)
+    band = 0.3 + 0.22 * math.ceil(entries / ncol)  # inches below the panels: the legend covers no label
+    height = 4.0 * rows + band
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, height), squeeze=False)
     colours = plt.get_cmap("tab10")
     for ax, name in zip(axes.flat, names, strict=False):
         ax.contourf(axis.numpy(), axis.numpy(), mean_loss, levels=30, cmap="Greys", alpha=0.45)
         ax.contour(axis.numpy(), axis.numpy(), mean_loss, levels=15, colors="grey", linewidths=0.4)
-        ax.scatter(pareto[:, 0], pareto[:, 1], s=1, c="black", label="Pareto set")
+        ax.scatter(pareto[:, 0], pareto[:, 1], s=1, c="black")
         for sage, style in ((False, "-"), (True, "--")):
             for i, traj in enumerate(trajectories[name].get(sage, [])):
                 traj = np.asarray(traj)
-                label = ("SAGE" if sage else "plain") if i == 0 else None
-                ax.plot(traj[:, 0], traj[:, 1], style, color=colours(i), lw=1.4, label=label)
+                ax.plot(traj[:, 0], traj[:, 1], style, color=colours(i), lw=1.4)
                 ax.plot(*traj[0], "o", color=colours(i), ms=4)
                 ax.plot(*traj[-1], "*", color=colours(i), ms=8, mec="black", mew=0.5)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-        ax.set_title(name)
+        ax.set_title(_display_name(name))
         ax.set_xlabel("$x_1$")
         ax.set_ylabel("$x_2$")
         ax.set_aspect("equal")
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    handles = [
+        Line2D([], [], ls="none", marker=".", color="black", label="Pareto set"),
+        Line2D([], [], ls="-", color="dimgrey", label="plain solver"),
+        Line2D([], [], ls="--", color="dimgrey", label="with SAGE"),
+        Line2D([], [], ls="none", marker="o", ms=4, color="dimgrey", label="start"),
+        Line2D([], [], ls="none", marker="*", ms=8, mec="black", mew=0.5, color="dimgrey", label="end"),
+        Patch(facecolor="silver", edgecolor="grey", lw=0.4, label="contours: mean loss (L1 + L2) / 2"),
+        Line2D([], [], ls="none", label="colour: starting point"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    fig.tight_layout(rect=(0, band / height, 1, 1))
+    return fig
+
+
+def _display_name(solver: str) -> str:
+    """The solver's name as papers write it (``IMTL-G`` for ``imtlg``); unknown names unchanged."""
+    from torchsage.mtl.solvers import solver_spec
+
+    try:
+        return solver_spec(solver).title
+    except ValueError:
+        return solver
 
 
 def run_toy(
