@@ -164,3 +164,23 @@ def test_sweep_preset_authors_runs_both_variants_of_sage_only(tmp_path):
     recipe = next(j for j in jobs if j.preset == "authors")
     argv = recipe.command()
     assert argv[argv.index("--preset") + 1] == "authors" and "SAGE@authors" in recipe.describe()
+
+
+def test_cli_sweep_preset_reaches_every_sage_command(tmp_path, capsys):
+    argv = [
+        "dg",
+        "sweep",
+        "--datasets",
+        "ColoredDigits",
+        "--algorithms",
+        "ERM",
+        "SAGE",
+        "--preset",
+        "authors",
+    ]
+    argv += ["--n-hparams", "1", "--n-trials", "1", "--test-envs", "0", "--output-dir", str(tmp_path / "s")]
+    assert main([*argv, "--dry-run"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if " dg train " in line]
+    assert len(commands) == 3  # ERM once, SAGE under each preset
+    assert sum("--preset authors-domainbed" in c for c in commands) == 1
+    assert sum(c.endswith("--preset authors --no-progress") for c in commands) == 1

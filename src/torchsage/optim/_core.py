@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,68 +27,20 @@ from torch.optim import Optimizer
 
 from torchsage.disagreement import GradientStatistics, global_norm
 from torchsage.optim import _checks
+from torchsage.optim._closure import (
+    Closure,
+    Losses,
+    _check_loss,
+    _checked_losses,
+    _named_losses,
+    frozen_bn_stats,
+)
 from torchsage.optim._distributed import LocalStream, make_data_parallel
 from torchsage.optim._solver import TaskPass, check_solver, solve, task_pass
+from torchsage.optim._step_info import StepInfo
 from torchsage.optim._weights import check_count, mean_loss, step_weights
 
 __all__ = ["AscentRule", "SharpnessAware", "StepInfo", "frozen_bn_stats"]
-
-Losses = Tensor | Sequence[Tensor] | Mapping[str, Tensor] | Iterable[Tensor]
-Closure = Callable[[], Losses]
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What one step measured. Values are Python floats (``nan`` where not measured).
-
-    Attributes:
-        loss: mean loss at the clean weights.
-        losses: per-distribution losses at the clean weights.
-        perturbed_loss: mean loss at the perturbed weights (``nan`` when there was no second pass).
-        disagreement: disagreement of the per-distribution gradients (after clipping).
-        noise_std: standard deviation of the descent noise (first param group).
-        perturbation_norm: L2 norm of the whole perturbation.
-        grad_norm: L2 norm of the descent gradient before clipping and noise.
-        skipped: True when a non-finite value made the step a no-op (``on_nonfinite="skip"``).
-        names: names of the distributions, in order.
-    """
-
-    loss: float
-    losses: tuple[float, ...]
-    perturbed_loss: float = math.nan
-    disagreement: float = math.nan
-    noise_std: float = math.nan
-    perturbation_norm: float = 0.0
-    grad_norm: float = math.nan
-    skipped: bool = False
-    names: tuple[str, ...] = field(default=())
-
-    def as_dict(self) -> dict[str, Any]:
-        """Flat dict for logging."""
-        return asdict(self)
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module | None) -> Iterator[None]:
-    """Runs the body with the running statistics of every BatchNorm layer of ``model`` frozen.
-
-    Normalisation still uses the batch statistics in training mode; only the running mean,
-    running variance and batch counter are left unchanged. ``None`` does nothing.
-    """
-    layers = []
-    if model is not None:
-        layers = [
-            m
-            for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-        ]
-    for m in layers:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.track_running_stats = True
 
 
 class AscentRule:
@@ -116,53 +67,6 @@ class AscentRule:
         :attr:`needs_statistics` is set and is laid out like the concatenation of all ``params``.
         """
         raise NotImplementedError
-
-
-def _is_scalar_loss(x: Any) -> bool:
-    return isinstance(x, Tensor) and x.numel() == 1
-
-
-def _named_losses(losses: Losses) -> tuple[list[str] | None, Iterable[Tensor], bool]:
-    """(names or None, losses, lazy). Lazy iterables are consumed one loss at a time."""
-    if isinstance(losses, Tensor):
-        if losses.numel() != 1:
-            raise ValueError(
-                "the closure returned a tensor of shape "
-                f"{tuple(losses.shape)}: return one scalar loss per distribution as a list"
-            )
-        return ["0"], [losses], False
-    if isinstance(losses, Mapping):
-        return [str(k) for k in losses], list(losses.values()), False
-    if isinstance(losses, (list, tuple)):
-        return [str(k) for k in range(len(losses))], list(losses), False
-    if isinstance(losses, Iterable):
-        return None, losses, True
-    raise ValueError(
-        f"the closure must return a scalar loss, a list or dict of scalar losses, or an iterator "
-        f"of them; got {type(losses).__name__}"
-    )
-
-
-def _check_loss(loss: Any, name: str) -> Tensor:
-    if not _is_scalar_loss(loss):
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"the loss of distribution {name} must be a scalar tensor, got {shape}")
-    if not loss.requires_grad:
-        raise ValueError(
-            f"the loss of distribution {name} does not require grad: compute it inside the closure"
-        )
-    return loss.reshape(())
-
-
-def _checked_losses(losses: Losses) -> tuple[list[str], list[Tensor]]:
-    """All the closure's losses at once (an iterator is drained), named and checked."""
-    names, values, _ = _named_losses(losses)
-    items = list(values)
-    names = names or [str(k) for k in range(len(items))]
-    checked = [_check_loss(x, n) for x, n in zip(items, names)]
-    if not checked:
-        raise ValueError("the closure returned no loss")
-    return names, checked
 
 
 class SharpnessAware(Optimizer):
