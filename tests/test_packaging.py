@@ -74,8 +74,10 @@ def test_wheel_runs_the_readme_quickstart(installed, tmp_path):
 
 
 def test_wheel_installs_the_command(installed, tmp_path):
-    out = _run([str(installed / "bin" / "torchsage"), "--help"], cwd=tmp_path, env=_clean_env())
-    assert "usage: torchsage" in out.stdout
+    command = str(installed / "bin" / "torchsage")
+    assert "usage: torchsage" in _run([command, "--help"], cwd=tmp_path, env=_clean_env()).stdout
+    version = _run([command, "--version"], cwd=tmp_path, env=_clean_env()).stdout
+    assert version.strip() == f"torchsage {torchsage.__version__}"
 
 
 def test_wheel_contents(installed):

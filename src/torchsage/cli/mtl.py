@@ -124,7 +124,9 @@ def add_mtl_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) -> N
     sweep_p.add_argument("--solvers", nargs="+", default=None, help=f"default: every solver ({_solvers()})")
     sweep_p.add_argument("--methods", nargs="+", default=["plain", "sage"], help="plain, sage, sam")
     sweep_p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    sweep_p.add_argument("--output-dir", required=True, help="sweep folder: BENCHMARK/SOLVER/<hash> per run")
+    sweep_p.add_argument(
+        "--output-dir", required=True, help="sweep folder: BENCHMARK/SOLVER/METHOD/<hash> per run"
+    )
     _run_options(sweep_p)
     add_device(sweep_p, "every run")
     add_launcher_arguments(sweep_p)
