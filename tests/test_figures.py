@@ -4,7 +4,7 @@ axis labels, labelled axes, distinct styles for many series, counts written as w
 import numpy as np
 import pytest
 
-from torchsage import _style
+from torchsage.harness import style as _style
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["MEASURES", "GradientStatistics", "disagreement"]
+__all__ = ["MEASURES", "GradientStatistics", "disagreement", "sum_of_squares"]
 
 MEASURES: tuple[str, ...] = ("normalized_std", "cosine", "normalized_var", "raw_std", "raw_var")
 
@@ -72,8 +72,14 @@ def check_weights(weights: Sequence[float] | Tensor, count: int | None = None) -
     return [w / total for w in values]
 
 
-def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
-    """Squared L2 norm of the concatenation of ``tensors``: per-tensor norms summed in float64."""
+def sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """Squared L2 norm of the concatenation of ``tensors``: per-tensor norms summed in float64
+    (also used by the data-parallel statistics of :mod:`torchsage.optim`).
+
+    Example:
+        >>> sum_of_squares([torch.tensor([3.0]), torch.tensor([4.0, 0.0])])
+        tensor(25., dtype=torch.float64)
+    """
     norms = torch._foreach_norm(list(tensors))
     device = norms[0].device
     if any(n.device != device for n in norms):  # model parallel: gather the scalars on one device
@@ -85,7 +91,7 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm of the concatenation of ``tensors`` (float64 scalar; 0 for an empty list)."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
-    return _sum_of_squares(tensors).sqrt()
+    return sum_of_squares(tensors).sqrt()
 
 
 class GradientStatistics:
@@ -139,7 +145,7 @@ class GradientStatistics:
     def _welford(mean: list[Tensor], delta: list[Tensor], weight: float, total: float) -> Tensor:
         """Folds ``delta = x - mean`` with ``weight`` into ``mean`` (``total`` weights including
         this one); returns the increment of the weighted sum of squares (West, 1979)."""
-        increment = _sum_of_squares(delta) * (weight * (total - weight) / total)
+        increment = sum_of_squares(delta) * (weight * (total - weight) / total)
         torch._foreach_add_(mean, delta, alpha=weight / total)
         return increment
 
@@ -157,7 +163,7 @@ class GradientStatistics:
         self.count += 1
         self.total += weight
         k = self.count
-        norm = _sum_of_squares(grads).sqrt()
+        norm = sum_of_squares(grads).sqrt()
         if self._unit_mean is not None:
             nonzero = norm > 0
             inv = torch.where(nonzero, 1.0 / torch.where(nonzero, norm, 1.0), 0.0)
@@ -179,7 +185,7 @@ class GradientStatistics:
         return self._m2 / self.total if self.total > 0 else self._m2
 
     def mean_norm(self) -> Tensor:
-        return _sum_of_squares(self.mean).sqrt()
+        return sum_of_squares(self.mean).sqrt()
 
     def mean_cosine(self) -> Tensor:
         """Mean pairwise cosine similarity of the gradients (1 for K = 1)."""

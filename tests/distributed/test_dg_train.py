@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import Subset, TensorDataset
 
-from torchsage.dg.train import TrainArgs, _correct, _infinite_batches, train
+from torchsage.dg.train import TrainArgs, count_correct, infinite_batches, train
 
 # SGD, not DomainBed's default Adam: Adam's step g / (sqrt(v) + eps) is about lr * sign(g) for a
 # coordinate whose gradient is zero up to rounding (|g| ~ 1e-9 here, a cancelling sum), so the
@@ -101,8 +101,8 @@ def test_the_slices_of_every_process_make_up_the_one_process_batch(kind):
     n = 50
     base = TensorDataset(torch.arange(n, dtype=torch.float32), torch.arange(n) % 3)
     data = Subset(base if kind == "tensors" else Wrapped(n), list(range(5, 45)))
-    whole = _infinite_batches(data, 6, seed=3, num_workers=0)
-    parts = [_infinite_batches(data, 6, seed=3, num_workers=0, rank=r, world=3) for r in range(3)]
+    whole = infinite_batches(data, 6, seed=3, num_workers=0)
+    parts = [infinite_batches(data, 6, seed=3, num_workers=0, rank=r, world=3) for r in range(3)]
     for _ in range(4):
         x, y = next(whole)
         pieces = [next(p) for p in parts]
@@ -124,7 +124,7 @@ def test_evaluation_shares_count_every_example_once(kind):
     labels = torch.zeros(n, dtype=torch.long)
     base = TensorDataset(torch.arange(n, dtype=torch.float32), labels) if kind == "tensors" else Wrapped(n)
     data = Subset(base, list(range(2, 29)))  # 27 examples: 2..28
-    shares = [_correct(Constant(), data, 0, batch_size=4, rank=r, world=2) for r in range(2)]
+    shares = [count_correct(Constant(), data, 0, batch_size=4, rank=r, world=2) for r in range(2)]
     if kind == "tensors":  # label 0 everywhere: the even inputs 2, 4, ..., 28 are right
         assert [sum(c for c, _ in shares), sum(t for _, t in shares)] == [14, 27]
     else:  # label i % 3: right where it equals the parity class i % 2

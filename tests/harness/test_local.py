@@ -24,12 +24,12 @@ def _records(path):
 def test_runs_in_a_worker_match_direct_runs_and_the_worker_is_reused(tmp_path, monkeypatch):
     started = []
 
-    class CountingWorker(local._Worker):
+    class CountingWorker(local.Worker):
         def __init__(self, *args):
             started.append(1)
             super().__init__(*args)
 
-    monkeypatch.setattr(local, "_Worker", CountingWorker)
+    monkeypatch.setattr(local, "Worker", CountingWorker)
     jobs = make_jobs(
         tmp_path / "sweep", "ColoredDigits", "ERM", n_hparams=1, n_trials=1, steps=2, checkpoint_freq=1,
         hparams=HPARAMS,

@@ -42,7 +42,7 @@ def test_training_shares_init_splits_and_batches_across_algorithms(tmp_path, mon
     at their initialisation, so equal step-0 accuracies on every split mean equal initial weights
     and equal splits; the recorded minibatches are compared exactly."""
     seen = {}
-    real = dg_train._infinite_batches
+    real = dg_train.infinite_batches
 
     def recording(data, batch_size, seed, *args, **kwargs):
         stream = real(data, batch_size, seed, *args, **kwargs)
@@ -55,7 +55,7 @@ def test_training_shares_init_splits_and_batches_across_algorithms(tmp_path, mon
 
         return rest()
 
-    monkeypatch.setattr(dg_train, "_infinite_batches", recording)
+    monkeypatch.setattr(dg_train, "infinite_batches", recording)
     current = [None]
     records = {}
     seed = trial_seed("RotatedDigits", 0, 0)

@@ -23,47 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import torchsage
-from torchsage.dg.networks import classifier, featurizer
+from torchsage.dg.algorithm_base import Algorithm, Minibatches
+from torchsage.dg.algorithms_alignment import GGA, IGA, ANDMask, Fish, SANDMask
 from torchsage.optim import SAGEAlign, SAGEAlignmentOnly, SAGECurvatureOnly, SharpnessAware
 
 __all__ = ["ALGORITHMS", "Algorithm", "gaussian_mmd", "get_algorithm", "irm_penalty", "mixup_pairs"]
-
-Minibatches = Sequence[tuple[Tensor, Tensor]]
-
-
-class Algorithm(nn.Module):
-    """Base class: a network ``featurizer -> classifier`` and its optimizer (``hparams["optimizer"]``)."""
-
-    def __init__(
-        self, input_shape: Sequence[int], num_classes: int, num_domains: int, hparams: dict[str, Any]
-    ) -> None:
-        super().__init__()
-        self.hparams = hparams
-        self.num_domains = num_domains
-        self.featurizer = featurizer(input_shape, hparams)
-        self.classifier = classifier(self.featurizer.n_outputs, num_classes, hparams["nonlinear_classifier"])
-        self.network = nn.Sequential(self.featurizer, self.classifier)
-        self.optimizer = self.make_optimizer()
-
-    def base_optimizer(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-        """The base optimizer class and its options: Adam (DomainBed), or SGD with momentum 0.9."""
-        options = {"lr": self.hparams["lr"], "weight_decay": self.hparams["weight_decay"]}
-        name = self.hparams.get("optimizer", "adam")
-        if name == "adam":
-            return torch.optim.Adam, options
-        if name == "sgd":
-            return torch.optim.SGD, {**options, "momentum": 0.9}
-        raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
-
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        cls, options = self.base_optimizer()
-        return cls(self.network.parameters(), **options)
-
-    def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
-        raise NotImplementedError
-
-    def predict(self, x: Tensor) -> Tensor:
-        return self.network(x)
 
 
 class ERM(Algorithm):
@@ -400,7 +364,8 @@ class MMD(Algorithm):
         return {"loss": loss.item(), "penalty": penalty.item()}
 
 
-#: name -> class. Adding an algorithm is one entry.
+#: name -> class, the gradient-alignment baselines of :mod:`torchsage.dg.algorithms_alignment`
+#: included. Adding an algorithm is one entry.
 ALGORITHMS: dict[str, type[Algorithm]] = {
     "ERM": ERM,
     "SAM": SAM,
@@ -418,6 +383,11 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     "GroupDRO": GroupDRO,
     "Mixup": Mixup,
     "MMD": MMD,
+    "Fish": Fish,
+    "ANDMask": ANDMask,
+    "SANDMask": SANDMask,
+    "IGA": IGA,
+    "GGA": GGA,
 }
 
 
@@ -433,8 +403,3 @@ def canonical_algorithm(name: str) -> str:
 def get_algorithm(name: str) -> type[Algorithm]:
     """The algorithm class registered as ``name`` (any case and punctuation)."""
     return ALGORITHMS[canonical_algorithm(name)]
-
-
-# The gradient-alignment baselines (Fish, ANDMask, SANDMask, IGA, GGA) live in their own module,
-# which subclasses Algorithm and adds its entries to ALGORITHMS when it loads.
-import torchsage.dg.algorithms_alignment  # noqa: E402

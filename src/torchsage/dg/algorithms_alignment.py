@@ -1,6 +1,6 @@
 """The gradient-alignment baselines SAGE is positioned against: Fish, AND-mask, SAND-mask, IGA and
-GGA, each one entry of :data:`torchsage.dg.algorithms.ALGORITHMS` (added when this module loads,
-which :mod:`torchsage.dg.algorithms` does).
+GGA, each one entry of :data:`torchsage.dg.algorithms.ALGORITHMS` (the registry, which imports
+them from here).
 
 Fish, AND-mask, SAND-mask and IGA follow the equations of DomainBed's ``algorithms.py``; GGA
 follows its authors' public code (Ballas and Diou, CVPR 2025) on top of this harness's ERM.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchsage.dg.algorithms import ALGORITHMS, Algorithm, Minibatches
+from torchsage.dg.algorithm_base import Algorithm, Minibatches
 
 __all__ = ["GGA", "IGA", "ANDMask", "Fish", "SANDMask", "and_mask", "min_pairwise_cosine", "sand_mask"]
 
@@ -265,6 +265,3 @@ class GGA(Algorithm):
         loss.backward()
         self.optimizer.step()
         return {"loss": loss.item(), **logged}
-
-
-ALGORITHMS.update({"Fish": Fish, "ANDMask": ANDMask, "SANDMask": SANDMask, "IGA": IGA, "GGA": GGA})

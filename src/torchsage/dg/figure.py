@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchsage._style import count, series_styles
+from torchsage.harness.style import count, series_styles
 
-__all__ = ["Panel", "draw", "panels_from_markdown", "panels_from_summary"]
+__all__ = ["Panel", "draw", "env_labels", "panels_from_markdown", "panels_from_summary"]
 
+EnvNames = Mapping[str, Sequence[str]]
 Point = tuple[float | None, float | None]  # (mean %, std %); None where there is no result
 
 
@@ -35,13 +36,29 @@ class Panel:
     trials: int
 
 
+def env_labels(dataset: str, n_envs: int, env_names: EnvNames | None = None) -> list[str]:
+    """Column labels of a data set's environments: ``env_names[dataset]`` when given, else the
+    names of the registered data set, else ``env0``, ``env1``, ... (also when the count differs)."""
+    names: Sequence[str] | None = None
+    if env_names is not None:
+        names = env_names.get(dataset)
+    else:
+        try:
+            from torchsage.dg.datasets import environment_names
+
+            names = environment_names(dataset)
+        except (ImportError, ValueError, KeyError):
+            names = None
+    if names is None or len(names) != n_envs:
+        return [f"env{i}" for i in range(n_envs)]
+    return [str(n) for n in names]
+
+
 def panels_from_summary(
     summary: Any, env_names: Mapping[str, Sequence[str]] | None = None, error: str = "sem"
 ) -> list[Panel]:
     """The panels of a :class:`~torchsage.dg.selection.Summary` (tables without results left
     out), with the standard error (``"sem"``) or the std (``"std"``) over trials as the error."""
-    from torchsage.dg.report import env_labels
-
     panels = []
     for table in summary.tables:
         if not table.has_results:

@@ -13,10 +13,11 @@ It also writes a bar chart of the training-domain-validation results (:func:`plo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from torchsage.dg.figure import EnvNames, draw, env_labels, panels_from_summary
 from torchsage.dg.selection import (
     SELECTION_METHODS,
     DatasetTable,
@@ -38,25 +39,6 @@ ERRORS: dict[str, tuple[str, str]] = {
     "sem": ("± SE", "standard error over trials (std/sqrt(n), as DomainBed prints it)"),
     "std": ("± std", "population std over trials (ddof=0)"),
 }
-EnvNames = Mapping[str, Sequence[str]]
-
-
-def env_labels(dataset: str, n_envs: int, env_names: EnvNames | None = None) -> list[str]:
-    """Column labels of a data set's environments: ``env_names[dataset]`` when given, else the
-    names of the registered data set, else ``env0``, ``env1``, ... (also when the count differs)."""
-    names: Sequence[str] | None = None
-    if env_names is not None:
-        names = env_names.get(dataset)
-    else:
-        try:
-            from torchsage.dg.datasets import environment_names
-
-            names = environment_names(dataset)
-        except (ImportError, ValueError, KeyError):
-            names = None
-    if names is None or len(names) != n_envs:
-        return [f"env{i}" for i in range(n_envs)]
-    return [str(n) for n in names]
 
 
 def _cell_text(mean: float | None, err: float | None, fmt: Fmt) -> str:
@@ -128,8 +110,6 @@ def plot(summary: Summary, path: str | Path, env_names: EnvNames | None = None, 
     Raises:
         ImportError: matplotlib is not installed.
     """
-    from torchsage.dg.figure import draw, panels_from_summary
-
     panels = panels_from_summary(summary, env_names, error)
     return draw(panels, path, f"{summary.method}: mean {ERRORS[error][0]} over trials")
 

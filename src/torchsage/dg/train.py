@@ -63,12 +63,15 @@ from torchsage.dg.recipe import algorithm_class, check_preset, preset_hparams, p
 from torchsage.harness.progress import bar as tqdm
 from torchsage.harness.records import append_json_line as _append_line
 from torchsage.harness.records import mark_done
+from torchsage.harness.session import shard_batch
 from torchsage.optim import Communicator, SharpnessAware, average_gradients, torchrun_session
 
 __all__ = [
     "TrainArgs",
     "check_device_name",
+    "count_correct",
     "default_num_workers",
+    "infinite_batches",
     "resolve_device",
     "tensor_devices",
     "train",
@@ -288,19 +291,19 @@ def _check(args: TrainArgs) -> dict[str, Any]:
 
 class _Slices:
     """The one-process index batches (``BatchSampler`` over ``sampler``), each cut to process
-    ``rank``'s slice: the processes' slices make up the one-process batch."""
+    ``rank``'s slice by :func:`~torchsage.harness.session.shard_batch` (the rule of both
+    harnesses): the processes' slices make up the one-process batch."""
 
     def __init__(self, sampler: RandomSampler, batch_size: int, rank: int, world: int) -> None:
         self.batches = BatchSampler(sampler, batch_size, drop_last=True)
-        self.size = batch_size // world
-        self.rank = rank
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batches:
-            yield batch[self.rank * self.size : (self.rank + 1) * self.size]
+            yield shard_batch(torch.tensor(batch), self.rank, self.world).tolist()
 
 
-def _infinite_batches(
+def infinite_batches(
     data: Dataset,
     batch_size: int,
     seed: int,
@@ -310,15 +313,23 @@ def _infinite_batches(
     pin_memory: bool = False,
 ) -> Iterator[tuple]:
     """Random minibatches with replacement, forever (tensor data sets are indexed directly);
-    with ``world`` processes, this process's slice of each (same draws in every process)."""
+    with ``world`` processes (a divisor of ``batch_size``), this process's slice of each.
+
+    Example:
+        >>> data = Subset(TensorDataset(torch.arange(10.0), torch.arange(10)), range(10))
+        >>> x, y = next(infinite_batches(data, 4, seed=0, num_workers=0))
+        >>> x.shape, bool((x == y).all())
+        (torch.Size([4]), True)
+    """
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} does not split evenly over {world} processes")
     gen = torch.Generator().manual_seed(seed)
-    size = batch_size // world
     if isinstance(data, Subset) and isinstance(data.dataset, TensorDataset):
         indices = torch.as_tensor(data.indices)
         tensors = data.dataset.tensors
         while True:
             pick = indices[torch.randint(0, len(indices), (batch_size,), generator=gen)]
-            pick = pick[rank * size : (rank + 1) * size]
+            pick = shard_batch(pick, rank, world)
             yield tuple(t[pick] for t in tensors)
     sampler = RandomSampler(data, replacement=True, num_samples=10**9, generator=gen)
     options = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
@@ -412,7 +423,7 @@ def _count(algorithm: Algorithm, batches: Iterable[tuple], device: torch.device)
     return int(correct.item()), total  # one synchronisation per split
 
 
-def _correct(
+def count_correct(
     algorithm: Algorithm,
     data: Dataset,
     num_workers: int,
@@ -421,7 +432,16 @@ def _correct(
     world: int = 1,
     device: torch.device | None = None,
 ) -> tuple[int, int]:
-    """(correct, total) on ``data``, or on every ``world``-th example from ``rank`` on."""
+    """(correct, total) of ``algorithm.predict`` on ``data``, or on every ``world``-th example
+    from ``rank`` on (the processes' counts add up to the whole).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> zero = SimpleNamespace(predict=lambda x: torch.stack([x + 1, x], 1))  # always class 0
+        >>> data = Subset(TensorDataset(torch.zeros(5), torch.tensor([0, 0, 1, 0, 1])), range(5))
+        >>> count_correct(zero, data, num_workers=0)
+        (3, 5)
+    """
     batches = _eval_batches(data, num_workers, batch_size, rank, world)
     return _count(algorithm, batches, device or torch.device("cpu"))
 
@@ -477,7 +497,7 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
             "the authors' merged batch (--preset authors) runs in one process, not under torchrun"
         )
     streams = [
-        _infinite_batches(d, hparams["batch_size"], seed_hash(args.seed, i), num_workers, rank, world, pin)
+        infinite_batches(d, hparams["batch_size"], seed_hash(args.seed, i), num_workers, rank, world, pin)
         for i, d in zip(train_envs, train_sets)
     ]
     if merged:  # instead, one stream of the union, split by domain at every step

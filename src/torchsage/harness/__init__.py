@@ -10,7 +10,9 @@ multi-task (:mod:`torchsage.mtl`) harnesses.
 * :mod:`.local`: the local launcher, a persistent pool of worker processes;
 * :mod:`.submitit`: the Slurm launcher (one job array through submitit);
 * :mod:`.progress`: a bar on a terminal, plain periodic lines otherwise;
-* :mod:`.tables`: markdown and LaTeX tables, PNG figures.
+* :mod:`.tables`: markdown and LaTeX tables, PNG figures;
+* :mod:`.style`: colour and marker pairs for the figures' series and counts in words, shared by
+  the dg and mtl reports.
 
 The data-parallel session under ``torchrun`` is :func:`torchsage.optim.torchrun_session`.
 Importing this package imports neither torch nor the harnesses.

@@ -109,7 +109,12 @@ def _worker(conn: Connection, threads: int) -> None:
 # -- the launcher ---------------------------------------------------------------------------------
 
 
-class _Worker:
+class Worker:
+    """One persistent pool worker process (started with the launcher's multiprocessing
+    ``context``), given jobs through a pipe until :meth:`stop`. Internal to :func:`launch`, which
+    starts one per concurrent run and reuses it; named without an underscore so that tests can
+    count the workers started."""
+
     def __init__(self, context: Any, threads: int) -> None:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_worker, args=(child, threads), daemon=True)
@@ -126,7 +131,7 @@ class _Worker:
 @dataclass
 class _Running:
     job: Job
-    worker: _Worker | None = None
+    worker: Worker | None = None
     proc: subprocess.Popen | None = None
     files: tuple[IO[bytes], ...] = ()
 
@@ -165,7 +170,7 @@ def _finished(r: _Running, ready: list[Any]) -> int | None:
     return code if code not in (None, 0) else -1
 
 
-def _stop(running: Iterable[_Running], workers: Iterable[_Worker], grace: float = 10.0) -> None:
+def _stop(running: Iterable[_Running], workers: Iterable[Worker], grace: float = 10.0) -> None:
     """Terminates the subprocesses and workers, waits up to ``grace`` seconds, kills the rest."""
     procs = [r.proc for r in running if r.proc is not None]
     for p in procs:
@@ -222,7 +227,7 @@ def launch(
     bar = Progress(summary.total, "sweep", "run", initial=summary.skipped, enabled=progress and bool(left))
     pending = list(reversed(left))  # pop() from the end keeps the original order
     context = multiprocessing.get_context("spawn")
-    idle: list[_Worker] = []
+    idle: list[Worker] = []
     running: list[_Running] = []
     try:
         while pending or running:
@@ -231,7 +236,7 @@ def launch(
                 argv = list(build(job))
                 job.output_dir.mkdir(parents=True, exist_ok=True)
                 if _runs_in_worker(argv):
-                    worker = idle.pop() if idle else _Worker(context, threads)
+                    worker = idle.pop() if idle else Worker(context, threads)
                     worker.conn.send((argv, str(job.output_dir)))
                     running.append(_Running(job, worker=worker))
                 else:

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from torchsage._style import seeds_phrase
 from torchsage.harness.records import read_json_lines
 from torchsage.harness.seeds import canonical_json
+from torchsage.harness.style import seeds_phrase
 from torchsage.harness.tables import render_table, save_figure
 
 __all__ = [

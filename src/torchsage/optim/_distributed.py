@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torchsage.disagreement import GradientStatistics, _sum_of_squares
+from torchsage.disagreement import GradientStatistics, sum_of_squares
 
 __all__ = [
     "BUCKET_BYTES",
@@ -324,9 +324,9 @@ def merge_statistics(comm: Communicator, stats: GradientStatistics, total: int) 
     merged = flat.views()
     mean, unit_mean = merged[: len(stats.mean)], merged[len(stats.mean) :]
     delta = torch._foreach_sub(stats.mean, mean) if stats.mean else []
-    scalars = [stats._m2 + n * _sum_of_squares(delta) if delta else stats._m2]
+    scalars = [stats._m2 + n * sum_of_squares(delta) if delta else stats._m2]
     if units:
-        scalars.append(stats._unit_m2 + n * _sum_of_squares(torch._foreach_sub(units, unit_mean)))
+        scalars.append(stats._unit_m2 + n * sum_of_squares(torch._foreach_sub(units, unit_mean)))
         scalars.append(stats._nonzero)
     if stats._elementwise_m2 is not None:
         spread = torch._foreach_addcmul(stats._elementwise_m2, delta, delta, value=float(n))

@@ -1,5 +1,6 @@
-"""Small helpers that make the figures readable: distinct colour and marker pairs for many series,
-and counts written as a reader says them."""
+"""Small helpers that make the figures and reports readable: distinct colour and marker pairs for
+many series, and counts written as a reader says them. Shared by :mod:`torchsage.dg.figure` and
+:mod:`torchsage.mtl.report`."""
 
 from __future__ import annotations
 
