@@ -480,12 +480,9 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
         _infinite_batches(d, hparams["batch_size"], seed_hash(args.seed, i), num_workers, rank, world, pin)
         for i, d in zip(train_envs, train_sets)
     ]
-    if merged:  # one stream of the union, split by domain at every step
-        streams = [
-            _merged_batches(
-                train_sets, hparams["batch_size"], seed_hash(args.seed, "merged"), num_workers, pin
-            )
-        ]
+    if merged:  # instead, one stream of the union, split by domain at every step
+        seed = seed_hash(args.seed, "merged")
+        streams = [_merged_batches(train_sets, hparams["batch_size"], seed, num_workers, pin)]
     algorithm = algorithm_class(get_algorithm(args.algorithm), args.preset)(
         dataset.input_shape, dataset.num_classes, len(train_envs), hparams
     )
@@ -524,7 +521,8 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
         device=str(device),
         num_workers=num_workers,
     )
-    epoch_size = min(len(d) for d in train_sets) / hparams["batch_size"]
+    # steps per pass over the smallest training split (DomainBed), or over their union when merged
+    epoch_size = (sum if merged else min)(len(d) for d in train_sets) / hparams["batch_size"]
 
     logged: dict[str, list[float]] = defaultdict(list)
     start = time.perf_counter()

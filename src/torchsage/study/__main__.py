@@ -1,0 +1,116 @@
+"""``python -m torchsage.study``: the evidence study's commands (docs/study.md).
+
+* ``pilot``: the step-count pilot (:mod:`torchsage.study.pilot`);
+* ``plan``: every part's runs, how many are finished, and the CPU estimate of what is left;
+* ``run PART``: runs one part on the local launcher (resumable: finished runs are skipped,
+  unfinished ones restart; Ctrl-C keeps what finished);
+* ``theory``: measures the terms on a random sample of finished DG runs (resumable);
+* ``report``: renders the tables and figures from the run directories.
+
+Errors are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from torchsage.cli.common import Parser, positive_int
+
+DEFAULT_ROOT = "runs/study"
+
+
+def _parser() -> Parser:
+    parser = Parser(prog="python -m torchsage.study", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pilot = sub.add_parser("pilot", help="the step-count pilot (ERM and SAGE, one seed each)")
+    pilot.add_argument("--output-dir", default=f"{DEFAULT_ROOT}/pilot")
+    pilot.add_argument("--steps", type=positive_int, default=2000)
+    pilot.add_argument("--checkpoint-freq", type=positive_int, default=100)
+    plan = sub.add_parser("plan", help="runs per part, finished, and the CPU estimate of the rest")
+    plan.add_argument("--root", default=DEFAULT_ROOT)
+    run = sub.add_parser("run", help="run one part of the study (resumable)")
+    run.add_argument("part", help="a part named by `plan`")
+    run.add_argument("--root", default=DEFAULT_ROOT)
+    run.add_argument("--processes", type=positive_int, default=2)
+    run.add_argument("--threads", type=positive_int, default=1, help="torch threads per run")
+    run.add_argument("--dry-run", action="store_true", help="print what would run")
+    theory = sub.add_parser("theory", help="measure the terms on a sample of finished DG runs (resumable)")
+    theory.add_argument("--root", default=DEFAULT_ROOT)
+    theory.add_argument("--max-runs", type=positive_int, default=80)
+    theory.add_argument("--seed", type=int, default=0)
+    report = sub.add_parser("report", help="render the tables and figures")
+    report.add_argument("--root", default=DEFAULT_ROOT)
+    report.add_argument("--output", default="docs/study_results.md")
+    report.add_argument("--figures", default="docs/figures")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"python -m torchsage.study {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "pilot":
+        import torch
+
+        from torchsage.study.pilot import run_pilot, summary
+
+        torch.set_num_threads(1)
+        run_pilot(args.output_dir, steps=args.steps, checkpoint_freq=args.checkpoint_freq)
+        print(summary(args.output_dir))
+        return 0
+    if args.command == "plan":
+        from torchsage.study.budget import plan_text
+
+        print(plan_text(args.root))
+        return 0
+    if args.command == "run":
+        from torchsage.harness.local import launch
+        from torchsage.study.spec import part_jobs
+
+        jobs = part_jobs(args.root, args.part)
+        if args.dry_run:
+            for job in jobs:
+                if job.state != "done":
+                    print(shlex.join(job.command()))
+            return 0
+        if args.part == "mtl":
+            from torchsage.mtl.sweep import run_sweep
+
+            summary = run_sweep(
+                jobs, lambda part: launch(part, processes=args.processes, threads=args.threads)
+            )
+        else:
+            summary = launch(jobs, processes=args.processes, threads=args.threads)
+        print(summary)
+        return 0 if summary.ok else 1
+    if args.command == "theory":
+        import torch
+
+        from torchsage.study.theory import measure_sample
+
+        torch.set_num_threads(1)
+        measured, sampled = measure_sample(
+            sorted((Path(args.root) / "dg").glob("*")), args.max_runs, args.seed
+        )
+        print(f"measured {measured} run(s) now; {sampled} in the sample")
+        return 0
+    from torchsage.harness.records import atomic_write_text
+    from torchsage.study.report import render
+
+    text = render(args.root, args.figures)
+    atomic_write_text(args.output, "# Evidence study: results\n\n" + text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The theory test of the evidence study: do the two terms of the excess risk predict the
+out-of-domain gap?
+
+For a random sample of finished DG runs (each saved its weights), :func:`measure_run` measures at
+the final weights, with :func:`torchsage.diagnostics.decompose` on the first ``batch_size``
+samples of every training domain's ``in`` split:
+
+* the alignment term :math:`\\operatorname{tr}((\\bar H + \\lambda I)^{-1}\\Sigma_g)` (conjugate
+  gradients; ``nan`` when :math:`\\bar H + \\lambda I` is found indefinite: those runs are counted
+  and left out of the fits);
+* the curvature terms :math:`\\operatorname{tr}\\bar H` (Hutchinson, with its standard error) and
+  :math:`\\lambda_{\\max}(\\bar H)` (Lanczos);
+
+and writes them to ``theory.json`` in the run directory (atomically; a run that has one is
+skipped, so the command resumes). :func:`gap` is the run's out-of-domain gap: the mean
+validation accuracy of the training domains minus the test domain's accuracy, at the last step.
+:func:`fits` regresses the gap on each term alone and on alignment and trace together
+(:func:`torchsage.study.stats.least_squares`: R^2 and bootstrap intervals).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torchsage.harness.records import atomic_write_text, read_json_lines
+from torchsage.study.stats import Fit, least_squares
+
+__all__ = ["THEORY_FILE", "THEORY_SETTINGS", "fits", "gap", "measure_run", "measure_sample", "sample_runs"]
+
+THEORY_FILE = "theory.json"
+#: decompose() settings of the study: sized so one run costs well under a CPU-minute (docs/study.md)
+THEORY_SETTINGS: dict[str, Any] = {
+    "batch_size": 128,
+    "damping": 1e-3,
+    "cg_tol": 1e-4,
+    "cg_max_iter": 100,
+    "hutchinson_samples": 30,
+    "lanczos_steps": 20,
+    "seed": 0,
+}
+
+
+def _last_record(run_dir: Path) -> dict[str, Any]:
+    records, _ = read_json_lines(run_dir / "results.jsonl")
+    if not records:
+        raise ValueError(f"{run_dir} has no readable result line")
+    return records[-1]
+
+
+def gap(record: dict[str, Any]) -> float:
+    """Training-domain validation accuracy (mean of the ``out`` splits) minus test-domain accuracy
+    (mean of the ``in`` splits of the test environments) of one result line.
+
+    Example:
+        >>> r = {"args": {"test_envs": [1]}, "env0_in_acc": 0.9, "env0_out_acc": 0.8,
+        ...      "env1_in_acc": 0.5, "env1_out_acc": 0.4, "env2_in_acc": 0.9, "env2_out_acc": 1.0}
+        >>> round(gap(r), 6)
+        0.4
+    """
+    test = {int(i) for i in record["args"]["test_envs"]}
+    envs = sorted({int(k[3:].split("_")[0]) for k in record if k.startswith("env") and k.endswith("_in_acc")})
+    train = [record[f"env{i}_out_acc"] for i in envs if i not in test]
+    held = [record[f"env{i}_in_acc"] for i in envs if i in test]
+    if not train or not held:
+        raise ValueError("a result line needs at least one training and one test environment")
+    return sum(train) / len(train) - sum(held) / len(held)
+
+
+def sample_runs(run_dirs: Sequence[Path], max_runs: int, seed: int = 0) -> list[Path]:
+    """A random sample of at most ``max_runs`` of the finished runs that saved a model, drawn as a
+    prefix of one seeded permutation of their sorted names (a later call with more finished runs
+    keeps the earlier sample's order as far as it can)."""
+    ready = sorted(p for p in run_dirs if (p / "done").exists() and (p / "model.pt").exists())
+    random.Random(seed).shuffle(ready)
+    return ready[:max_runs]
+
+
+def measure_run(run_dir: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measures the terms of one run and writes ``theory.json`` there (returns its content)."""
+    import torch
+
+    from torchsage.dg.checkpoint import load_dg_model
+    from torchsage.diagnostics import decompose
+
+    run_dir = Path(run_dir)
+    s = {**THEORY_SETTINGS, **(settings or {})}
+    checkpoint = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    model, batches, names = load_dg_model(checkpoint, int(s["batch_size"]))
+    torch.manual_seed(int(s["seed"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # recorded in the report's warnings
+        report = decompose(
+            model,
+            torch.nn.functional.cross_entropy,
+            batches,
+            damping=float(s["damping"]),
+            cg_tol=float(s["cg_tol"]),
+            cg_max_iter=int(s["cg_max_iter"]),
+            hutchinson_samples=int(s["hutchinson_samples"]),
+            lanczos_steps=int(s["lanczos_steps"]),
+            exact=False,
+            seed=int(s["seed"]),
+            progress=False,
+        )
+    record = _last_record(run_dir)
+    payload = {
+        "run": run_dir.name,
+        "dataset": record["args"]["dataset"],
+        "algorithm": record["args"]["algorithm"],
+        "test_envs": record["args"]["test_envs"],
+        "gap": gap(record),
+        "distributions": names,
+        "settings": s,
+        "report": report.as_dict(),
+    }
+    atomic_write_text(run_dir / THEORY_FILE, json.dumps(payload, indent=1, allow_nan=False))
+    return payload
+
+
+def measure_sample(run_dirs: Sequence[Path], max_runs: int, seed: int = 0) -> tuple[int, int]:
+    """Measures the sampled runs that lack ``theory.json``; returns (measured now, sampled)."""
+    sample = sample_runs(run_dirs, max_runs, seed)
+    measured = 0
+    for run_dir in sample:
+        if (run_dir / THEORY_FILE).exists():
+            continue
+        measure_run(run_dir)
+        measured += 1
+    return measured, len(sample)
+
+
+def _term_rows(payloads: Sequence[dict[str, Any]]) -> tuple[list[dict[str, float]], int]:
+    rows, dropped = [], 0
+    for p in payloads:
+        r = p["report"]
+        alignment = r.get("alignment")
+        if alignment is None or r.get("negative_curvature"):
+            dropped += 1
+            continue
+        rows.append(
+            {
+                "gap": float(p["gap"]),
+                "alignment": float(alignment),
+                "trace": float(r["curvature_trace"]),
+                "trace_stderr": float(r["curvature_trace_stderr"]),
+                "lambda_max": float(r["curvature_top"][0]),
+                "dataset": p["dataset"],
+            }
+        )
+    return rows, dropped
+
+
+#: the regressions of the gap: each term alone, then alignment and trace together
+MODELS: tuple[tuple[str, ...], ...] = (("alignment",), ("trace",), ("lambda_max",), ("alignment", "trace"))
+
+
+def fits(payloads: Sequence[dict[str, Any]], n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The gap regressed on the terms (log10 of each term: they span orders of magnitude).
+
+    Returns ``{"n": ..., "dropped": ..., "rows": [...], "fits": {"alignment": Fit, ...}}``;
+    ``fits`` is empty with fewer usable runs than a fit needs.
+    """
+    rows, dropped = _term_rows(payloads)
+    out: dict[str, Any] = {"n": len(rows), "dropped": dropped, "rows": rows, "fits": {}}
+    for names in MODELS:
+        usable = [r for r in rows if all(r[n] > 0 for n in names)]
+        if len(usable) < len(names) + 2:
+            continue
+        X = [[math.log10(r[n]) for n in names] for r in usable]
+        y = [r["gap"] for r in usable]
+        fit: Fit = least_squares(X, y, [f"log10 {n}" for n in names], n_resamples=n_resamples, seed=seed)
+        out["fits"][" + ".join(names)] = fit
+    return out

@@ -1,0 +1,108 @@
+"""The study's selection, tables and figures on synthetic run directories (values chosen so the
+expected selection and differences are known), and the theory wiring on a real 2-step run."""
+
+import json
+import math
+
+import pytest
+
+from torchsage.harness.records import append_json_line, mark_done
+from torchsage.study import report as rep
+from torchsage.study.spec import dg_arms, dg_jobs
+from torchsage.study.theory import fits, gap, measure_run
+
+
+def _finish(job, val, test):
+    """A fake finished RotatedDigits run: training domains' out accuracy ``val``, test ``test``."""
+    env = job.settings["test_env"]
+    record = {"step": 999, "args": {"test_envs": [env], "dataset": job.settings["dataset"]}}
+    for i in range(6):
+        record[f"env{i}_in_acc"] = test if i == env else 0.5
+        record[f"env{i}_out_acc"] = 0.5 if i == env else val
+    job.output_dir.mkdir(parents=True)
+    append_json_line(job.output_dir / "results.jsonl", record)
+    mark_done(job.output_dir)
+
+
+def test_selection_and_paired_table(tmp_path):
+    jobs = dg_jobs(tmp_path, cells=[("RotatedDigits", 0)], n_trials=3)
+    for job in jobs:
+        s, t = job.settings, job.settings["trial"]
+        if s["algorithm"] == "SAM":
+            # the rho with the best validation accuracy has test accuracy 0.80 + 0.01 t; others 0.10
+            best = s["hparams"]["rho"] == 0.05
+            _finish(job, 0.95 if best else 0.90, 0.80 + 0.01 * t if best else 0.10)
+        elif s["algorithm"] == "ERM":
+            _finish(job, 0.9, 0.70 + 0.02 * t)
+        else:
+            _finish(job, 0.9, 0.75)
+    runs, missing = rep.load_dg(tmp_path, cells=[("RotatedDigits", 0)], n_trials=3)
+    assert missing == 0
+    assert len(runs) == 3 * len(dg_arms())  # SAGE (default) stands for its grid twin too
+    selected = rep.select(runs)
+    sam = selected[("RotatedDigits", 0, "SAM")]
+    assert [sam[t].hparams["rho"] for t in range(3)] == [0.05] * 3
+    # SAM - ERM per trial: 0.10, 0.09, 0.08 -> mean 0.09; three positive differences: p = 2 / 8
+    erm = {t: r.test_acc for t, r in selected[("RotatedDigits", 0, "ERM")].items()}
+    p = rep.compare({t: r.test_acc for t, r in sam.items()}, erm)
+    assert p.mean == pytest.approx(0.09, abs=1e-12) and p.p == pytest.approx(0.25, rel=1e-12)
+    table = rep.dg_table(selected, "RotatedDigits", 0, "0deg")
+    assert "| SAM " in table and "+9.0 [" in table
+    path = rep.plot_sensitivity(runs, tmp_path / "s.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_incomplete_method_is_not_selected(tmp_path):
+    jobs = dg_jobs(tmp_path, cells=[("RotatedDigits", 0)], n_trials=1)
+    sam = [j for j in jobs if j.settings["algorithm"] == "SAM"]
+    _finish(sam[0], 0.9, 0.8)  # one SAM choice of several finished
+    runs, _ = rep.load_dg(tmp_path, cells=[("RotatedDigits", 0)], n_trials=1)
+    assert ("RotatedDigits", 0, "SAM") not in rep.select(runs)
+
+
+def test_fits_recover_an_exact_relation():
+    payloads = []
+    for a, tr in [(1e-3, 5.0), (1e-2, 2.0), (1e-1, 9.0), (1.0, 1.0), (10.0, 3.0), (3.0, 30.0)]:
+        g = 0.05 + 0.02 * math.log10(a) - 0.01 * math.log10(tr)
+        report = {
+            "alignment": a,
+            "negative_curvature": False,
+            "curvature_trace": tr,
+            "curvature_trace_stderr": 0.1,
+            "curvature_top": [tr / 2],
+        }
+        payloads.append({"gap": g, "dataset": "RotatedDigits", "report": report})
+    payloads.append(
+        {"gap": 0.3, "dataset": "RotatedDigits", "report": {"alignment": None, "negative_curvature": True}}
+    )
+    result = fits(payloads, n_resamples=50)
+    assert result["dropped"] == 1 and result["n"] == 6
+    both = result["fits"]["alignment + trace"]
+    assert both.coef == pytest.approx((0.02, -0.01), abs=1e-10) and both.r2 == pytest.approx(1.0, abs=1e-10)
+    assert rep.fit_table(result).count("\n|") >= 4
+    assert rep.plot_theory(
+        result, __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "t.png"
+    ).exists()
+
+
+def test_measure_run_on_a_saved_model(tmp_path):
+    from torchsage.dg.train import TrainArgs, train
+
+    hp = json.dumps({"cnn_width": 8, "batch_size": 8})
+    args = TrainArgs("ColoredDigits", "ERM", [2], str(tmp_path / "run"), steps=2, seed=1, hparams=hp)
+    args.save_model, args.progress = True, False
+    out = train(args)
+    settings = {
+        "batch_size": 16,
+        "cg_max_iter": 20,
+        "hutchinson_samples": 4,
+        "lanczos_steps": 5,
+        "damping": 1.0,
+    }
+    payload = measure_run(out, settings)
+    saved = json.loads((out / "theory.json").read_text())
+    assert saved["gap"] == payload["gap"]
+    last = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    assert payload["gap"] == pytest.approx(gap(last), abs=0)
+    assert payload["report"]["K"] == 2 and payload["settings"]["damping"] == 1.0
+    assert payload["report"]["curvature_trace"] is not None
