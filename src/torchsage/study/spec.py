@@ -210,10 +210,11 @@ def mtl_jobs(root: str | Path, n_seeds: int = N_TRIALS) -> list[HashedJob]:
     seeds = list(range(n_seeds))
     mtl_root = Path(root) / "mtl"
     jobs = make_jobs(mtl_root, "multidigits", MTL_SOLVERS, ["plain", "sage", "sam"], seeds, MTL_OPTIONS)
-    preset = make_jobs(
-        mtl_root, "multidigits", MTL_SOLVERS[1:], ["sage"], seeds, [*MTL_OPTIONS, "--preset", "authors"]
-    )
-    return jobs + preset
+    # stl named again so the preset runs get --stl-dir too; its runs are the same, dropped here
+    options = [*MTL_OPTIONS, "--preset", "authors"]
+    preset = make_jobs(mtl_root, "multidigits", MTL_SOLVERS, ["sage"], seeds, options)
+    known = {j.output_dir for j in jobs}
+    return jobs + [j for j in preset if j.output_dir not in known]
 
 
 def _cell_part(dataset: str, env: int) -> str:
