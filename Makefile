@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-matrix soak lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+# The suite under both CPU kernel sets (default, avx2) and 1 and 2 threads: what another machine runs.
+test-matrix: $(STAMP)
+	PYTHON=$(BIN)/python scripts/test_matrix.sh
+
+# tests/distributed 30 times in a row: counts failed runs and aborts at gloo teardown.
+soak: $(STAMP)
+	PYTHON=$(BIN)/python scripts/soak_distributed.sh 30
 
 demo: $(STAMP)
 	$(BIN)/torchsage demo
