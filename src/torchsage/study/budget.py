@@ -17,10 +17,10 @@ __all__ = ["CPU_PER_STEP", "MTL_RUN_CPU", "THEORY_MAX_RUNS", "THEORY_RUN_CPU", "
 #: CPU seconds per training step (evaluations included), by data set and by passes per step
 #: (1: ERM; 2: SAM, SAGE and its ablations). Source: the pilot (docs/study.md, "Pilot").
 CPU_PER_STEP: dict[tuple[str, int], float] = {
-    ("RotatedDigits", 1): 0.060,
-    ("RotatedDigits", 2): 0.165,
-    ("ColoredDigits", 1): 0.030,
-    ("ColoredDigits", 2): 0.070,
+    ("RotatedDigits", 1): 0.0601,
+    ("RotatedDigits", 2): 0.1296,
+    ("ColoredDigits", 1): 0.0141,
+    ("ColoredDigits", 2): 0.0283,
 }
 #: CPU seconds of one run beyond its steps (process start, data, the final save)
 RUN_OVERHEAD_CPU = 5.0
@@ -66,7 +66,7 @@ def plan_text(root: str | Path = "runs/study") -> str:
     """The plan as a table: runs, finished, CPU-hours in all and left, per part."""
     rows = estimate(root)
     lines = [
-        f"evidence study under {root}: {N_TRIALS} trials, {DG_STEPS} DG steps, "
+        f"evidence study under {root}: {N_TRIALS} trials, DG steps {DG_STEPS}, "
         f"MTL solvers {', '.join(MTL_SOLVERS)}",
         f"{'part':<16}{'runs':>6}{'done':>6}{'CPU-h':>8}{'left':>8}",
     ]

@@ -98,3 +98,18 @@ def test_default_arm_is_the_harness_default():
     assert all(
         authors_dg_hparams()[k] == preset[k] for k in ("lr", "rho", "gamma", "rho_scaling", "disagreement")
     )
+
+
+def test_mtl_runs_pair_by_seed_and_all_measure_delta_m(tmp_path):
+    from torchsage.study.spec import mtl_jobs
+
+    jobs = mtl_jobs(tmp_path, n_seeds=3)
+    assert len({j.output_dir for j in jobs}) == len(jobs) == 3 * (1 + 3 * 4)
+    for job in jobs:
+        if job.settings["solver"] != "stl":
+            assert "--stl-dir" in job.argv  # Delta-m% needs the single-task baselines
+    seeds = {}
+    for job in jobs:
+        seeds.setdefault(job.settings["solver"], set()).add(int(_flag(list(job.argv), "--seed")))
+    assert all(v == {0, 1, 2} for v in seeds.values())
+    assert sum("--preset" in j.argv for j in jobs) == 3 * 3

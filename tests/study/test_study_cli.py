@@ -1,0 +1,26 @@
+"""python -m torchsage.study: one-line errors with exit code 2, the plan and an empty report."""
+
+import pytest
+
+from torchsage.study.__main__ import main
+
+
+def test_unknown_part_is_one_line_exit_2(capsys):
+    assert main(["run", "dg-nope", "--root", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown part 'dg-nope'" in err and "dg-rotated-0" in err
+
+
+def test_bad_option_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["theory", "--max-runs", "0"])
+    assert stop.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_plan_and_empty_report(tmp_path, capsys):
+    assert main(["plan", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "dg-rotated-0" in out and "theory" in out and "all" in out
+    target = tmp_path / "study_results.md"
+    assert main(["report", "--root", str(tmp_path), "--output", str(target), "--figures", str(tmp_path)]) == 0
+    assert "DG runs finished: 0" in target.read_text()
