@@ -4,7 +4,7 @@ axis labels, labelled axes, distinct styles for many series, counts written as w
 import numpy as np
 import pytest
 
-from torchsage.harness import style as _style
+from torchsage.harness import style
 
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
@@ -30,15 +30,15 @@ def _texts_clear_of(fig, legend) -> None:
 
 def test_series_styles_are_distinct():
     for n in (1, 11, 12, 30):
-        styles = _style.series_styles(n)
+        styles = style.series_styles(n)
         assert len(set(styles)) == n
-    eleven = _style.series_styles(11)
+    eleven = style.series_styles(11)
     assert len({c for c, _ in eleven}) == 11 and len({m for _, m in eleven}) == 11
 
 
 def test_counts_read_properly():
-    assert _style.count(1, "trial") == "1 trial" and _style.count(2, "trial") == "2 trials"
-    assert _style.seeds_phrase([0]) == "seed 0" and _style.seeds_phrase([0, 2]) == "seeds 0, 2"
+    assert style.count(1, "trial") == "1 trial" and style.count(2, "trial") == "2 trials"
+    assert style.seeds_phrase([0]) == "seed 0" and style.seeds_phrase([0, 2]) == "seeds 0, 2"
 
 
 @pytest.mark.parametrize("solvers", [["ls", "imtlg", "nashmtl", "upgrad"], ["ls"], ["mgda", "cagrad"]])
