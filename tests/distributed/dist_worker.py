@@ -7,6 +7,7 @@ dist_worker.py OUTDIR``. Each rank writes ``OUTDIR/<scenario>.rank<r>.pt``.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -198,6 +199,9 @@ def main(out: str) -> None:
             except ValueError as error:  # recorded: the test expects it on every process
                 result = {"error": str(error)}
             torch.save(result, os.path.join(out, f"{name}.rank{rank}.pt"))
+        # DistributedDataParallel wrappers sit in reference cycles: collected here, while the group
+        # is alive, none outlives destroy_process_group into interpreter shutdown
+        gc.collect()
         dist.barrier()  # every rank done before any tears down its connections
     finally:
         dist.destroy_process_group()
