@@ -2,12 +2,10 @@
 records match the one-process run; the slicing of minibatches and of the evaluation is exact."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+import torchrun_launch
 from torch.utils.data import Subset, TensorDataset
 
 from torchsage.dg.train import TrainArgs, count_correct, infinite_batches, train
@@ -24,12 +22,10 @@ STEPS = 4
 
 
 def run_cli_under_torchrun(algorithm, out):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "torchsage", "dg", "train", "--dataset", "RotatedDigits", "--algorithm", algorithm]
+    cmd = ["-m", "torchsage", "dg", "train", "--dataset", "RotatedDigits", "--algorithm", algorithm]
     cmd += ["--test-envs", "0", "--steps", str(STEPS), "--checkpoint-freq", "1", "--hparams", HPARAMS]
     cmd += ["--output-dir", str(out), "--save-model", "--no-progress"]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return torchrun_launch.torchrun(cmd)[0]
 
 
 # the optimizer's reduction; the step hook; Mixup's draws, the same in every process

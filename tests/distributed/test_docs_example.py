@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torchrun_launch
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "distributed.md"
 
 
@@ -15,10 +17,8 @@ def test_ddp_example_two_processes_match_one(tmp_path):
     script = tmp_path / "train_ddp.py"
     script.write_text(next(b for b in blocks if "DistributedDataParallel(model)" in b))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    logs = tmp_path / "logs"  # each rank's stdout in its own file: printed lines do not interleave
-    launcher += ["--redirects", "1", "--log-dir", str(logs)]
-    two = subprocess.run([*launcher, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    # each rank's stdout in its own file: printed lines do not interleave
+    two, logs = torchrun_launch.torchrun([str(script)], log_dir=tmp_path / "logs")
     assert two.returncode == 0, two.stderr[-4000:]
     printed = "\n".join(f.read_text() for f in sorted(logs.rglob("stdout.log")))
     one = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)

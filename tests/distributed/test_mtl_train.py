@@ -1,14 +1,13 @@
 """`torchsage mtl train` under torchrun (2 gloo processes) against the one-process run."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("torchjd")
+
+import torchrun_launch
 
 from torchsage.mtl.train import MTLArgs, train
 
@@ -16,12 +15,10 @@ TINY = dict(n_train=48, n_test=40, batch_size=16, epochs=1)
 
 
 def test_mtl_train_under_torchrun_matches_one_process(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "torchsage", "mtl", "train", "--benchmark", "multidigits", "--solver", "upgrad", "--sage"]
+    cmd = ["-m", "torchsage", "mtl", "train", "--benchmark", "multidigits", "--solver", "upgrad", "--sage"]
     cmd += ["--epochs", "1", "--n-train", "48", "--n-test", "40", "--batch-size", "16", "--no-progress"]
     cmd += ["--device", "cpu", "--save-model", "--output-dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc, _ = torchrun_launch.torchrun(cmd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

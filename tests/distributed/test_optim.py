@@ -4,15 +4,14 @@ the bytes all-reduced against the hand-counted payload."""
 
 import importlib.util
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchrun_launch
 
 import torchsage
 from torchsage.optim import LAYOUTS, make_data_parallel
@@ -31,11 +30,7 @@ RUNNABLE = [
 
 def torchrun(script: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """2 processes on this machine; --standalone picks a free port for the rendezvous."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    return subprocess.run(
-        [*cmd, str(script), *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
+    return torchrun_launch.torchrun([str(script), *args], timeout=timeout)[0]
 
 
 @pytest.fixture(scope="module")
