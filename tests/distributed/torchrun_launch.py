@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 # A rank occasionally dies at exit in the C++ runtime with this message (SIGABRT) after its work
-# is done: scripts/soak_distributed.sh saw it in 2 of 31 runs of tests/distributed (about 9
+# is done: scripts/soak_distributed.sh saw it in 2 of 41 runs of tests/distributed (about 9
 # launches each) on a loaded 2-core machine; cause not found yet (the teardown barrier did not
 # remove it). One relaunch, reported as a warning so it stays visible in the summary; any other
 # failure, or a second abort, fails the test.
