@@ -7,7 +7,6 @@ dist_worker.py OUTDIR``. Each rank writes ``OUTDIR/<scenario>.rank<r>.pt``.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from typing import Any
@@ -188,13 +187,32 @@ def run(name: str, rank: int | None, world: int, seed_offset: int = 0) -> dict[s
     return result
 
 
+def threads() -> dict[str, str]:
+    """This process's threads: {thread id: name} (Linux; empty elsewhere)."""
+    task = "/proc/self/task"
+    if not os.path.isdir(task):
+        return {}
+    names = {}
+    for tid in os.listdir(task):
+        try:
+            with open(os.path.join(task, tid, "comm")) as f:
+                names[tid] = f.read().strip()
+        except OSError:  # the thread ended meanwhile
+            pass
+    return names
+
+
 def main(out: str) -> None:
     import torch.distributed as dist
 
+    from torchsage.optim import torchrun_session
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    try:
+    before = threads()
+    # the library's session: joins the group, and at the end a barrier, then a teardown that leaves
+    # no thread of the group running into interpreter shutdown
+    with torchrun_session():
+        rank, world = dist.get_rank(), dist.get_world_size()
         for name in SCENARIOS:
             print(f"rank {rank}: scenario {name}", file=sys.stderr, flush=True)  # locates a crash
             try:
@@ -202,12 +220,9 @@ def main(out: str) -> None:
             except ValueError as error:  # recorded: the test expects it on every process
                 result = {"error": str(error)}
             torch.save(result, os.path.join(out, f"{name}.rank{rank}.pt"))
-        # DistributedDataParallel wrappers sit in reference cycles: collected here, while the group
-        # is alive, none outlives destroy_process_group into interpreter shutdown
-        gc.collect()
-        dist.barrier()  # every rank done before any tears down its connections
-    finally:
-        dist.destroy_process_group()
+    # threads started during the session and still running after it (the group's, if it survived)
+    left = sorted(name for tid, name in threads().items() if tid not in before)
+    torch.save(left, os.path.join(out, f"threads_left.rank{rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ This module holds the communication only; :class:`torchsage.optim.SharpnessAware
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -501,6 +502,8 @@ def join_torchrun() -> Communicator | None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     if not dist.is_initialized():
+        import torch.distributed.nn  # noqa: F401  (before the group exists: see torchrun_session)
+
         dist.init_process_group("gloo")
     return Communicator()
 
@@ -509,7 +512,18 @@ def join_torchrun() -> Communicator | None:
 def torchrun_session() -> Iterator[Communicator | None]:
     """For training scripts: the communicator of a ``torchrun`` launch (None in one process) for
     the body. A group this context started is torn down at the end, after a barrier when the body
-    succeeded: a process that leaves while its peer still works can abort that peer at exit."""
+    succeeded (a process that leaves while its peer still works can abort that peer), and is gone
+    when the context exits: its gloo threads joined and its sockets closed.
+
+    That last part needs care: ``destroy_process_group`` only drops torch's own references, and the
+    group's destructor (which joins its threads) runs when the last one goes. When
+    ``torch.distributed.nn.functional`` is first imported after ``init_process_group`` (``torch._dynamo``
+    imports it, and every torch optimizer imports ``torch._dynamo`` when first built), it binds
+    ``group.WORLD`` into default arguments, which then hold the group until the interpreter shuts
+    down: its threads ran on into interpreter finalization and the group was destroyed there, amid
+    the teardown of the modules, with the rare abort at exit ("terminate called without an active
+    exception") as the outcome. Imported before the group exists, those defaults bind None.
+    """
     started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     try:
         yield join_torchrun()
@@ -518,6 +532,9 @@ def torchrun_session() -> Iterator[Communicator | None]:
     finally:
         if started and dist.is_initialized():
             dist.destroy_process_group()
+            # what the body left in reference cycles (DistributedDataParallel wrappers) may hold the
+            # group: collected here, so the group's destructor runs now and not at shutdown
+            gc.collect()
 
 
 def make_data_parallel(
