@@ -11,6 +11,7 @@ import itertools
 import math
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -272,7 +273,7 @@ class _Workers:
     all get the same sums), as an all-reduce does."""
 
     def __init__(self, n: int) -> None:
-        self.barrier = threading.Barrier(n)
+        self.barrier = threading.Barrier(n, timeout=60)  # a failing worker breaks it: no hang
         self.slots: list = [None] * n
 
     def sum(self, rank: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -295,14 +296,12 @@ def test_merged_statistics_of_disjoint_workers_match_brute_force(split):
     for s, a, b in zip(stats, starts, starts[1:]):
         for g in grads[a:b]:
             s.update(g)
-    threads = [
-        threading.Thread(target=s.merge, args=(lambda ts, r=r: workers.sum(r, ts), len(grads)))
-        for r, s in enumerate(stats)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(len(split)) as pool:
+        runs = [
+            pool.submit(s.merge, lambda ts, r=r: workers.sum(r, ts), len(grads)) for r, s in enumerate(stats)
+        ]
+        for run in runs:
+            run.result()  # a worker's exception is raised here
     expected = brute_force(grads)
     for s in stats:
         assert s.count == len(grads) and s.total == float(len(grads))
