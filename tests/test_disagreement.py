@@ -9,7 +9,9 @@ With K gradients ``g_k`` (every parameter flattened and concatenated) and their 
 import gc
 import itertools
 import math
+import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -264,6 +266,52 @@ def test_mean_and_elementwise_variance(dtype, atol):
     # the coordinates' variances add up to the trace of the covariance
     total = sum(float(v.to(F64).sum()) for v in variances)
     assert total == pytest.approx(brute_force(grads)["raw_var"], rel=1e-5)
+
+
+class _Workers:
+    """Threads standing in for processes: ``sum`` adds every worker's tensors (in worker order, so
+    all get the same sums), as an all-reduce does."""
+
+    def __init__(self, n: int) -> None:
+        self.barrier = threading.Barrier(n, timeout=60)  # a failing worker breaks it: no hang
+        self.slots: list = [None] * n
+
+    def sum(self, rank: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.slots[rank] = [t.clone() for t in tensors]
+        self.barrier.wait()
+        out = [sum(parts[1:], parts[0].clone()) for parts in zip(*self.slots)]
+        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return out
+
+
+@pytest.mark.parametrize("split", [(2, 3), (1, 1, 3), (4, 1)])
+def test_merged_statistics_of_disjoint_workers_match_brute_force(split):
+    # the domains layout of data-parallel training: each worker streams its own distributions,
+    # then merge() combines them into the statistics of all of them
+    grads = make_grads(sum(split), SHAPES, seed=11, spread=1.5)
+    grads[1] = [torch.zeros_like(t) for t in grads[1]]  # a zero gradient: cosine 0 with the others
+    starts = list(itertools.accumulate(split, initial=0))
+    workers = _Workers(len(split))
+    stats = [GradientStatistics(grads[0], cosine=True, elementwise=True) for _ in split]
+    for s, a, b in zip(stats, starts, starts[1:]):
+        for g in grads[a:b]:
+            s.update(g)
+    with ThreadPoolExecutor(len(split)) as pool:
+        runs = [
+            pool.submit(s.merge, lambda ts, r=r: workers.sum(r, ts), len(grads)) for r, s in enumerate(stats)
+        ]
+        for run in runs:
+            run.result()  # a worker's exception is raised here
+    expected = brute_force(grads)
+    for s in stats:
+        assert s.count == len(grads) and s.total == float(len(grads))
+        # float64 sums regrouped by worker: differences of a few ulps, far below 1e-10
+        assert_measures(s.disagreement, expected, rtol=1e-10)
+        for i in range(len(SHAPES)):
+            stacked = torch.stack([g[i] for g in grads])
+            torch.testing.assert_close(s.mean[i], stacked.mean(0), rtol=1e-12, atol=1e-12)
+            reference = torch.var(stacked, dim=0, unbiased=False)
+            torch.testing.assert_close(s.elementwise_variance()[i], reference, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("K", [1, 2, 4, 7])

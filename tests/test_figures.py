@@ -46,7 +46,7 @@ def test_toy_figure(solvers):
     from torchsage.mtl import toy
 
     line = np.array([[0.0, 0.0], [3.0, -5.0]])
-    fig = toy._toy_figure({s: {False: [line, line + 1], True: [line - 1]} for s in solvers}, None, "title")
+    fig = toy.toy_figure({s: {False: [line, line + 1], True: [line - 1]} for s in solvers}, None, "title")
     try:
         fig.canvas.draw()
         titles = [ax.get_title() for ax in fig.axes if ax.axison]
@@ -73,9 +73,9 @@ def _dg_panels(n_algorithms: int, trials: int):
 
 
 def test_dg_figure_eleven_algorithms_are_told_apart():
-    from torchsage.dg.figure import _figure
+    from torchsage.dg.figure import figure
 
-    fig = _figure(_dg_panels(11, 3), "training-domain validation")
+    fig = figure(_dg_panels(11, 3), "training-domain validation")
     fig.canvas.draw()
     ax = fig.axes[0]
     containers = ax.containers  # one errorbar container per algorithm
@@ -94,7 +94,7 @@ def test_dg_figure_eleven_algorithms_are_told_apart():
 def test_diagnose_figure_axes_are_labelled():
     from types import SimpleNamespace
 
-    from torchsage.diagnostics.summary import _report_figure
+    from torchsage.diagnostics.summary import report_figure
 
     report = SimpleNamespace(
         cosine_matrix=np.array([[1.0, 0.3], [0.3, 1.0]]),
@@ -112,7 +112,7 @@ def test_diagnose_figure_axes_are_labelled():
         num_params=100,
         hessian_vector_products=20,
     )
-    fig = _report_figure(report, ["15deg", "30deg"], "SAGE")
+    fig = report_figure(report, ["15deg", "30deg"], "SAGE")
     fig.canvas.draw()
     heatmap, norms = fig.axes[0], fig.axes[1]  # the colour bar's axes come last
     for ax in (heatmap, norms):

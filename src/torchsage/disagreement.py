@@ -31,7 +31,7 @@ pairwise cosines the same way while weighting the mean gradient by ``n_k / N``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -179,6 +179,41 @@ class GradientStatistics:
             )
         self._m2 += self._welford(self.mean, delta, weight, self.total)
         return norm
+
+    @torch.no_grad()
+    def merge(self, sum_over_workers: Callable[[list[Tensor]], list[Tensor]], total: int) -> None:
+        """Merges statistics kept by several workers over disjoint sets of distributions, in place.
+
+        Every worker calls it on its own statistics (equal weights, ``count`` distributions each)
+        with ``sum_over_workers``, which sums a list of tensors over the workers and returns the
+        sums (called two or three times, in the same order on every worker); afterwards each holds
+        the statistics of all ``total`` distributions. The parallel form of Welford's update: with
+        ``n_r`` distributions and mean ``g_r`` on worker ``r``, ``g_bar = sum_r n_r g_r / n`` and
+        ``M2 = sum_r (M2_r + n_r ||g_r - g_bar||^2)``; the normalised gradients likewise.
+        """
+        n = self.count
+        units = self._unit_mean if self._unit_mean is not None else []
+        local = [*self.mean, *units]
+        merged = sum_over_workers(torch._foreach_mul(local, float(n)) if local else [])
+        if merged:
+            merged = torch._foreach_div(merged, float(total))
+        mean, unit_mean = merged[: len(self.mean)], merged[len(self.mean) :]
+        delta = torch._foreach_sub(self.mean, mean) if self.mean else []
+        scalars = [self._m2 + n * sum_of_squares(delta) if delta else self._m2]
+        if units:
+            scalars.append(self._unit_m2 + n * sum_of_squares(torch._foreach_sub(units, unit_mean)))
+            scalars.append(self._nonzero)
+        if self._elementwise_m2 is not None:
+            spread = torch._foreach_addcmul(self._elementwise_m2, delta, delta, value=float(n))
+            self._elementwise_m2 = sum_over_workers(spread)
+        (reduced,) = sum_over_workers([torch.stack([s.to(torch.float64).reshape(()) for s in scalars])])
+        self.mean = mean
+        self._m2 = reduced[0]
+        if units:
+            self._unit_mean = unit_mean
+            self._unit_m2, self._nonzero = reduced[1], reduced[2]
+        self.count = total
+        self.total = float(total)
 
     def variance(self) -> Tensor:
         """``V = sum_k w_k ||g_k - g_bar||^2`` with weights normalised to sum 1 (float64)."""

@@ -20,9 +20,10 @@ import torchsage
 from torchsage.cli import main
 from torchsage.dg import sweep
 from torchsage.dg.algorithms import ALGORITHMS
+from torchsage.dg.batches import merged_batches
 from torchsage.dg.hparams import default_hparams
 from torchsage.dg.recipe import AuthorsSAGE, preset_hparams
-from torchsage.dg.train import TrainArgs, _merged_batches, train
+from torchsage.dg.train import TrainArgs, train
 
 TINY = {"cnn_width": 8}
 
@@ -83,7 +84,7 @@ def test_merged_batches_split_the_union_by_domain():
         Subset(TensorDataset(torch.full((n, 1), float(k)), torch.arange(n)), list(range(n)))
         for k, n in enumerate((3, 9, 20))
     ]
-    stream = _merged_batches(sets, 16, seed=0, num_workers=0)
+    stream = merged_batches(sets, 16, seed=0, num_workers=0)
     counts = torch.zeros(3)
     for _ in range(200):
         parts = next(stream)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from torchsage.cli import main
-from torchsage.mtl.train import MTLArgs, _make_optimizer, _resolved
+from torchsage.mtl.train import MTLArgs, make_optimizer, resolve
 from torchsage.optim import SAGE
 
 torchjd = pytest.importorskip("torchjd")
@@ -26,10 +26,10 @@ def _args(**kw):
 
 
 def _optimizer(args):
-    _, cfg = _resolved(args)
+    _, cfg = resolve(args)
     solver = solver_spec(cfg["solver"])(2, **solver_options(args, cfg["solver"]))
     model = torch.nn.Linear(3, 2)
-    return _make_optimizer(model.parameters(), solver, args.method, cfg, 0, model), solver, cfg
+    return make_optimizer(model.parameters(), solver, args.method, cfg, 0, model), solver, cfg
 
 
 @pytest.mark.parametrize(("benchmark", "rho"), [("multidigits", 5e-4), ("nyuv2", 5e-4), ("cityscapes", 3e-3)])

@@ -51,6 +51,17 @@ def test_options_after_rho_are_keyword_only(name):
     assert positional[3:] in ([], ["rho"])
 
 
+@pytest.mark.parametrize("name", ["SAM", "SAGE"])
+def test_the_shared_options_show_in_the_signature_keyword_only(name):
+    # declared once, on SharpnessAware; SAM and SAGE pass them on and still list them for help()
+    shared = inspect.signature(torchsage.optim.SharpnessAware.__init__).parameters.values()
+    names = [p.name for p in shared if p.kind == p.KEYWORD_ONLY]
+    assert {"model", "max_grad_norm", "on_nonfinite", "solver", "process_group", "layout"} <= set(names)
+    parameters = inspect.signature(CLASSES[name]).parameters
+    assert all(parameters[n].kind == inspect.Parameter.KEYWORD_ONLY for n in names)
+    assert list(parameters)[-1] == "base_kwargs"
+
+
 def test_sam_refuses_gamma_by_position():
     # Before: the fourth positional argument was SAM's `adaptive`, so 0.001 silently made it ASAM.
     model, _ = problem()

@@ -106,3 +106,37 @@ def test_measure_run_on_a_saved_model(tmp_path):
     assert payload["gap"] == pytest.approx(gap(last), abs=0)
     assert payload["report"]["K"] == 2 and payload["settings"]["damping"] == 1.0
     assert payload["report"]["curvature_trace"] is not None
+
+
+def test_records_file_renders_what_the_run_directories_render(tmp_path):
+    """A fresh clone has only the exported records: the report from them must be the same text."""
+    from torchsage.study.records import export, load
+
+    root = tmp_path / "runs"
+    for job in dg_jobs(root, n_trials=2):
+        s, t = job.settings, job.settings["trial"]
+        if s["dataset"] == "RotatedDigits" and s["test_env"] == 0:
+            _finish(job, 0.9 + 0.001 * len(json.dumps(s["hparams"])), 0.6 + 0.05 * t)
+    theory = {"run": "x", "dataset": "RotatedDigits", "gap": 0.1, "report": {"alignment": None}}
+    (root / "dg" / "x").mkdir(parents=True)
+    (root / "dg" / "x" / "theory.json").write_text(json.dumps(theory))
+    from_dirs = rep.render(root, tmp_path / "fig1")
+    path = export(root, tmp_path / "records.jsonl")
+    runs, missing, mtl, payloads = load(path)
+    assert payloads == [theory] and mtl == []
+    assert len(runs) == 2 * len(dg_arms()) and missing == len(dg_jobs(root)) - 2 * (len(dg_arms()) - 1)
+    assert rep.render_results(runs, missing, mtl, payloads, tmp_path / "fig2") == from_dirs
+    assert "trials" in from_dirs and "| SAGE " in from_dirs
+
+
+def test_records_file_refuses_what_it_cannot_read(tmp_path):
+    from torchsage.study.records import load
+
+    with pytest.raises(FileNotFoundError, match=r"torchsage\.study export"):
+        load(tmp_path / "none.jsonl")
+    (tmp_path / "r.jsonl").write_text('{"kind": "dg"\n')
+    with pytest.raises(ValueError, match="export it again"):
+        load(tmp_path / "r.jsonl")
+    (tmp_path / "r.jsonl").write_text('{"kind": "other"}\n')
+    with pytest.raises(ValueError, match="unknown record kind"):
+        load(tmp_path / "r.jsonl")

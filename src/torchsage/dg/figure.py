@@ -19,7 +19,7 @@ from typing import Any
 
 from torchsage.harness.style import count, series_styles
 
-__all__ = ["Panel", "draw", "env_labels", "panels_from_markdown", "panels_from_summary"]
+__all__ = ["Panel", "draw", "env_labels", "figure", "panels_from_markdown", "panels_from_summary"]
 
 EnvNames = Mapping[str, Sequence[str]]
 Point = tuple[float | None, float | None]  # (mean %, std %); None where there is no result
@@ -131,7 +131,15 @@ def panels_from_markdown(text: str, method: str) -> list[Panel]:
     return panels
 
 
-def _figure(panels: Sequence[Panel], title: str) -> Any:
+def figure(panels: Sequence[Panel], title: str) -> Any:
+    """The figure of ``panels`` (a :class:`matplotlib.figure.Figure`, not tied to pyplot), which
+    :func:`draw` saves.
+
+    Example:
+        >>> panel = Panel("RotatedDigits", ("0deg", "Avg"), {"ERM": ((97.0, 0.5), (96.0, 0.4))}, 3)
+        >>> [ax.get_title() for ax in figure([panel], "training-domain validation").axes]
+        ['RotatedDigits (3 trials)']
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -204,7 +212,7 @@ def draw(panels: Sequence[Panel], path: str | os.PathLike[str], title: str) -> P
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError as error:
         raise ImportError("plotting needs matplotlib: pip install 'torchsage[plot]'") from error
-    fig = _figure(panels, title)
+    fig = figure(panels, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -8,18 +8,31 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_report", "summary"]
+__all__ = ["plot_report", "report_figure", "summary"]
 
 
 def plot_report(report: Any, names: list[str], path: Path, title: str = "") -> None:
     """Cosine matrix heatmap, per-distribution gradient norms and the terms, as one PNG."""
-    fig = _report_figure(report, names, title)
+    fig = report_figure(report, names, title)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=110)
     os.replace(tmp, path)
 
 
-def _report_figure(report: Any, names: list[str], title: str) -> Any:
+def report_figure(report: Any, names: list[str], title: str) -> Any:
+    """The figure :func:`plot_report` saves (a :class:`matplotlib.figure.Figure`, not tied to
+    pyplot): the cosine matrix, the gradient norms and the report's terms as text.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> report = SimpleNamespace(
+        ...     cosine_matrix=[[1.0, 0.5], [0.5, 1.0]], grad_norms=[1.0, 2.0], mean_grad_norm=1.3,
+        ...     alignment=0.01, damping=5.0, alignment_residuals=1e-3, curvature_trace=10.0,
+        ...     curvature_trace_stderr=1.0, curvature_top=[3.0], curvature_min=-0.1,
+        ...     disagreement={"normalized_std": 0.5}, K=2, num_params=100, hessian_vector_products=20)
+        >>> report_figure(report, ["a", "b"], "SAGE").axes[1].get_title()
+        'per-distribution gradient norms'
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

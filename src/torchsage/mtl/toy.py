@@ -36,6 +36,7 @@ __all__ = [
     "TOY_STARTS",
     "plot_toy",
     "run_toy",
+    "toy_figure",
     "toy_losses",
     "toy_pareto_set",
     "toy_trajectory",
@@ -175,7 +176,7 @@ def plot_toy(
         raise ValueError("trajectories is empty: nothing to plot")
     import matplotlib.pyplot as plt
 
-    fig = _toy_figure(trajectories, pareto, title)
+    fig = toy_figure(trajectories, pareto, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -185,12 +186,21 @@ def plot_toy(
     return path
 
 
-def _toy_figure(
+def toy_figure(
     trajectories: Mapping[str, Mapping[bool, Sequence[np.ndarray]]],
-    pareto: np.ndarray | None,
-    title: str | None,
+    pareto: np.ndarray | None = None,
+    title: str | None = None,
 ) -> Any:
-    """The figure of :func:`plot_toy` (a pyplot figure: close it after use)."""
+    """The figure :func:`plot_toy` saves (a pyplot figure: close it after use).
+
+    Example:
+        >>> import matplotlib.pyplot as plt
+        >>> path = np.array([[0.0, 0.0], [3.0, -5.0]])
+        >>> fig = toy_figure({"imtlg": {False: [path], True: [path - 1]}}, pareto=path)
+        >>> [ax.get_title() for ax in fig.axes if ax.axison]
+        ['IMTL-G']
+        >>> plt.close(fig)
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -44,7 +44,7 @@ from torchsage.mtl.data import Loader
 from torchsage.mtl.sage_settings import check_sage_settings, optimizer_options, sage_settings, solver_options
 from torchsage.mtl.solvers import STL, canonical_solver, solver_spec
 
-__all__ = ["BENCHMARKS", "Benchmark", "Loader", "MTLArgs", "check", "train"]
+__all__ = ["BENCHMARKS", "Benchmark", "Loader", "MTLArgs", "check", "make_optimizer", "resolve", "train"]
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -58,8 +58,16 @@ def _check_method_options(args: MTLArgs) -> None:
         raise ValueError("--gamma is SAGE's noise scale: add --sage, or drop --gamma")
 
 
-def _resolved(args: MTLArgs) -> tuple[Benchmark, dict[str, Any]]:
-    """Checks the arguments (before any data is read) and fills in the benchmark's defaults."""
+def resolve(args: MTLArgs) -> tuple[Benchmark, dict[str, Any]]:
+    """Checks the arguments (before any data is read) and fills in the benchmark's defaults: the
+    benchmark and the run's settings (``epochs``, ``batch_size``, ``lr``, ``width``, ``rho``,
+    ``gamma``, SAGE's settings with ``--sage``, the canonical ``solver`` name and the ``device``).
+
+    Example:
+        >>> bench, cfg = resolve(MTLArgs("MultiDigits", "UPGrad", "out", sam=True, device="cpu"))
+        >>> bench.name, cfg["solver"], cfg["rho"] > 0, cfg["gamma"]
+        ('multidigits', 'upgrad', True, 0.0)
+    """
     bench = get_benchmark(args.benchmark)
     solver = canonical_solver(args.solver)
     if args.sage and args.sam:
@@ -108,9 +116,18 @@ def _resolved(args: MTLArgs) -> tuple[Benchmark, dict[str, Any]]:
 # -- pieces of the run --------------------------------------------------------------------------
 
 
-def _make_optimizer(
+def make_optimizer(
     params: Any, solver: Any, method: str, cfg: dict[str, Any], seed: int, model: nn.Module
 ) -> torch.optim.Optimizer:
+    """The run's optimizer around Adam (see the module docstring), from the settings of
+    :func:`resolve`: SAGE for ``method="sage"``, else SAM (``rho=0`` for ``"plain"``).
+
+    Example:
+        >>> _, cfg = resolve(MTLArgs("multidigits", "ls", "out", sage=True, device="cpu"))
+        >>> model = nn.Linear(3, 2)
+        >>> type(make_optimizer(model.parameters(), "mean", "sage", cfg, 0, model)).__name__
+        'SAGE'
+    """
     import torchsage
 
     if method == "sage":
@@ -236,7 +253,7 @@ def check(args: MTLArgs) -> None:
     Raises:
         ValueError, FileNotFoundError, ImportError: as :func:`train` would.
     """
-    bench, cfg = _resolved(args)
+    bench, cfg = resolve(args)
     if bench.needs_data_dir and not Path(str(args.data_dir)).is_dir():
         raise FileNotFoundError(f"data directory {args.data_dir} does not exist")
     bench.build(cfg["width"])
@@ -246,7 +263,7 @@ def check(args: MTLArgs) -> None:
 
 def _train(args: MTLArgs, shard: tuple[int, int]) -> Path:
     rank, world = shard
-    bench, cfg = _resolved(args)
+    bench, cfg = resolve(args)
     out = Path(args.output_dir)
     if (out / "done").exists():
         raise ValueError(f"{out} already holds a finished run (delete it or choose another --output-dir)")
@@ -262,7 +279,7 @@ def _train(args: MTLArgs, shard: tuple[int, int]) -> Path:
     if stl:  # one model per task, each trained on its own loss
         models = {task: bench.build(cfg["width"]).to(cfg["device"]) for task in bench.tasks}
         optimizers = {
-            task: _make_optimizer(models[task].parameters(), None, args.method, cfg, args.seed, models[task])
+            task: make_optimizer(models[task].parameters(), None, args.method, cfg, args.seed, models[task])
             for task in bench.tasks
         }
     else:
@@ -274,7 +291,7 @@ def _train(args: MTLArgs, shard: tuple[int, int]) -> Path:
         if spec.needs_parameters:  # UW's log-variances are learned with the model
             params = [{"params": list(model.parameters())}, {"params": list(solver.parameters())}]
         models = dict.fromkeys(bench.tasks, model)
-        optimizers = {"all": _make_optimizer(params, solver, args.method, cfg, args.seed, model)}
+        optimizers = {"all": make_optimizer(params, solver, args.method, cfg, args.seed, model)}
     schedulers = []
     if bench.step_lr is not None:
         schedulers = [torch.optim.lr_scheduler.StepLR(o, *bench.step_lr) for o in optimizers.values()]

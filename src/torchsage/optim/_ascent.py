@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchsage import polar as kernels
 from torchsage.disagreement import GradientStatistics, global_norm
 from torchsage.optim._core import AscentRule
-from torchsage.polar import newton_schulz_coefficients, polar_factor
+from torchsage.polar import newton_schulz_coefficients
 
 __all__ = [
     "RHO_SCALINGS",
@@ -111,7 +112,8 @@ class PolarAscent(AscentRule):
     """SAGE's ascent: polar factor per matrix, normalised gradient per vector, then scaled.
 
     Matrices (parameters with 2 or more dimensions, conv kernels reshaped to ``(out, -1)``) of
-    equal shape are stacked and orthogonalised in one batched Newton-Schulz call.
+    equal shape are stacked and orthogonalised in one call of :func:`torchsage.polar.polar_factor`
+    (looked up on its module at each call, so a test can count the calls).
 
     Args:
         scaling: one of :data:`RHO_SCALINGS`.
@@ -155,10 +157,11 @@ class PolarAscent(AscentRule):
         for (rows, cols, _, _), idx in batches.items():
             if len(idx) == 1:  # nothing to batch: skip the stacking copy
                 (i,) = idx
-                out[i] = polar_factor(tensors[i].reshape(rows, cols), **self.polar_kwargs).view_as(tensors[i])
+                matrix = tensors[i].reshape(rows, cols)
+                out[i] = kernels.polar_factor(matrix, **self.polar_kwargs).view_as(tensors[i])
                 continue
             stacked = torch.stack([tensors[i].reshape(rows, cols) for i in idx])
-            polar = polar_factor(stacked, **self.polar_kwargs)
+            polar = kernels.polar_factor(stacked, **self.polar_kwargs)
             for j, i in enumerate(idx):
                 out[i] = polar[j].view_as(tensors[i])
         return out  # type: ignore[return-value]

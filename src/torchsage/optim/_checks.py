@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch.optim import Optimizer
 
 __all__ = [
     "check_base_optimizer",
+    "check_nonnegative",
     "check_options",
     "check_same_losses",
     "check_state_owner",
@@ -46,6 +48,14 @@ def check_base_optimizer(base_optimizer: Any, owner: str) -> None:
         )
     if isinstance(base_optimizer, type) and not issubclass(base_optimizer, Optimizer):
         raise ValueError(f"base_optimizer must subclass torch.optim.Optimizer, got {base_optimizer.__name__}")
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """A finite number >= 0 (an option such as ``rho``, ``gamma`` or ``alpha``); ValueError naming it
+    otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < math.inf):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def own_options(cls: type) -> list[str]:

@@ -11,12 +11,17 @@ One step is:
 4. **descent**: an optional hook edits the descent gradient (SAGE adds noise), after optional
    clipping, and the base optimizer steps.
 
-SAM, ASAM and SAGE differ only in their :class:`AscentRule` and in the descent hook.
+SAM, ASAM and SAGE differ only in their :class:`AscentRule` and in the descent hook. Each pass
+is one of the closure protocols of :mod:`torchsage.optim._closure` and returns one record
+(:class:`~torchsage.optim._closure.Pass`); where the descent direction comes from (the mean loss or
+a multi-task solver) is a strategy of :mod:`torchsage.optim._descent`, chosen at construction. The
+options every optimizer shares are declared once, on :class:`SharpnessAware`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,20 +32,14 @@ from torch.optim import Optimizer
 
 from torchsage.disagreement import GradientStatistics, global_norm
 from torchsage.optim import _checks
-from torchsage.optim._closure import (
-    Closure,
-    Losses,
-    _check_loss,
-    _checked_losses,
-    _named_losses,
-    frozen_bn_stats,
-)
-from torchsage.optim._distributed import LocalStream, make_data_parallel
-from torchsage.optim._solver import TaskPass, check_solver, solve, task_pass
+from torchsage.optim._closure import Closure, Pass, Passes, frozen_bn_stats
+from torchsage.optim._descent import make_descent
+from torchsage.optim._distributed import make_data_parallel
+from torchsage.optim._solver import check_solver
 from torchsage.optim._step_info import StepInfo
-from torchsage.optim._weights import check_count, mean_loss, step_weights
+from torchsage.optim._weights import mean_loss, step_weights
 
-__all__ = ["AscentRule", "SharpnessAware", "StepInfo", "frozen_bn_stats"]
+__all__ = ["AscentRule", "SharpnessAware", "StepInfo", "frozen_bn_stats", "shares_options"]
 
 
 class AscentRule:
@@ -158,13 +157,19 @@ class SharpnessAware(Optimizer):
         self._parallel = make_data_parallel(process_group, layout, model, self.solver)
         if self._parallel is not None:
             self._parallel.broadcast_state(self._all_params())
+        self.passes = Passes(
+            type(self).__name__, self._parallel, model, self._statistics, self.disagreement_scope
+        )
+        self.descent = make_descent(self.passes, self.solver, solver_update)
 
     # -- options -----------------------------------------------------------------------------
 
+    #: the per-group options this optimizer adds to the base optimizer's (finite numbers >= 0)
+    group_options: tuple[str, ...] = ("rho",)
+
     def _check_group(self, group: dict[str, Any]) -> None:
-        rho = group["rho"]
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (0 <= rho < math.inf):
-            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+        for name in self.group_options:
+            _checks.check_nonnegative(name, group[name])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -227,225 +232,32 @@ class SharpnessAware(Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
 
-    def _call(self, closure: Closure, params: list[Tensor]) -> Losses:
-        """Calls the closure (gradients cleared before); refuses one that ran backward itself."""
-        losses = closure()
-        if _checks.gradients_left_by_closure(params):
-            raise ValueError(_checks.closure_backward_message(type(self).__name__))
-        return losses
-
-    def _check_reached(self, params: list[Tensor], which: str) -> None:
-        """A loss that reaches no parameter would make the step a silent no-op."""
-        if not _checks.gradients_left_by_closure(params):
-            raise _checks.unreached_error(which)
-
-    def _mean_gradient(
-        self, closure: Closure, params: list[Tensor], weights: list[float] | None = None
-    ) -> tuple[list[str], Tensor]:
-        """Evaluates the closure and leaves the gradient of the (weighted) mean loss in ``p.grad``."""
-        for p in params:
-            p.grad = None
-        with torch.enable_grad():
-            names, losses, lazy = _named_losses(self._call(closure, params))
-            if not lazy:
-                checked = [_check_loss(x, n) for x, n in zip(losses, names)]
-                if not checked:
-                    raise ValueError("the closure returned no loss")
-                stacked = torch.stack(checked)
-                if weights is None:
-                    stacked.mean().backward()
-                else:
-                    check_count(weights, len(checked))
-                    (stacked * stacked.new_tensor(weights)).sum().backward()
-                self._check_reached(params, "none of the closure's losses")
-                return names, self._share_mean(params, torch.stack([x.detach() for x in checked]))
-            values = []
-            for k, loss in enumerate(losses):  # one graph alive at a time; divide by K below
-                loss = _check_loss(loss, str(k))
-                if weights is None:
-                    loss.backward()
-                else:
-                    check_count(weights, k + 1, partial=True)
-                    (loss * weights[k]).backward()
-                values.append(loss.detach())
-        if not values:
-            raise ValueError("the closure returned no loss")
-        self._check_reached(params, "none of the closure's losses")
-        present = [p.grad for p in params if p.grad is not None]
-        if weights is not None:
-            check_count(weights, len(values))
-        elif present:
-            torch._foreach_div_(present, float(len(values)))
-        return [str(k) for k in range(len(values))], self._share_mean(params, torch.stack(values))
-
-    def _share_mean(self, params: list[Tensor], losses: Tensor) -> Tensor:
-        """Data-parallel: averages the mean gradient over the processes; the losses to report."""
-        return losses if self._parallel is None else self._parallel.mean_gradient(params, losses)
-
-    def _communication(self, clean: bool) -> contextlib.AbstractContextManager[Any]:
-        """Data-parallel: the context of a clean or perturbed pass (DDP's no_sync and so on)."""
-        if self._parallel is None:
-            return contextlib.nullcontext()
-        return self._parallel.clean_pass() if clean else self._parallel.perturbed_pass()
-
-    def _streamed_gradients(
-        self, closure: Closure, params: list[Tensor], weights: list[float] | None = None
-    ) -> tuple[list[str], Tensor, GradientStatistics, Tensor]:
-        """Differentiates each distribution's loss on its own and streams its gradient.
-
-        Each gradient is folded into the running statistics and dropped, so memory does not grow
-        with the number of distributions; the mean gradient ends up in ``p.grad``. Returns
-        (names, losses, statistics, per-distribution gradient norms).
-        """
-        for p in params:
-            p.grad = None
-        stats = self._statistics(params)
-        values, norms, seen = [], [], [False] * len(params)
-        with torch.enable_grad():
-            names, losses, lazy = _named_losses(self._call(closure, params))
-            count = None if lazy else len(losses)  # type: ignore[arg-type]
-            stream = LocalStream(stats) if self._parallel is None else self._parallel.stream(stats, count)
-            for k, loss in enumerate(losses):
-                name = names[k] if names else str(k)
-                loss = _check_loss(loss, name)
-                if weights is not None:
-                    check_count(weights, count if count is not None else k + 1, partial=count is None)
-                values.append(loss.detach())
-                # A list may share one forward graph across distributions: keep it until the last.
-                loss.backward(retain_graph=count is not None and k < count - 1)
-                self._check_reached(params, f"the loss of distribution {name}")
-                stream.add([p.grad for p in params], 1.0 if weights is None else weights[k])
-                for i, p in enumerate(params):
-                    seen[i] = seen[i] or p.grad is not None
-                    p.grad = None
-        if not values:
-            raise ValueError("the closure returned no loss")
-        if weights is not None:
-            check_count(weights, len(values))
-        norms = stream.finish()
-        reported = torch.stack(values)
-        if self._parallel is not None:
-            reported, seen = self._parallel.finish_stream(stats, reported, seen)
-        for p, m, used in zip(params, stats.mean, seen):
-            p.grad = m if used else None  # parameters no loss reached keep no gradient
-        names = names or [str(k) for k in range(len(values))]
-        return names, reported, stats, torch.stack(norms)
-
-    def _task_gradients(
-        self, closure: Closure, params: list[Tensor], statistics: bool, mean: bool = True
-    ) -> tuple[list[str], Tensor, GradientStatistics | None, Tensor | None, TaskPass]:
-        """Multi-task pass: the task losses' Jacobian on the shared parameters, each head's own
-        gradient, the statistics of the shared rows (when asked) and, with ``mean``, the mean
-        gradient in ``p.grad``. Returns (names, losses, statistics, per-task norms, the pass)."""
-        for p in params:
-            p.grad = None
-        with torch.enable_grad():
-            names, checked = _checked_losses(self._call(closure, params))
-            tp = task_pass(names, checked, params)
-        if not tp.shared and not tp.owned:
-            raise _checks.unreached_error("none of the closure's losses")
-        if self._parallel is not None:
-            self._parallel.reduce_task_pass(tp)
-        stats, norms = None, None
-        if statistics and self.disagreement_scope == "all" and (tp.shared or tp.owned):
-            # every parameter: a task's row is zero on the other tasks' heads
-            stats = self._statistics([*tp.shared, *(p for p, _, _ in tp.owned)])
-            norms = torch.stack(
-                [
-                    stats.update([*tp.rows(k), *(g if j == k else None for _, j, g in tp.owned)])
-                    for k in range(len(checked))
-                ]
-            )
-        elif statistics and tp.shared:
-            stats = self._statistics(tp.shared)
-            norms = torch.stack([stats.update(tp.rows(k)) for k in range(len(checked))])
-        if mean:
-            T = len(checked)
-            for p, j in zip(tp.shared, tp.jacobian):
-                p.grad = j.mean(0)
-            for p, _, g in tp.owned:
-                p.grad = g / T
-        return names, tp.losses, stats, norms, tp
-
-    def _solve(self, tp: TaskPass, params: list[Tensor]) -> Tensor:
-        """Replaces ``p.grad`` by the solver's direction; returns its global norm."""
-        for p in params:
-            p.grad = None
-        solve(self.solver, tp, {id(p) for p in params})
-        return global_norm([p.grad for p in params if p.grad is not None])
-
-    def _update_solver(self, closure: Closure, before: Tensor) -> None:
-        """Solvers that learn from the step's effect (FAMO) see the task losses before the step
-        (``solver_update`` says which) and the losses on the same batch after it (one forward,
-        BatchNorm left alone)."""
-        update = getattr(self.solver, "update", None)
-        if not callable(update):
-            return
-        with torch.no_grad(), frozen_bn_stats(self.model):
-            self.solver(before)  # records the losses before the step
-            _, after, _ = _named_losses(closure())
-            after = torch.stack([x.detach().reshape(()) for x in after])
-            if self._parallel is not None:
-                after = self._parallel.reduce_losses(after)
-        update(after)
-
-    def _locate_nonfinite(self, closure: Closure, params: list[Tensor]) -> str | None:
-        """Which distribution has a non-finite gradient at the current weights (failure path).
-
-        This extra pass leaves BatchNorm running statistics alone when ``model`` is known."""
-        local = contextlib.nullcontext() if self._parallel is None else self._parallel.no_sync()
-        with torch.enable_grad(), frozen_bn_stats(self.model), local:
-            names, items = _checked_losses(closure())
-            for k, (name, loss) in enumerate(zip(names, items)):
-                for p in params:
-                    p.grad = None
-                loss.backward(retain_graph=k < len(items) - 1)
-                grads = [p.grad for p in params if p.grad is not None]
-                if grads and not all(torch.isfinite(n) for n in torch._foreach_norm(grads)):
-                    return name
-        return None
-
-    def _problem(
-        self,
-        closure: Closure,
-        params: list[Tensor],
-        names: list[str],
-        losses: Tensor,
-        norms: Tensor | None,
-        grad_norm: Tensor,
-        where: str,
-    ) -> str | None:
-        """Describes the first non-finite loss or gradient, or returns None."""
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            k = int(bad[0, 0])
-            if norms is not None and torch.isnan(losses[k]) and norms[k] == 0:  # the mean of no sample
-                return (
-                    f"the loss of distribution {names[k]} is nan with a zero gradient {where}: it probably "
-                    "had no sample in this batch; torchsage.group_losses leaves absent groups out"
-                )
-            return f"non-finite loss ({losses[k].item()}) in distribution {names[k]} {where}"
-        if norms is not None:
-            bad = (~torch.isfinite(norms)).nonzero()
-            if len(bad):
-                return f"non-finite gradient in distribution {names[int(bad[0, 0])]} {where}"
-        if not torch.isfinite(grad_norm):
-            name = self._locate_nonfinite(closure, params)
-            if name is None and self._parallel is not None:
-                return f"non-finite gradient on another process {where}"
-            return f"non-finite gradient in distribution {name} {where}"
-        if self._parallel is not None and self._parallel.remote_problem:
-            return f"non-finite loss on another process {where}"
-        return None
-
-    def _skip(self, params: list[Tensor], names: list[str], losses: Tensor, message: str) -> StepInfo:
+    def _skip(self, params: list[Tensor], record: Pass, message: str) -> StepInfo:
         for p in params:
             p.grad = None
         if self.on_nonfinite == "raise":
             raise FloatingPointError(message)
+        losses = record.losses
         return StepInfo(
-            loss=float(losses.mean()), losses=tuple(losses.tolist()), skipped=True, names=tuple(names)
+            loss=float(losses.mean()), losses=tuple(losses.tolist()), skipped=True, names=tuple(record.names)
         )
+
+    def _check_call(self, closure: Closure | None) -> None:
+        if closure is None:
+            raise ValueError(
+                f"{type(self).__name__}.step needs a closure: optimizer.step(closure), where closure() "
+                "runs the forward pass and returns one loss per distribution (a list or a dict; "
+                "torchsage.group_losses builds it from a mixed batch) without calling backward. A "
+                "trainer that calls optimizer.step() by itself cannot drive the two passes: see "
+                "docs/integrations.md for PyTorch Lightning and the Hugging Face Trainer"
+            )
+        if "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:  # set by GradScaler.step
+            self.__dict__.pop("found_inf", None)
+            self.__dict__.pop("grad_scale", None)
+            raise ValueError(
+                "GradScaler.step cannot drive a two-pass step (it would scale neither pass): use "
+                "torchsage.amp.scaled_step(optimizer, closure, scaler), then scaler.update()"
+            )
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, weights: Any = None) -> StepInfo:  # type: ignore[override]
@@ -467,53 +279,27 @@ class SharpnessAware(Optimizer):
         Returns:
             A :class:`StepInfo`.
         """
-        if closure is None:
-            raise ValueError(
-                f"{type(self).__name__}.step needs a closure: optimizer.step(closure), where closure() "
-                "runs the forward pass and returns one loss per distribution (a list or a dict; "
-                "torchsage.group_losses builds it from a mixed batch) without calling backward. A "
-                "trainer that calls optimizer.step() by itself cannot drive the two passes: see "
-                "docs/integrations.md for PyTorch Lightning and the Hugging Face Trainer"
-            )
-        if "found_inf" in self.__dict__ or "grad_scale" in self.__dict__:  # set by GradScaler.step
-            self.__dict__.pop("found_inf", None)
-            self.__dict__.pop("grad_scale", None)
-            raise ValueError(
-                "GradScaler.step cannot drive a two-pass step (it would scale neither pass): use "
-                "torchsage.amp.scaled_step(optimizer, closure, scaler), then scaler.update()"
-            )
+        self._check_call(closure)
         weights = step_weights(weights, self.solver, self._parallel)
         params = self._all_params()
-        stats, norms, tp = None, None, None
-        with self._communication(clean=True), _checks.closure_errors(type(self).__name__):
-            if self.solver is not None and (
-                self._wants_statistics() or not any(g["rho"] > 0 for g in self.param_groups)
-            ):
-                names, losses, stats, norms, tp = self._task_gradients(
-                    closure, params, self._wants_statistics()
-                )
-            elif self._wants_statistics():
-                names, losses, stats, norms = self._streamed_gradients(closure, params, weights)
-            else:
-                names, losses = self._mean_gradient(closure, params, weights)
+        ascent = any(g["rho"] > 0 for g in self.param_groups)
+        with self.passes.communication(clean=True), _checks.closure_errors(type(self).__name__):
+            clean = self.descent.clean(closure, params, weights, self._wants_statistics(), ascent)
         grad_norm = global_norm([p.grad for p in params if p.grad is not None])
-        problem = self._problem(closure, params, names, losses, norms, grad_norm, "at the clean weights")
+        problem = self.passes.problem(closure, params, clean, grad_norm, "at the clean weights")
         if problem is not None:
-            return self._skip(params, names, losses, problem)
-        measured = self._measure(stats)
+            return self._skip(params, clean, problem)
+        measured = self._measure(clean.stats)
+        before = clean.losses  # what a self-updating solver sees as the losses before the step
 
         groups = self._active()
-        perturbed_loss = math.nan
-        perturbation_norm = 0.0
-        clean = None
-        before = losses  # what a self-updating solver sees as the losses before the step
-        perturbed = any(g["rho"] > 0 for g, ps in groups if ps)
-        if perturbed:
-            perturbation = [e for es in self.ascent.perturbation(groups, stats) for e in es]
-            stats = tp = None  # their buffers (the clean mean gradient among them) are not needed any more
+        perturbed_loss, perturbation_norm, clean_grads, after = math.nan, 0.0, None, None
+        if any(g["rho"] > 0 for g, ps in groups if ps):
+            perturbation = [e for es in self.ascent.perturbation(groups, clean.stats) for e in es]
+            clean.stats = clean.tasks = None  # their buffers (the clean mean gradient among them) can go
             moved = [p for _, ps in groups for p in ps]
             # The perturbed pass replaces p.grad, so a reference keeps the clean gradient alive.
-            clean = {p: p.grad for p in moved} if self.needs_clean_gradient else None
+            clean_grads = {p: p.grad for p in moved} if self.needs_clean_gradient else None
             saved = [p.detach().clone() for p in moved]  # restored bit for bit below
             perturbation_norm = float(global_norm(perturbation))
             if moved:
@@ -521,55 +307,39 @@ class SharpnessAware(Optimizer):
             del perturbation
             try:
                 bn = contextlib.nullcontext() if self.update_bn_on_perturbed else frozen_bn_stats(self.model)
-                with bn, self._communication(clean=False):
-                    if self.solver is not None:
-                        pnames, plosses, _, _, ptp = self._task_gradients(closure, params, False, mean=False)
-                        grad_norm = self._solve(ptp, params)
-                        del ptp
-                    else:
-                        pnames, plosses = self._mean_gradient(closure, params, weights)
-                        grad_norm = global_norm([p.grad for p in params if p.grad is not None])
-                _checks.check_same_losses(names, pnames)
-                problem = self._problem(
-                    closure, params, pnames, plosses, None, grad_norm, "at the perturbed weights"
-                )
-                perturbed_loss = mean_loss(plosses, weights)
-                if self.solver_update == "perturbed":
-                    before = plosses
+                with bn, self.passes.communication(clean=False):
+                    after, grad_norm = self.descent.perturbed(closure, params, weights)
+                _checks.check_same_losses(clean.names, after.names)
+                problem = self.passes.problem(closure, params, after, grad_norm, "at the perturbed weights")
+                perturbed_loss = mean_loss(after.losses, weights)
             finally:
                 if moved:
                     torch._foreach_copy_(moved, saved)
             del saved
             if problem is not None:
-                return self._skip(params, names, losses, problem)
-            groups = self._active()
-        elif self.solver is not None:
-            if tp is None:  # rho > 0 only in groups without gradients: no perturbed pass after all
-                with self._communication(clean=True):
-                    names, losses, _, _, tp = self._task_gradients(closure, params, False, mean=False)
-            grad_norm = self._solve(tp, params)
-            tp = None
+                return self._skip(params, clean, problem)
+        else:
+            clean, grad_norm = self.descent.without_ascent(closure, params, clean, grad_norm)
             if not torch.isfinite(grad_norm):
                 problem = f"non-finite descent direction from the solver {self.solver!r}"
-                return self._skip(params, names, losses, problem)
-            groups = self._active()
+                return self._skip(params, clean, problem)
+        groups = self._active()
 
         if self.max_grad_norm is not None:
             grads = [p.grad for _, ps in groups for p in ps]
             if grads:
                 factor = (self.max_grad_norm / (grad_norm + 1e-12)).clamp(max=1.0)
                 torch._foreach_mul_(grads, factor.to(grads[0].dtype))
-        extra = self._descent(groups, measured, clean)
+        extra = self._descent(groups, measured, clean_grads)
         self.base_optimizer.step()
-        if self.solver is not None:
-            self._update_solver(closure, before)
+        self.descent.after_step(closure, before, None if after is None else after.losses)
         return StepInfo(
-            loss=mean_loss(losses, weights),
-            losses=tuple(losses.tolist()),
+            loss=mean_loss(clean.losses, weights),
+            losses=tuple(clean.losses.tolist()),
             perturbed_loss=perturbed_loss,
             perturbation_norm=perturbation_norm,
             grad_norm=float(grad_norm),
-            names=tuple(names),
+            names=tuple(clean.names),
             **extra,
         )
 
@@ -598,3 +368,18 @@ class SharpnessAware(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ascent={type(self.ascent).__name__}, base={self.base_optimizer!r})"
+
+
+def shares_options(cls: type[SharpnessAware]) -> type[SharpnessAware]:
+    """Class decorator: the options every optimizer shares are declared once, on
+    :class:`SharpnessAware`; a subclass takes them as ``**kwargs`` and passes them on. This shows
+    them in the subclass's signature (``help``, ``inspect.signature``) after its own options."""
+    init = cls.__dict__["__init__"]
+    own = inspect.signature(init)
+    shared = inspect.signature(SharpnessAware.__init__).parameters.values()
+    mine = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+    names = {p.name for p in mine}
+    common = [p for p in shared if p.kind == p.KEYWORD_ONLY and p.name not in names]
+    rest = [p for p in shared if p.kind == p.VAR_KEYWORD]
+    init.__signature__ = own.replace(parameters=[*mine, *common, *rest])
+    return cls

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from torchsage.disagreement import GradientStatistics, sum_of_squares
+from torchsage.disagreement import GradientStatistics
 
 __all__ = [
     "BUCKET_BYTES",
@@ -314,35 +314,14 @@ class ShardStream(LocalStream):
 def merge_statistics(comm: Communicator, stats: GradientStatistics, total: int) -> None:
     """Domains layout: merges every process's statistics in place into those of all ``total``
     distributions (see the module docstring); two or three collectives whatever ``K``."""
-    n = stats.count
-    units = stats._unit_mean if stats._unit_mean is not None else []
-    local = [*stats.mean, *units]
-    flat = FlatBuffers(local)
-    flat.write(local)
-    flat.scale(float(n))
-    flat.all_reduce(comm)
-    flat.divide(float(total))
-    merged = flat.views()
-    mean, unit_mean = merged[: len(stats.mean)], merged[len(stats.mean) :]
-    delta = torch._foreach_sub(stats.mean, mean) if stats.mean else []
-    scalars = [stats._m2 + n * sum_of_squares(delta) if delta else stats._m2]
-    if units:
-        scalars.append(stats._unit_m2 + n * sum_of_squares(torch._foreach_sub(units, unit_mean)))
-        scalars.append(stats._nonzero)
-    if stats._elementwise_m2 is not None:
-        spread = torch._foreach_addcmul(stats._elementwise_m2, delta, delta, value=float(n))
-        eflat = FlatBuffers(spread)
-        eflat.write(spread)
-        eflat.all_reduce(comm)
-        stats._elementwise_m2 = eflat.views()
-    reduced = comm.all_reduce(torch.stack([s.to(torch.float64).reshape(()) for s in scalars]))
-    stats.mean = mean
-    stats._m2 = reduced[0]
-    if units:
-        stats._unit_mean = unit_mean
-        stats._unit_m2, stats._nonzero = reduced[1], reduced[2]
-    stats.count = total
-    stats.total = float(total)
+
+    def sum_over_processes(tensors: list[Tensor]) -> list[Tensor]:
+        flat = FlatBuffers(tensors)  # one collective per (device, dtype)
+        flat.write(tensors)
+        flat.all_reduce(comm)
+        return flat.views()
+
+    stats.merge(sum_over_processes, total)
 
 
 def reduce_task_pass(comm: Communicator, tp: Any) -> None:

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from torchsage.disagreement import GradientStatistics, check_measure
 from torchsage.optim._ascent import AlignedPolarAscent, PolarAscent
-from torchsage.optim._core import AscentRule, SharpnessAware
+from torchsage.optim._core import AscentRule, SharpnessAware, shares_options
 
 __all__ = ["SAGE", "SAGEAlign", "SAGEAlignmentOnly", "SAGECurvatureOnly"]
 
 
+@shares_options
 class SAGE(SharpnessAware):
     r"""Spectral-Aware Gradient-Aligned Exploration for K training distributions.
 
@@ -117,22 +117,14 @@ class SAGE(SharpnessAware):
         max_disagreement: float | None = None,
         ns_dtype: torch.dtype = torch.float32,
         ns_compile: bool = False,
-        model: nn.Module | None = None,
-        update_bn_on_perturbed: bool = False,
-        max_grad_norm: float | None = None,
-        on_nonfinite: str = "raise",
-        solver: Any = None,
-        solver_update: str = "clean",
         disagreement_scope: str | None = None,
-        process_group: Any = "auto",
-        layout: str = "shards",
-        **base_kwargs: Any,
+        **options: Any,
     ) -> None:
         self.measure = check_measure(disagreement)
         if disagreement_scope is not None:
             if disagreement_scope not in ("all", "shared"):
                 raise ValueError(f"disagreement_scope must be 'all' or 'shared', got {disagreement_scope!r}")
-            if solver is None:
+            if options.get("solver") is None:
                 raise ValueError(
                     f"disagreement_scope={disagreement_scope!r} needs a solver (it says which task "
                     "parameters the disagreement covers); without solver= the disagreement already "
@@ -156,34 +148,16 @@ class SAGE(SharpnessAware):
             dtype=ns_dtype,
             compile=ns_compile,
         )
-        super().__init__(
-            params,
-            base_optimizer,
-            ascent,
-            dict(rho=rho, gamma=gamma),
-            model=model,
-            update_bn_on_perturbed=update_bn_on_perturbed,
-            max_grad_norm=max_grad_norm,
-            on_nonfinite=on_nonfinite,
-            solver=solver,
-            solver_update=solver_update,
-            process_group=process_group,
-            layout=layout,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, ascent, dict(rho=rho, gamma=gamma), **options)
         if self._parallel is not None:  # one noise stream for all replicas
             params = self._all_params()
             device = params[0].device if params else torch.device("cpu")
             self.seed = self._parallel.agree_seed(self.seed, device)
 
+    group_options = ("rho", "gamma")
+
     def _make_ascent(self, **kwargs: Any) -> AscentRule:
         return PolarAscent(**kwargs)
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        super()._check_group(group)
-        gamma = group["gamma"]
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0 <= gamma < math.inf):
-            raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
 
     # -- statistics and noise ----------------------------------------------------------------
 

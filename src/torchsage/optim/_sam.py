@@ -6,16 +6,18 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from torchsage.disagreement import global_norm
 from torchsage.optim._ascent import AdaptiveGradientAscent, GradientAscent, GradientMatchingAscent
-from torchsage.optim._core import SharpnessAware
+from torchsage.optim._checks import check_nonnegative
+from torchsage.optim._core import SharpnessAware, shares_options
 
 __all__ = ["ASAM", "GSAM", "SAGM", "SAM"]
 
 
+@shares_options
 class SAM(SharpnessAware):
     r"""Sharpness-Aware Minimization (Foret et al., 2021) as a drop-in optimizer.
 
@@ -66,18 +68,11 @@ class SAM(SharpnessAware):
         adaptive: bool = False,
         eta: float = 0.01,
         scaled: str = "all",
-        model: nn.Module | None = None,
-        update_bn_on_perturbed: bool = False,
-        max_grad_norm: float | None = None,
-        on_nonfinite: str = "raise",
-        solver: Any = None,
-        solver_update: str = "clean",
-        process_group: Any = "auto",
-        layout: str = "shards",
-        **base_kwargs: Any,
+        **options: Any,
     ) -> None:
         if scaled not in ("all", "weights"):
             raise ValueError(f"scaled must be 'all' or 'weights', got {scaled!r}")
+        model = options.get("model")
         if scaled == "weights" and model is None:
             raise ValueError(
                 "scaled='weights' reads the parameters' names from the model: pass model=model "
@@ -87,21 +82,7 @@ class SAM(SharpnessAware):
             [] if scaled == "all" else [p for n, p in model.named_parameters() if not n.endswith("weight")]
         )
         ascent = AdaptiveGradientAscent(eta=eta, unscaled=unscaled) if adaptive else GradientAscent()
-        super().__init__(
-            params,
-            base_optimizer,
-            ascent,
-            dict(rho=rho),
-            model=model,
-            update_bn_on_perturbed=update_bn_on_perturbed,
-            max_grad_norm=max_grad_norm,
-            on_nonfinite=on_nonfinite,
-            solver=solver,
-            solver_update=solver_update,
-            process_group=process_group,
-            layout=layout,
-            **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, ascent, dict(rho=rho), **options)
         self.adaptive = adaptive
 
 
@@ -132,12 +113,6 @@ class ASAM(SAM):
         **kwargs: Any,
     ) -> None:
         super().__init__(params, base_optimizer, rho=rho, adaptive=True, eta=eta, **kwargs)
-
-
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (0 <= alpha < float("inf")):
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    return float(alpha)
 
 
 class GSAM(SAM):
@@ -191,14 +166,10 @@ class GSAM(SAM):
         lr_min: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_nonnegative("alpha", alpha)
         for name, value in (("rho_min", rho_min), ("lr_max", lr_max), ("lr_min", lr_min)):
-            if value is not None and (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not 0 <= value < float("inf")
-            ):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if value is not None:
+                check_nonnegative(name, value)
         if rho_min is None and lr_max is not None:
             raise ValueError("lr_max ties rho to the learning rate only with rho_min: pass rho_min too")
         self.rho_min = rho_min
@@ -258,7 +229,7 @@ class SAGM(SAM):
         alpha: float = 0.001,
         **kwargs: Any,
     ) -> None:
-        self.alpha = _check_alpha(alpha)
+        self.alpha = check_nonnegative("alpha", alpha)
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         self.ascent = GradientMatchingAscent(alpha=self.alpha)
 

@@ -5,7 +5,10 @@
 * ``run PART``: runs one part on the local launcher (resumable: finished runs are skipped,
   unfinished ones restart; Ctrl-C keeps what finished);
 * ``theory``: measures the terms on a random sample of finished DG runs (resumable);
-* ``report``: renders the tables and figures from the run directories.
+* ``export``: writes the finished runs' results to one small records file, committed with the
+  repository (:mod:`torchsage.study.records`);
+* ``report``: renders the tables and figures from the run directories, or with ``--records``
+  from an exported file (what a fresh clone has).
 
 Errors are one line on stderr and exit code 2.
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 from torchsage.cli.common import Parser, positive_int
 
 DEFAULT_ROOT = "runs/study"
+DEFAULT_RECORDS = "docs/study_records.jsonl"
 
 
 def _parser() -> Parser:
@@ -41,8 +45,15 @@ def _parser() -> Parser:
     theory.add_argument("--root", default=DEFAULT_ROOT)
     theory.add_argument("--max-runs", type=positive_int, default=80)
     theory.add_argument("--seed", type=int, default=0)
+    export = sub.add_parser("export", help="write the finished runs' results to one records file")
+    export.add_argument("--root", default=DEFAULT_ROOT)
+    export.add_argument("--output", default=DEFAULT_RECORDS)
     report = sub.add_parser("report", help="render the tables and figures")
-    report.add_argument("--root", default=DEFAULT_ROOT)
+    source = report.add_mutually_exclusive_group()
+    source.add_argument("--root", default=DEFAULT_ROOT, help="read the run directories under ROOT")
+    source.add_argument(
+        "--records", default=None, help=f"read an exported records file instead (e.g. {DEFAULT_RECORDS})"
+    )
     report.add_argument("--output", default="docs/study_results.md")
     report.add_argument("--figures", default="docs/figures")
     return parser
@@ -103,10 +114,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         print(f"measured {measured} run(s) now; {sampled} in the sample")
         return 0
-    from torchsage.harness.records import atomic_write_text
-    from torchsage.study.report import render
+    if args.command == "export":
+        from torchsage.study.records import export
 
-    text = render(args.root, args.figures)
+        path = export(args.root, args.output)
+        print(f"wrote {path}")
+        return 0
+    from torchsage.harness.records import atomic_write_text
+    from torchsage.study.report import render, render_results
+
+    if args.records is not None:
+        from torchsage.study.records import load
+
+        text = render_results(*load(args.records), args.figures)
+    else:
+        text = render(args.root, args.figures)
     atomic_write_text(args.output, "# Evidence study: results\n\n" + text)
     print(f"wrote {args.output}")
     return 0

@@ -36,6 +36,8 @@ __all__ = [
     "mtl_table",
     "plot_sensitivity",
     "plot_theory",
+    "render",
+    "render_results",
     "select",
 ]
 
@@ -333,12 +335,26 @@ def fit_table(result: dict[str, Any], fmt: str = "markdown") -> str:
 def render(root: str | Path, figures: str | Path) -> str:
     """The study's markdown (tables, figure links) from the runs under ``root``; figures are
     written to ``figures``. Parts not run yet are named as missing, never filled in."""
+    from torchsage.study.theory import THEORY_FILE
+
+    runs, missing = load_dg(root)
+    payloads = [json.loads(p.read_text()) for p in sorted((Path(root) / "dg").glob(f"*/{THEORY_FILE}"))]
+    return render_results(runs, missing, load_mtl(root), payloads, figures)
+
+
+def render_results(
+    runs: Sequence[DGRun],
+    missing: int,
+    mtl: Sequence[dict[str, Any]],
+    payloads: Sequence[dict[str, Any]],
+    figures: str | Path,
+) -> str:
+    """:func:`render` from loaded results (the run directories' or an exported records file's)."""
     from torchsage.dg.datasets import environment_names
-    from torchsage.study.theory import THEORY_FILE, fits
+    from torchsage.study.theory import fits
 
     figures = Path(figures)
     figures.mkdir(parents=True, exist_ok=True)
-    runs, missing = load_dg(root)
     parts = [f"DG runs finished: {len(runs)}; not finished: {missing}."]
     selected = select(runs)
     for dataset, env in DG_CELLS:
@@ -347,11 +363,9 @@ def render(root: str | Path, figures: str | Path) -> str:
     if any(r.method == "SAGE" for r in runs):
         plot_sensitivity(runs, figures / "study_sensitivity.png")
         parts.append("![SAGE grid: test accuracy against rho and gamma](figures/study_sensitivity.png)")
-    mtl = load_mtl(root)
     parts.append(f"MultiDigits runs finished: {len(mtl)}.")
     if mtl:
         parts.append(mtl_table(mtl))
-    payloads = [json.loads(p.read_text()) for p in sorted((Path(root) / "dg").glob(f"*/{THEORY_FILE}"))]
     if payloads:
         result = fits(payloads)
         parts.append(fit_table(result))

@@ -1,0 +1,95 @@
+"""The study's results as one small file that travels with the repository.
+
+The run directories (``runs/study``) hold weights and logs and stay out of version control; the
+report needs only a few numbers per run. :func:`export` writes them, one JSON line per finished
+run, to a file that is committed (``docs/study_records.jsonl``); ``python -m torchsage.study report
+--records docs/study_records.jsonl`` renders the same tables and figures from it on a fresh clone.
+
+Line kinds:
+
+* ``{"kind": "dg", ...}``: one per (finished DG run, method it stands for): data set, test
+  domain, trial, method, hyperparameters, training-domain validation and test accuracy, run
+  directory name;
+* ``{"kind": "mtl", ...}``: one per finished MultiDigits run (solver, variant, seed, Δm%);
+* ``{"kind": "theory", ...}``: the measured terms of one sampled DG run (the content of its
+  ``theory.json``);
+* ``{"kind": "summary", "dg_missing": N}``: the DG jobs of the specification not finished.
+
+Example:
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from torchsage.study.records import export, load
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     path = export(Path(d) / "runs", Path(d) / "records.jsonl")  # nothing finished yet
+    ...     runs, missing, mtl, theory = load(path)
+    >>> (len(runs), missing > 0, mtl, theory)
+    (0, True, [], [])
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torchsage.harness.records import atomic_write_text, read_json_lines
+
+__all__ = ["export", "load"]
+
+
+def export(root: str | Path, path: str | Path) -> Path:
+    """Writes the records of every finished study run under ``root`` to ``path`` (atomically)."""
+    from torchsage.study.report import load_dg, load_mtl
+    from torchsage.study.theory import THEORY_FILE
+
+    runs, missing = load_dg(root)
+    lines: list[dict[str, Any]] = [{"kind": "summary", "dg_missing": missing}]
+    for r in runs:
+        lines.append(
+            {
+                "kind": "dg",
+                "dataset": r.dataset,
+                "test_env": r.test_env,
+                "trial": r.trial,
+                "method": r.method,
+                "hparams": r.hparams,
+                "val_acc": r.val_acc,
+                "test_acc": r.test_acc,
+                "run": r.path.name,
+            }
+        )
+    lines += [{"kind": "mtl", **row} for row in load_mtl(root)]
+    for p in sorted((Path(root) / "dg").glob(f"*/{THEORY_FILE}")):
+        lines.append({"kind": "theory", **json.loads(p.read_text())})
+    text = "".join(json.dumps(line, sort_keys=True, allow_nan=False) + "\n" for line in lines)
+    atomic_write_text(path, text)
+    return Path(path)
+
+
+def load(path: str | Path) -> tuple[list, int, list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(dg runs, DG jobs not finished, MultiDigits rows, theory payloads)`` from an exported file."""
+    from torchsage.study.report import DGRun
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no study records at {path}: write them with `python -m torchsage.study export`"
+        )
+    lines, torn = read_json_lines(path)
+    if torn:
+        raise ValueError(f"{path}: {'; '.join(torn)}; export it again from the run directories")
+    runs, missing, mtl, theory = [], 0, [], []
+    for line in lines:
+        kind = line.pop("kind", None)
+        if kind == "dg":
+            run = line.pop("run")
+            runs.append(DGRun(**line, path=Path(run)))
+        elif kind == "mtl":
+            mtl.append(line)
+        elif kind == "theory":
+            theory.append(line)
+        elif kind == "summary":
+            missing = int(line["dg_missing"])
+        else:
+            raise ValueError(f"{path}: unknown record kind {kind!r}; is this a study records file?")
+    return runs, missing, mtl, theory
