@@ -494,14 +494,19 @@ def torchrun_session() -> Iterator[Communicator | None]:
     succeeded (a process that leaves while its peer still works can abort that peer), and is gone
     when the context exits: its gloo threads joined and its sockets closed.
 
-    That last part needs care: ``destroy_process_group`` only drops torch's own references, and the
-    group's destructor (which joins its threads) runs when the last one goes. When
-    ``torch.distributed.nn.functional`` is first imported after ``init_process_group`` (``torch._dynamo``
-    imports it, and every torch optimizer imports ``torch._dynamo`` when first built), it binds
-    ``group.WORLD`` into default arguments, which then hold the group until the interpreter shuts
-    down: its threads ran on into interpreter finalization and the group was destroyed there, amid
-    the teardown of the modules, with the rare abort at exit ("terminate called without an active
-    exception") as the outcome. Imported before the group exists, those defaults bind None.
+    That last part needs care. ``destroy_process_group`` only drops torch's references to the
+    group; the group's destructor, which joins its threads, runs when the last reference goes.
+    ``torch.distributed.nn.functional`` binds ``group.WORLD`` into default arguments when first
+    imported, and ``torch._dynamo`` imports it, which every torch optimizer imports when first
+    built: imported after ``init_process_group``, those defaults held the group until interpreter
+    shutdown. A gloo worker that drops a finished collective whose tensors Python has already let
+    go of takes the GIL to free them; on a loaded machine a worker can be descheduled between
+    completing the last collective and that drop (a barrier does not wait for it) while the main
+    thread reaches interpreter finalization, and from then on Python 3.11 ends a thread that asks
+    for the GIL with ``pthread_exit``, whose unwinding through the work's destructor calls
+    ``std::terminate``: "terminate called without an active exception", now and then, at exit.
+    :func:`join_torchrun` imports that module before the group exists (the defaults bind None),
+    so destroying the group joins its workers while Python is fully alive.
     """
     started = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     try:
