@@ -32,6 +32,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # before init_process_group: docs/distributed.md, "Teardown"
 import torch.nn.functional as F
 
 import torchsage
