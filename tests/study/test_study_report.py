@@ -140,3 +140,31 @@ def test_records_file_refuses_what_it_cannot_read(tmp_path):
     (tmp_path / "r.jsonl").write_text('{"kind": "other"}\n')
     with pytest.raises(ValueError, match="unknown record kind"):
         load(tmp_path / "r.jsonl")
+
+
+def test_theory_sample_takes_finished_cells_only_and_does_not_move(tmp_path):
+    from torchsage.study.spec import DG_CELLS
+    from torchsage.study.theory import sample_cells
+
+    def finish_with_model(job):
+        _finish(job, 0.9, 0.5)
+        (job.output_dir / "model.pt").write_bytes(b"")
+
+    first, second = DG_CELLS[0], DG_CELLS[1]
+    for job in dg_jobs(tmp_path, cells=[first]):
+        finish_with_model(job)
+    sample, waiting = sample_cells(tmp_path, max_runs=8)
+    assert len(sample) == 8 // len(DG_CELLS) and len(set(sample)) == len(sample)
+    cell_dirs = {job.output_dir for job in dg_jobs(tmp_path, cells=[first])}
+    assert set(sample) <= cell_dirs
+    assert waiting == [f"{d} env {e}" for d, e in DG_CELLS[1:]]
+    # half of another cell finished: the first cell's sample stays, the other is not drawn yet
+    half = dg_jobs(tmp_path, cells=[second])
+    for job in half[: len(half) // 2]:
+        finish_with_model(job)
+    assert sample_cells(tmp_path, max_runs=8)[0] == sample
+    for job in half[len(half) // 2 :]:
+        finish_with_model(job)
+    again, waiting = sample_cells(tmp_path, max_runs=8)
+    assert again[: len(sample)] == sample and len(again) == 2 * len(sample)
+    assert set(again[len(sample) :]) <= {job.output_dir for job in half}

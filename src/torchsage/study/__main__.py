@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
-from torchsage.cli.common import Parser, positive_int
+from torchsage.cli.common import Parser, add_no_progress, positive_int
 
 DEFAULT_ROOT = "runs/study"
 DEFAULT_RECORDS = "docs/study_records.jsonl"
@@ -43,8 +42,11 @@ def _parser() -> Parser:
     run.add_argument("--dry-run", action="store_true", help="print what would run")
     theory = sub.add_parser("theory", help="measure the terms on a sample of finished DG runs (resumable)")
     theory.add_argument("--root", default=DEFAULT_ROOT)
-    theory.add_argument("--max-runs", type=positive_int, default=80)
+    theory.add_argument(
+        "--max-runs", type=positive_int, default=80, help="runs in all, the same number from every cell"
+    )
     theory.add_argument("--seed", type=int, default=0)
+    add_no_progress(theory)
     export = sub.add_parser("export", help="write the finished runs' results to one records file")
     export.add_argument("--root", default=DEFAULT_ROOT)
     export.add_argument("--output", default=DEFAULT_RECORDS)
@@ -106,12 +108,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "theory":
         import torch
 
-        from torchsage.study.theory import measure_sample
+        from torchsage.study.theory import measure_sample, sample_cells
 
         torch.set_num_threads(1)
-        measured, sampled = measure_sample(
-            sorted((Path(args.root) / "dg").glob("*")), args.max_runs, args.seed
-        )
+        sample, waiting = sample_cells(args.root, args.max_runs, args.seed)
+        measured = measure_sample(sample, progress=not args.no_progress)
+        sampled = len(sample)
+        if waiting:
+            print(f"cells not finished, sampled once they are: {', '.join(waiting)}")
         print(f"measured {measured} run(s) now; {sampled} in the sample")
         return 0
     if args.command == "export":

@@ -1,7 +1,8 @@
 """The theory test of the evidence study: do the two terms of the excess risk predict the
 out-of-domain gap?
 
-For a random sample of finished DG runs (each saved its weights), :func:`measure_run` measures at
+For a random sample of the DG runs (each saved its weights; :func:`sample_cells`: the same number
+from every cell, drawn once the cell has finished), :func:`measure_run` measures at
 the final weights, with :func:`torchsage.diagnostics.decompose` on the first ``batch_size``
 samples of every training domain's ``in`` split:
 
@@ -31,7 +32,16 @@ from typing import Any
 from torchsage.harness.records import atomic_write_text, read_json_lines
 from torchsage.study.stats import Fit, least_squares
 
-__all__ = ["THEORY_FILE", "THEORY_SETTINGS", "fits", "gap", "measure_run", "measure_sample", "sample_runs"]
+__all__ = [
+    "THEORY_FILE",
+    "THEORY_SETTINGS",
+    "fits",
+    "gap",
+    "measure_run",
+    "measure_sample",
+    "sample_cells",
+    "sample_runs",
+]
 
 THEORY_FILE = "theory.json"
 #: decompose() settings of the study: sized so one run costs well under a CPU-minute (docs/study.md)
@@ -126,16 +136,32 @@ def measure_run(run_dir: str | Path, settings: dict[str, Any] | None = None) -> 
     return payload
 
 
-def measure_sample(run_dirs: Sequence[Path], max_runs: int, seed: int = 0) -> tuple[int, int]:
-    """Measures the sampled runs that lack ``theory.json``; returns (measured now, sampled)."""
-    sample = sample_runs(run_dirs, max_runs, seed)
-    measured = 0
-    for run_dir in sample:
-        if (run_dir / THEORY_FILE).exists():
+def sample_cells(root: str | Path, max_runs: int, seed: int = 0) -> tuple[list[Path], list[str]]:
+    """The theory sample: ``max_runs // (number of cells)`` runs of every DG cell of the study,
+    drawn with :func:`sample_runs` from the cell's runs once all of them have finished (so a cell's
+    sample does not depend on when the command ran; the study's parts finish at different times).
+    Returns the sample and the names of the cells not finished yet."""
+    from torchsage.study.spec import DG_CELLS, dg_jobs
+
+    per_cell = max_runs // len(DG_CELLS)
+    sample, waiting = [], []
+    for i, cell in enumerate(DG_CELLS):
+        jobs = dg_jobs(root, cells=[cell])
+        if any(job.state != "done" for job in jobs):
+            waiting.append(f"{cell[0]} env {cell[1]}")
             continue
+        sample += sample_runs(sorted(job.output_dir for job in jobs), per_cell, seed + i)
+    return sample, waiting
+
+
+def measure_sample(run_dirs: Sequence[Path], progress: bool = False) -> int:
+    """Measures the runs of ``run_dirs`` that lack ``theory.json``; returns how many it measured."""
+    from torchsage.harness.progress import bar
+
+    todo = [run_dir for run_dir in run_dirs if not (run_dir / THEORY_FILE).exists()]
+    for run_dir in bar(todo, desc="theory", unit="run", disable=not progress):
         measure_run(run_dir)
-        measured += 1
-    return measured, len(sample)
+    return len(todo)
 
 
 def _term_rows(payloads: Sequence[dict[str, Any]]) -> tuple[list[dict[str, float]], int]:
