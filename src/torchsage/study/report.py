@@ -176,9 +176,12 @@ def dg_table(
 
 def plot_sensitivity(runs: Sequence[DGRun], path: str | Path) -> Path:
     """Test accuracy of every SAGE grid choice before selection (mean and 95% t-interval over the
-    trials) against rho, one panel per (cell, rho scaling); colour: gamma; marker: disagreement."""
+    trials) against rho, one panel per (cell, rho scaling); colour: gamma; marker: disagreement;
+    ERM's mean over the same trials as a dashed line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from torchsage.dg.datasets import environment_names
 
     scalings = list(dict.fromkeys(h["rho_scaling"] for h in SAGE_GRID))
     gammas = sorted({h["gamma"] for h in SAGE_GRID})
@@ -208,10 +211,15 @@ def plot_sensitivity(runs: Sequence[DGRun], path: str | Path) -> Path:
                     [rho], [mean], yerr=err, fmt=markers[measure], color=colours[gamma], capsize=3,
                     label=f"gamma {gamma:g}, {measure}",
                 )  # fmt: skip
+            cell_erm = (dataset, env, "ERM")
+            erm = [100 * r.test_acc for r in runs if (r.dataset, r.test_env, r.method) == cell_erm]
+            if erm:
+                ax.axhline(sum(erm) / len(erm), color="0.4", ls="--", lw=1, label=f"ERM ({len(erm)} trials)")
             ax.set_xscale("log")
             ax.set_xlabel("rho")
             ax.set_ylabel("test accuracy (%)")
-            ax.set_title(f"{dataset} env {env}, rho scaling {scaling}", fontsize=9)
+            name = environment_names(dataset)[env]
+            ax.set_title(f"{dataset}, test domain {name}, rho scaling {scaling}", fontsize=9)
             ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
