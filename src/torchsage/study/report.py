@@ -363,7 +363,8 @@ def render_results(
 
     figures = Path(figures)
     figures.mkdir(parents=True, exist_ok=True)
-    parts = [f"DG runs finished: {len(runs)}; not finished: {missing}."]
+    finished = len({(r.dataset, r.test_env, r.path.name) for r in runs})  # a run can stand for two arms
+    parts = [f"DG runs finished: {finished}; not finished: {missing}."]
     selected = select(runs)
     for dataset, env in DG_CELLS:
         if any(k[:2] == (dataset, env) for k in selected):
