@@ -1,0 +1,15 @@
+"""The committed study results are what the committed records render to (a fresh clone can
+rebuild docs/study_results.md from docs/study_records.jsonl alone)."""
+
+from pathlib import Path
+
+from torchsage.study.records import load
+from torchsage.study.report import render_results
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def test_committed_results_render_from_the_committed_records(tmp_path):
+    text = render_results(*load(DOCS / "study_records.jsonl"), tmp_path)
+    assert (DOCS / "study_results.md").read_text() == "# Evidence study: results\n\n" + text
+    assert (tmp_path / "study_sensitivity.png").exists()
