@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,28 +40,16 @@ __all__ = ["export", "load"]
 
 def export(root: str | Path, path: str | Path) -> Path:
     """Writes the records of every finished study run under ``root`` to ``path`` (atomically)."""
-    from torchsage.study.report import load_dg, load_mtl
-    from torchsage.study.theory import THEORY_FILE
+    from torchsage.study.report import load_results
 
-    runs, missing = load_dg(root)
+    runs, missing, mtl, theory = load_results(root)
     lines: list[dict[str, Any]] = [{"kind": "summary", "dg_missing": missing}]
     for r in runs:
-        lines.append(
-            {
-                "kind": "dg",
-                "dataset": r.dataset,
-                "test_env": r.test_env,
-                "trial": r.trial,
-                "method": r.method,
-                "hparams": r.hparams,
-                "val_acc": r.val_acc,
-                "test_acc": r.test_acc,
-                "run": r.path.name,
-            }
-        )
-    lines += [{"kind": "mtl", **row} for row in load_mtl(root)]
-    for p in sorted((Path(root) / "dg").glob(f"*/{THEORY_FILE}")):
-        lines.append({"kind": "theory", **json.loads(p.read_text())})
+        fields = asdict(r)
+        fields["run"] = fields.pop("path").name  # the run directory's name, not the local path
+        lines.append({"kind": "dg", **fields})
+    lines += [{"kind": "mtl", **row} for row in mtl]
+    lines += [{"kind": "theory", **payload} for payload in theory]
     text = "".join(json.dumps(line, sort_keys=True, allow_nan=False) + "\n" for line in lines)
     atomic_write_text(path, text)
     return Path(path)

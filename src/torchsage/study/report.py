@@ -33,6 +33,7 @@ __all__ = [
     "dg_table",
     "load_dg",
     "load_mtl",
+    "load_results",
     "mtl_table",
     "plot_sensitivity",
     "plot_theory",
@@ -340,14 +341,20 @@ def fit_table(result: dict[str, Any], fmt: str = "markdown") -> str:
     )  # type: ignore[arg-type]
 
 
+def load_results(root: str | Path) -> tuple[list[DGRun], int, list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(DG runs, DG jobs not finished, MultiDigits rows, theory payloads)`` from the run
+    directories under ``root``: what :func:`render_results` takes (an exported records file gives
+    the same through :func:`torchsage.study.records.load`)."""
+    from torchsage.study.theory import load_theory
+
+    runs, missing = load_dg(root)
+    return runs, missing, load_mtl(root), load_theory(root)
+
+
 def render(root: str | Path, figures: str | Path) -> str:
     """The study's markdown (tables, figure links) from the runs under ``root``; figures are
     written to ``figures``. Parts not run yet are named as missing, never filled in."""
-    from torchsage.study.theory import THEORY_FILE
-
-    runs, missing = load_dg(root)
-    payloads = [json.loads(p.read_text()) for p in sorted((Path(root) / "dg").glob(f"*/{THEORY_FILE}"))]
-    return render_results(runs, missing, load_mtl(root), payloads, figures)
+    return render_results(*load_results(root), figures)
 
 
 def render_results(

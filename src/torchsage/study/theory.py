@@ -37,6 +37,7 @@ __all__ = [
     "THEORY_SETTINGS",
     "fits",
     "gap",
+    "load_theory",
     "measure_run",
     "measure_sample",
     "sample_cells",
@@ -134,6 +135,11 @@ def measure_run(run_dir: str | Path, settings: dict[str, Any] | None = None) -> 
     }
     atomic_write_text(run_dir / THEORY_FILE, json.dumps(payload, indent=1, allow_nan=False))
     return payload
+
+
+def load_theory(root: str | Path) -> list[dict[str, Any]]:
+    """The ``theory.json`` payloads of every measured DG run under ``root`` (sorted by run)."""
+    return [json.loads(p.read_text()) for p in sorted((Path(root) / "dg").glob(f"*/{THEORY_FILE}"))]
 
 
 def sample_cells(root: str | Path, max_runs: int, seed: int = 0) -> tuple[list[Path], list[str]]:
