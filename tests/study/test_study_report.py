@@ -85,6 +85,35 @@ def test_fits_recover_an_exact_relation():
     ).exists()
 
 
+def test_fits_within_cells_separate_a_cell_offset_from_a_predictor(tmp_path):
+    # two cells whose gaps differ by 40 points; inside each, the gap falls 0.03 per decade of
+    # alignment exactly, and the cell with the larger gap has the larger alignment: pooled, the
+    # slope has the wrong sign; with one intercept per cell it is exact
+    payloads = []
+    for cell, offset, shift in [(0, 0.1, 0.0), (3, 0.5, 2.0)]:
+        for i, tr in enumerate([1.0, 2.0, 4.0, 8.0, 16.0]):
+            a = 10.0 ** (shift + 0.3 * i)
+            report = {
+                "alignment": a,
+                "negative_curvature": False,
+                "curvature_trace": tr,
+                "curvature_trace_stderr": 0.1,
+                "curvature_top": [tr],
+            }
+            gap = offset - 0.03 * math.log10(a)
+            payloads.append({"gap": gap, "dataset": "RotatedDigits", "test_envs": [cell], "report": report})
+    result = fits(payloads, n_resamples=50)
+    assert sorted(result["cells"]) == ["RotatedDigits env 0", "RotatedDigits env 3"]
+    assert result["fits"]["alignment"].coef[0] > 0  # pooled: confounded by the cells
+    within = result["within"]["alignment"]
+    assert within.coef[0] == pytest.approx(-0.03, abs=1e-12) and within.r2 == pytest.approx(1.0, abs=1e-12)
+    for cell_fits in result["cells"].values():
+        assert cell_fits["alignment"].coef[0] == pytest.approx(-0.03, abs=1e-12)
+    table = rep.fit_table(result)
+    assert "all runs, within cells" in table and "RotatedDigits env 3" in table
+    assert rep.plot_theory(result, tmp_path / "t.png").exists()
+
+
 def test_measure_run_on_a_saved_model(tmp_path):
     from torchsage.dg.train import TrainArgs, train
 

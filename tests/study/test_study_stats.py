@@ -87,3 +87,46 @@ def test_least_squares_matches_linregress_and_exact_plane():
     assert plane.coef == pytest.approx((3.0, -2.0), abs=1e-12) and plane.r2 == pytest.approx(1.0, abs=1e-12)
     with pytest.raises(ValueError, match="shape"):
         least_squares(X, np.zeros(12), ["a"])
+
+
+def test_least_squares_with_groups_matches_dummy_regression():
+    # fixed effects by an independent route: one indicator column per group, no common intercept
+    rng = np.random.default_rng(1)
+    groups = ["a"] * 7 + ["b"] * 9 + ["c"] * 6
+    offsets = {"a": 0.0, "b": 5.0, "c": -3.0}
+    X = rng.normal(size=(22, 2))
+    y = (
+        0.4 * X[:, 0]
+        - 1.1 * X[:, 1]
+        + np.array([offsets[g] for g in groups])
+        + rng.normal(scale=0.3, size=22)
+    )
+    fit = least_squares(X, y, ["u", "v"], n_resamples=200, groups=groups)
+    dummies = np.array([[g == k for k in "abc"] for g in groups], dtype=float)
+    design = np.column_stack([X, dummies])
+    beta, *_ = np.linalg.lstsq(design, y, rcond=None)
+    residual = y - design @ beta
+    group_mean = np.array([y[[h == g for h in groups]].mean() for g in groups])
+    within_r2 = 1 - (residual**2).sum() / ((y - group_mean) ** 2).sum()
+    assert fit.coef == pytest.approx(tuple(beta[:2]), rel=1e-9)
+    assert fit.r2 == pytest.approx(within_r2, rel=1e-9)
+    assert fit.intercept == pytest.approx(y.mean() - X.mean(axis=0) @ beta[:2], rel=1e-9)
+    assert all(lo < c < hi for lo, c, hi in zip(fit.coef_low, fit.coef, fit.coef_high))
+    # pooled, the group offsets swamp the slopes; within groups the relation is close to exact
+    assert least_squares(X, y, ["u", "v"], n_resamples=20).r2 < 0.5 < fit.r2
+
+
+def test_least_squares_groups_exact_relation_and_errors():
+    x = np.arange(8.0)
+    groups = [0, 0, 0, 0, 1, 1, 1, 1]
+    y = 2.0 * x + np.where(np.array(groups) == 1, 100.0, 0.0)  # same slope, different intercepts
+    fit = least_squares(x[:, None], y, ["x"], n_resamples=50, groups=groups)
+    assert fit.coef[0] == pytest.approx(2.0, abs=1e-12) and fit.r2 == pytest.approx(1.0, abs=1e-12)
+    # every resample is exact too: the stratified bootstrap never mixes the groups' intercepts
+    assert fit.coef_low[0] == pytest.approx(2.0, abs=1e-9) and fit.coef_high[0] == pytest.approx(
+        2.0, abs=1e-9
+    )
+    with pytest.raises(ValueError, match="at least 2 observations"):
+        least_squares(x[:, None], y, ["x"], groups=[0] * 7 + [1])
+    with pytest.raises(ValueError, match="one label per observation"):
+        least_squares(x[:, None], y, ["x"], groups=[0, 1])

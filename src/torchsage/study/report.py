@@ -227,7 +227,9 @@ def plot_sensitivity(runs: Sequence[DGRun], path: str | Path) -> Path:
 
 
 def plot_theory(result: dict[str, Any], path: str | Path) -> Path:
-    """The gap against each term (log scale), one colour per data set, with the one-term fits."""
+    """The gap against each term (log scale), one colour per DG cell, each cell's one-term fit as
+    a dashed line in its colour; the panel title gives the within-cell R^2 (cell intercepts), or
+    the pooled one with a single cell."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -235,23 +237,25 @@ def plot_theory(result: dict[str, Any], path: str | Path) -> Path:
     if not rows:
         raise ValueError("no measured runs to plot")
     terms = ("alignment", "trace", "lambda_max")
-    fig = Figure(figsize=(12, 3.6))
+    fig = Figure(figsize=(13, 3.9))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    datasets = sorted({r["dataset"] for r in rows})
-    colours = dict(zip(datasets, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    cells = sorted({r["cell"] for r in rows})
+    colours = dict(zip(cells, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]))
     for ax, term in zip(axes, terms):
-        for d in datasets:
-            pts = [(r[term], r["gap"]) for r in rows if r["dataset"] == d and r[term] > 0]
-            ax.scatter(
-                [math.log10(p[0]) for p in pts], [100 * p[1] for p in pts], s=10, color=colours[d], label=d
-            )
-        fit = result["fits"].get(term)
+        for c in cells:
+            pts = [(math.log10(r[term]), 100 * r["gap"]) for r in rows if r["cell"] == c and r[term] > 0]
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], s=10, color=colours[c], label=c)
+            fit = result.get("cells", {}).get(c, {}).get(term)
+            if fit is not None and pts:
+                lo, hi = min(x for x, _ in pts), max(x for x, _ in pts)
+                ys = [100 * (fit.intercept + fit.coef[0] * x) for x in (lo, hi)]
+                ax.plot([lo, hi], ys, "--", color=colours[c], lw=1)
+        scope, fit = ("within cells", result.get("within", {}).get(term)) if len(cells) > 1 else (
+            "pooled", result["fits"].get(term)
+        )  # fmt: skip
         if fit is not None:
-            xs = [math.log10(r[term]) for r in rows if r[term] > 0]
-            lo, hi = min(xs), max(xs)
-            ax.plot([lo, hi], [100 * (fit.intercept + fit.coef[0] * x) for x in (lo, hi)], "k--", lw=1)
-            ax.set_title(f"R² = {fit.r2:.2f} [{fit.r2_low:.2f}, {fit.r2_high:.2f}]", fontsize=9)
+            ax.set_title(f"{scope}: R² = {fit.r2:.2f} [{fit.r2_low:.2f}, {fit.r2_high:.2f}]", fontsize=9)
         ax.set_xlabel(f"log10 {term}")
         ax.set_ylabel("train-domain minus test-domain acc (points)")
         ax.legend(fontsize=7)
@@ -320,20 +324,32 @@ def mtl_table(rows: Sequence[dict[str, Any]], fmt: str = "markdown") -> str:
 
 
 def fit_table(result: dict[str, Any], fmt: str = "markdown") -> str:
-    """The theory fits: coefficients with bootstrap intervals, R^2 with its interval."""
+    """The theory fits, every scope of :func:`torchsage.study.theory.fits`: coefficients with
+    bootstrap intervals, R^2 with its interval."""
+    scopes = [("all runs, pooled", result["fits"])]
+    if result.get("within"):
+        scopes.append(("all runs, within cells", result["within"]))
+    scopes += (
+        [(cell, f) for cell, f in result.get("cells", {}).items()] if len(result.get("cells", {})) > 1 else []
+    )
     rows = []
-    for name, fit in result["fits"].items():
-        coefs = "; ".join(
-            f"{n}: {c:+.3g} [{lo:+.3g}, {hi:+.3g}]"
-            for n, c, lo, hi in zip(fit.names, fit.coef, fit.coef_low, fit.coef_high)
-        )
-        rows.append([name, str(fit.n), coefs, f"{fit.r2:.2f} [{fit.r2_low:.2f}, {fit.r2_high:.2f}]"])
+    for scope, scope_fits in scopes:
+        for name, fit in scope_fits.items():
+            coefs = "; ".join(
+                f"{n}: {c:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+                for n, c, lo, hi in zip(fit.names, fit.coef, fit.coef_low, fit.coef_high)
+            )
+            r2 = f"{fit.r2:.2f} [{fit.r2_low:.2f}, {fit.r2_high:.2f}]"
+            rows.append([scope, name, str(fit.n), coefs, r2])
     notes = [
+        "Gap in accuracy (fraction), so a slope of +0.01 is +1 point per tenfold increase of the term. "
+        "Within cells: one intercept per cell (the cells' gaps differ by tens of points), slopes and R² "
+        "from the variation inside the cells; bootstrap resampled within each cell.",
         f"{result['dropped']} sampled run(s) left out: curvature found indefinite beyond the damping "
-        "(alignment undefined)."
+        "(alignment undefined).",
     ]
     return render_table(
-        ["Predictors", "runs", "slope per decade [95% CI]", "R² [95% CI]"],
+        ["Scope", "Predictors", "runs", "slope per decade [95% CI]", "R² [95% CI]"],
         rows,
         caption="Out-of-domain gap regressed on the terms",
         fmt=fmt,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -176,6 +177,15 @@ def _ols(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     return beta, r2
 
 
+def _within(X: np.ndarray, y: np.ndarray, members: Sequence[np.ndarray]) -> tuple[np.ndarray, float]:
+    """:func:`_ols` on the data centred within each group (index arrays ``members``)."""
+    Xc, yc = X.copy(), y.copy()
+    for m in members:
+        Xc[m] -= X[m].mean(axis=0)
+        yc[m] -= y[m].mean()
+    return _ols(Xc, yc)
+
+
 def least_squares(
     X: Sequence[Sequence[float]] | np.ndarray,
     y: Sequence[float],
@@ -183,12 +193,20 @@ def least_squares(
     level: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
+    groups: Sequence[Any] | None = None,
 ) -> Fit:
     """Ordinary least squares of ``y`` on the columns of ``X`` with an intercept.
 
+    With ``groups`` (one label per observation) every group gets its own intercept (fixed
+    effects): ``X`` and ``y`` are centred within each group before the fit, so the slopes say how
+    ``y`` moves with ``X`` *within* a group, and ``r2`` is the within-group R^2 (the share of the
+    variation around the group means that the slopes explain). ``intercept`` is then the line's
+    value through the grand means, for drawing. The bootstrap resamples within each group and
+    centres each resample again.
+
     Raises:
         ValueError: shapes that do not match ``names`` or ``y``, or fewer observations than
-            coefficients plus one.
+            coefficients plus one (plus the number of groups), or a group of one observation.
 
     Example:
         >>> fit = least_squares([[0.0], [1.0], [2.0]], [1.0, 3.0, 5.0], ["x"], n_resamples=50)
@@ -203,25 +221,50 @@ def least_squares(
         raise ValueError(
             f"X must have shape ({ya.size}, {len(names)}) for names {list(names)}, got {Xa.shape}"
         )
-    if ya.size < len(names) + 2:
-        raise ValueError(f"least_squares needs at least {len(names) + 2} observations, got {ya.size}")
     if not np.all(np.isfinite(Xa)):
         raise ValueError("least_squares: X holds a non-finite value")
-    beta, r2 = _ols(Xa, ya)
-    rng = np.random.default_rng(seed)
-    coefs, r2s = [], []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, ya.size, ya.size)
-        b, r = _ols(Xa[idx], ya[idx])
-        coefs.append(b[1:])
-        r2s.append(r)
+    if groups is None:
+        if ya.size < len(names) + 2:
+            raise ValueError(f"least_squares needs at least {len(names) + 2} observations, got {ya.size}")
+        beta, r2 = _ols(Xa, ya)
+        intercept = float(beta[0])
+        rng = np.random.default_rng(seed)
+        coefs, r2s = [], []
+        for _ in range(n_resamples):
+            idx = rng.integers(0, ya.size, ya.size)
+            b, r = _ols(Xa[idx], ya[idx])
+            coefs.append(b[1:])
+            r2s.append(r)
+    else:
+        labels = list(groups)
+        if len(labels) != ya.size:
+            raise ValueError(f"groups must have one label per observation ({ya.size}), got {len(labels)}")
+        members = [np.flatnonzero([lab == g for lab in labels]) for g in dict.fromkeys(labels)]
+        if min(m.size for m in members) < 2:
+            raise ValueError("least_squares: every group needs at least 2 observations")
+        if ya.size < len(names) + len(members) + 1:
+            raise ValueError(
+                f"least_squares needs at least {len(names) + len(members) + 1} observations with "
+                f"{len(members)} groups, got {ya.size}"
+            )
+        beta, r2 = _within(Xa, ya, members)
+        intercept = float(ya.mean() - Xa.mean(axis=0) @ beta[1:])
+        rng = np.random.default_rng(seed)
+        coefs, r2s = [], []
+        for _ in range(n_resamples):
+            idx = [m[rng.integers(0, m.size, m.size)] for m in members]
+            starts = np.cumsum([0] + [i.size for i in idx[:-1]])
+            flat = np.concatenate(idx)
+            b, r = _within(Xa[flat], ya[flat], [s0 + np.arange(i.size) for s0, i in zip(starts, idx)])
+            coefs.append(b[1:])
+            r2s.append(r)
     tail = 100 * (1 - level) / 2
     lo, hi = np.nanpercentile(np.array(coefs), [tail, 100 - tail], axis=0)
     r2_lo, r2_hi = np.nanpercentile(np.array(r2s), [tail, 100 - tail])
     return Fit(
         names=tuple(names),
         coef=tuple(float(v) for v in beta[1:]),
-        intercept=float(beta[0]),
+        intercept=intercept,
         r2=float(r2),
         coef_low=tuple(float(v) for v in lo),
         coef_high=tuple(float(v) for v in hi),

@@ -16,7 +16,8 @@ and writes them to ``theory.json`` in the run directory (atomically; a run that 
 skipped, so the command resumes). :func:`gap` is the run's out-of-domain gap: the mean
 validation accuracy of the training domains minus the test domain's accuracy, at the last step.
 :func:`fits` regresses the gap on each term alone and on alignment and trace together
-(:func:`torchsage.study.stats.least_squares`: R^2 and bootstrap intervals).
+(:func:`torchsage.study.stats.least_squares`: R^2 and bootstrap intervals): all runs pooled, all
+runs with one intercept per cell, and each cell alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torchsage.study.stats import Fit, least_squares
 __all__ = [
     "THEORY_FILE",
     "THEORY_SETTINGS",
+    "cell_label",
     "fits",
     "gap",
     "load_theory",
@@ -186,6 +188,7 @@ def _term_rows(payloads: Sequence[dict[str, Any]]) -> tuple[list[dict[str, float
                 "trace_stderr": float(r["curvature_trace_stderr"]),
                 "lambda_max": float(r["curvature_top"][0]),
                 "dataset": p["dataset"],
+                "cell": cell_label(p),
             }
         )
     return rows, dropped
@@ -195,20 +198,54 @@ def _term_rows(payloads: Sequence[dict[str, Any]]) -> tuple[list[dict[str, float
 MODELS: tuple[tuple[str, ...], ...] = (("alignment",), ("trace",), ("lambda_max",), ("alignment", "trace"))
 
 
-def fits(payloads: Sequence[dict[str, Any]], n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """The gap regressed on the terms (log10 of each term: they span orders of magnitude).
+def cell_label(payload: dict[str, Any]) -> str:
+    """``"<dataset> env <test env>"``: the DG cell a theory payload belongs to."""
+    envs = ",".join(str(int(e)) for e in payload.get("test_envs", []))
+    return f"{payload['dataset']} env {envs}" if envs else str(payload["dataset"])
 
-    Returns ``{"n": ..., "dropped": ..., "rows": [...], "fits": {"alignment": Fit, ...}}``;
-    ``fits`` is empty with fewer usable runs than a fit needs.
-    """
-    rows, dropped = _term_rows(payloads)
-    out: dict[str, Any] = {"n": len(rows), "dropped": dropped, "rows": rows, "fits": {}}
+
+def _fit_models(
+    rows: Sequence[dict[str, Any]], n_resamples: int, seed: int, within_cells: bool = False
+) -> dict[str, Fit]:
+    out: dict[str, Fit] = {}
     for names in MODELS:
         usable = [r for r in rows if all(r[n] > 0 for n in names)]
-        if len(usable) < len(names) + 2:
+        groups = [r["cell"] for r in usable] if within_cells else None
+        cells = set(groups or [None])
+        if len(usable) < len(names) + len(cells) + 1 or (
+            within_cells and min(groups.count(c) for c in cells) < 2  # type: ignore[union-attr]
+        ):
             continue
         X = [[math.log10(r[n]) for n in names] for r in usable]
         y = [r["gap"] for r in usable]
-        fit: Fit = least_squares(X, y, [f"log10 {n}" for n in names], n_resamples=n_resamples, seed=seed)
-        out["fits"][" + ".join(names)] = fit
+        labels = [f"log10 {n}" for n in names]
+        out[" + ".join(names)] = least_squares(
+            X, y, labels, n_resamples=n_resamples, seed=seed, groups=groups
+        )
     return out
+
+
+def fits(payloads: Sequence[dict[str, Any]], n_resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The gap regressed on the terms (log10 of each term: they span orders of magnitude).
+
+    Three scopes, each with every model of :data:`MODELS`:
+
+    * ``fits``: all measured runs pooled, one intercept;
+    * ``within``: all runs, one intercept per cell (:func:`least_squares` with ``groups``), so
+      that a term that merely differs between data sets, as the gap does, cannot pass for a
+      predictor; present with two or more cells;
+    * ``cells``: ``{cell label: fits}``, each cell alone.
+
+    Returns ``{"n", "dropped", "rows", "fits", "within", "cells"}``; a scope's fits are missing
+    where it has fewer usable runs than a fit needs.
+    """
+    rows, dropped = _term_rows(payloads)
+    cells = sorted({r["cell"] for r in rows})
+    return {
+        "n": len(rows),
+        "dropped": dropped,
+        "rows": rows,
+        "fits": _fit_models(rows, n_resamples, seed),
+        "within": _fit_models(rows, n_resamples, seed, within_cells=True) if len(cells) > 1 else {},
+        "cells": {c: _fit_models([r for r in rows if r["cell"] == c], n_resamples, seed) for c in cells},
+    }
