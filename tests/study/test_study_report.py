@@ -52,6 +52,37 @@ def test_selection_and_paired_table(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_summary_across_cells_repeats_each_cells_comparisons(tmp_path):
+    cells = [("RotatedDigits", 0), ("RotatedDigits", 3)]
+    jobs = dg_jobs(tmp_path, cells=cells, n_trials=3)
+    for job in jobs:
+        s, t = job.settings, job.settings["trial"]
+        shift = (
+            0.0 if s["test_env"] == 0 else -0.2
+        )  # SAM 9 points above ERM in one cell, 11 below in the other
+        if s["algorithm"] == "SAM":
+            best = s["hparams"]["rho"] == 0.05
+            _finish(job, 0.95 if best else 0.90, 0.80 + 0.01 * t + shift if best else 0.10)
+        elif s["algorithm"] == "ERM":
+            _finish(job, 0.9, 0.70 + 0.02 * t)
+        else:
+            _finish(job, 0.9, 0.75)
+    runs, missing = rep.load_dg(tmp_path, cells=cells, n_trials=3)
+    assert missing == 0
+    selected = rep.select(runs)
+    summary = rep.summary_table(selected)
+    sam_row = next(line for line in summary.splitlines() if line.startswith("| SAM "))
+    assert "+9.0 [" in sam_row and "-11.0 [" in sam_row
+    # each entry is the cell table's own "Δ vs ERM", Holm-adjusted within the cell
+    for (dataset, env), name in zip(cells, ["0deg", "45deg"]):
+        cell_row = next(
+            line for line in rep.dg_table(selected, dataset, env, name).splitlines() if "| SAM " in line
+        )
+        assert cell_row.split("|")[4].strip() in sam_row
+    path = rep.plot_differences(selected, tmp_path / "d.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_incomplete_method_is_not_selected(tmp_path):
     jobs = dg_jobs(tmp_path, cells=[("RotatedDigits", 0)], n_trials=1)
     sam = [j for j in jobs if j.settings["algorithm"] == "SAM"]

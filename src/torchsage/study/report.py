@@ -29,17 +29,21 @@ from torchsage.study.stats import Paired, holm, mean_ci, paired_comparison
 
 __all__ = [
     "DGRun",
+    "cell_comparisons",
     "compare",
     "dg_table",
+    "fit_table",
     "load_dg",
     "load_mtl",
     "load_results",
     "mtl_table",
+    "plot_differences",
     "plot_sensitivity",
     "plot_theory",
     "render",
     "render_results",
     "select",
+    "summary_table",
 ]
 
 
@@ -137,6 +141,21 @@ def _holm_all(comparisons: dict[Any, Paired | None]) -> dict[Any, Paired | None]
     return out
 
 
+def cell_comparisons(
+    selected: dict[tuple[str, int, str], dict[int, DGRun]], dataset: str, test_env: int
+) -> tuple[dict[str, dict[int, float]], dict[tuple[str, str], Paired | None]]:
+    """One cell's selected test accuracies ``{method: {trial: acc}}`` and every method's paired
+    comparison with ERM and with SAM ``{(method, base): Paired}``, Holm-adjusted as one family."""
+    methods = list(dict.fromkeys(a.method for a in dg_arms()))
+    acc = {m: {t: r.test_acc for t, r in selected.get((dataset, test_env, m), {}).items()} for m in methods}
+    comparisons: dict[tuple[str, str], Paired | None] = {}
+    for m in methods:
+        for base in ("ERM", "SAM"):
+            if m != base and acc[m] and acc[base]:
+                comparisons[(m, base)] = compare(acc[m], acc[base])
+    return acc, _holm_all(comparisons)
+
+
 def dg_table(
     selected: dict[tuple[str, int, str], dict[int, DGRun]],
     dataset: str,
@@ -145,23 +164,16 @@ def dg_table(
     fmt: str = "markdown",
 ) -> str:
     """One cell's table: test accuracy (mean, 95% t-interval) and the paired differences."""
-    methods = list(dict.fromkeys(a.method for a in dg_arms()))
-    acc = {m: {t: r.test_acc for t, r in selected.get((dataset, test_env, m), {}).items()} for m in methods}
-    comparisons: dict[tuple[str, str], Paired | None] = {}
-    for m in methods:
-        for base in ("ERM", "SAM"):
-            if m != base and acc[m] and acc[base]:
-                comparisons[(m, base)] = compare(acc[m], acc[base])
-    comparisons = _holm_all(comparisons)
+    acc, comparisons = cell_comparisons(selected, dataset, test_env)
     rows = []
-    for m in methods:
-        if not acc[m]:
+    for m, values in acc.items():
+        if not values:
             continue
         rows.append(
             [
                 m,
-                str(len(acc[m])),
-                _ci(list(acc[m].values())),
+                str(len(values)),
+                _ci(list(values.values())),
                 _diff(comparisons.get((m, "ERM"))),
                 _diff(comparisons.get((m, "SAM"))),
             ]
@@ -173,6 +185,66 @@ def dg_table(
         "signed-rank, Holm-adjusted over this table; * p < 0.05."
     ]
     return render_table(header, rows, caption=caption, fmt=fmt, notes=notes)  # type: ignore[arg-type]
+
+
+def _cells_with_results(selected: dict[tuple[str, int, str], dict[int, DGRun]]) -> list[tuple[str, int]]:
+    return [c for c in DG_CELLS if any(k[:2] == c and v for k, v in selected.items())]
+
+
+def summary_table(selected: dict[tuple[str, int, str], dict[int, DGRun]], fmt: str = "markdown") -> str:
+    """Every method's paired difference to ERM, one column per finished cell (the same numbers
+    and Holm adjustment as the cells' own tables)."""
+    from torchsage.dg.datasets import environment_names
+
+    cells = _cells_with_results(selected)
+    per_cell = [cell_comparisons(selected, d, e)[1] for d, e in cells]
+    methods = [m for m in dict.fromkeys(a.method for a in dg_arms()) if m != "ERM"]
+    rows = [[m] + [_diff(c.get((m, "ERM"))) for c in per_cell] for m in methods]
+    header = ["Method"] + [f"{d} {environment_names(d)[e]}" for d, e in cells]
+    notes = [
+        "Δ vs ERM in test-accuracy points, paired over the cell's trials: mean [paired bootstrap 95% "
+        "CI], Wilcoxon p Holm-adjusted within the cell (as in the cell's table); * p < 0.05."
+    ]
+    return render_table(
+        header, rows, caption="Summary: difference to ERM in every cell", fmt=fmt, notes=notes
+    )  # type: ignore[arg-type]
+
+
+def plot_differences(selected: dict[tuple[str, int, str], dict[int, DGRun]], path: str | Path) -> Path:
+    """Forest plot: each method's paired difference to ERM with its bootstrap interval, one panel
+    per finished cell; filled markers where the Holm-adjusted difference is significant."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from torchsage.dg.datasets import environment_names
+
+    cells = _cells_with_results(selected)
+    if not cells:
+        raise ValueError("no finished DG cell to plot")
+    methods = [m for m in dict.fromkeys(a.method for a in dg_arms()) if m != "ERM"]
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
+    fig = Figure(figsize=(3.3 * len(cells) + 1.5, 3.8))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(cells), squeeze=False, sharey=True)[0]
+    for ax, (dataset, env) in zip(axes, cells):
+        comparisons = cell_comparisons(selected, dataset, env)[1]
+        for y, (m, colour) in enumerate(zip(methods, colours)):
+            p = comparisons.get((m, "ERM"))
+            if p is None:
+                continue
+            low = p.mean if math.isnan(p.low) else p.low
+            high = p.mean if math.isnan(p.high) else p.high
+            err = [[100 * (p.mean - low)], [100 * (high - p.mean)]]
+            face = colour if p.significant() else "white"
+            ax.errorbar([100 * p.mean], [y], xerr=err, fmt="o", color=colour, mfc=face, capsize=3)
+        ax.axvline(0.0, color="0.4", ls="--", lw=1)
+        ax.set_title(f"{dataset}, test domain {environment_names(dataset)[env]}", fontsize=9)
+        ax.set_xlabel("Δ test accuracy vs ERM (points)")
+    axes[0].set_yticks(range(len(methods)), methods, fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("paired difference to ERM, 95% bootstrap CI\n(filled: Holm-adjusted p < 0.05)", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def plot_sensitivity(runs: Sequence[DGRun], path: str | Path) -> Path:
@@ -389,9 +461,14 @@ def render_results(
     finished = len({(r.dataset, r.test_env, r.path.name) for r in runs})  # a run can stand for two arms
     parts = [f"DG runs finished: {finished}; not finished: {missing}."]
     selected = select(runs)
-    for dataset, env in DG_CELLS:
-        if any(k[:2] == (dataset, env) for k in selected):
-            parts.append(dg_table(selected, dataset, env, environment_names(dataset)[env]))
+    cells = _cells_with_results(selected)
+    if len(cells) > 1:
+        parts.append(summary_table(selected))
+    if cells:
+        plot_differences(selected, figures / "study_differences.png")
+        parts.append("![paired differences to ERM in every cell](figures/study_differences.png)")
+    for dataset, env in cells:
+        parts.append(dg_table(selected, dataset, env, environment_names(dataset)[env]))
     if any(r.method == "SAGE" for r in runs):
         plot_sensitivity(runs, figures / "study_sensitivity.png")
         parts.append("![SAGE grid: test accuracy against rho and gamma](figures/study_sensitivity.png)")
