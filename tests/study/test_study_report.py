@@ -145,6 +145,23 @@ def test_fits_within_cells_separate_a_cell_offset_from_a_predictor(tmp_path):
     assert rep.plot_theory(result, tmp_path / "t.png").exists()
 
 
+def test_trained_payloads_drop_runs_at_chance():
+    from pathlib import Path
+
+    from torchsage.dg.datasets import get_dataset
+
+    for name, n in rep.N_CLASSES.items():
+        assert get_dataset(name).num_classes == n
+
+    def run(name, dataset, val):
+        return rep.DGRun(dataset, 0, 0, "SAGE", {}, val, 0.1, Path(name))
+
+    runs = [run("a", "RotatedDigits", 0.19), run("b", "RotatedDigits", 0.21), run("c", "ColoredDigits", 0.55)]
+    runs.append(run("d", "ColoredDigits", 0.65))
+    payloads = [{"run": name} for name in "abcde"]  # "e" has no run: kept
+    assert [p["run"] for p in rep.trained_payloads(runs, payloads)] == ["b", "d", "e"]
+
+
 def test_measure_run_on_a_saved_model(tmp_path):
     from torchsage.dg.train import TrainArgs, train
 
