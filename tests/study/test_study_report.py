@@ -83,6 +83,14 @@ def test_summary_across_cells_repeats_each_cells_comparisons(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_cell_with_one_trial_is_named_not_tabulated(tmp_path):
+    for job in dg_jobs(tmp_path / "runs", cells=[("RotatedDigits", 0)], n_trials=1):
+        _finish(job, 0.9, 0.8)
+    text = rep.render(tmp_path / "runs", tmp_path / "figures")
+    assert "Not shown until two trials of ERM have finished there: RotatedDigits 0deg." in text
+    assert "test domain 0deg" not in text and not (tmp_path / "figures" / "study_sensitivity.png").exists()
+
+
 def test_incomplete_method_is_not_selected(tmp_path):
     jobs = dg_jobs(tmp_path, cells=[("RotatedDigits", 0)], n_trials=1)
     sam = [j for j in jobs if j.settings["algorithm"] == "SAM"]

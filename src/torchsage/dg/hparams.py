@@ -81,6 +81,7 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
         )
         add("ema", 0.95, lambda r: float(r.uniform(0.90, 0.99)))
     if algorithm.startswith("SAGE"):
+        # the library's SAGE defaults; kept by the evidence study (docs/study.md, "The defaults")
         if algorithm == "SAGE_AlignmentOnly":
             add("rho", 0.0)
         else:

@@ -49,6 +49,8 @@ class Benchmark:
     #: key of :data:`torchsage.mtl.metrics.BASELINES`, or None (baselines from ``stl`` runs)
     published_baseline: str | None = None
     needs_data_dir: bool = False
+    #: SAGE/SAM rho and SAGE gamma of a run without --rho/--gamma/--preset (MultiDigits: the
+    #: library's defaults, kept by the evidence study, docs/study.md "The defaults")
     rho: float = 0.05
     gamma: float = 1e-3
     #: batch size of the evaluation (None: the training batch size)

@@ -189,7 +189,8 @@ def dg_table(
 
 
 def _cells_with_results(selected: dict[tuple[str, int, str], dict[int, DGRun]]) -> list[tuple[str, int]]:
-    return [c for c in DG_CELLS if any(k[:2] == c and v for k, v in selected.items())]
+    """The cells with at least two finished trials of ERM (the fewest a paired comparison takes)."""
+    return [c for c in DG_CELLS if len(selected.get((*c, "ERM"), {})) >= 2]
 
 
 def summary_table(selected: dict[tuple[str, int, str], dict[int, DGRun]], fmt: str = "markdown") -> str:
@@ -201,7 +202,8 @@ def summary_table(selected: dict[tuple[str, int, str], dict[int, DGRun]], fmt: s
     per_cell = [cell_comparisons(selected, d, e)[1] for d, e in cells]
     methods = [m for m in dict.fromkeys(a.method for a in dg_arms()) if m != "ERM"]
     rows = [[m] + [_diff(c.get((m, "ERM"))) for c in per_cell] for m in methods]
-    header = ["Method"] + [f"{d} {environment_names(d)[e]}" for d, e in cells]
+    trials = [len(selected.get((d, e, "ERM"), {})) for d, e in cells]
+    header = ["Method"] + [f"{d} {environment_names(d)[e]} ({n} trials)" for (d, e), n in zip(cells, trials)]
     notes = [
         "Δ vs ERM in test-accuracy points, paired over the cell's trials: mean [paired bootstrap 95% "
         "CI], Wilcoxon p Holm-adjusted within the cell (as in the cell's table); * p < 0.05."
@@ -248,10 +250,13 @@ def plot_differences(selected: dict[tuple[str, int, str], dict[int, DGRun]], pat
     return save_figure(fig, path)
 
 
-def plot_sensitivity(runs: Sequence[DGRun], path: str | Path) -> Path:
+def plot_sensitivity(
+    runs: Sequence[DGRun], path: str | Path, cells: Sequence[tuple[str, int]] | None = None
+) -> Path:
     """Test accuracy of every SAGE grid choice before selection (mean and 95% t-interval over the
     trials) against rho, one panel per (cell, rho scaling); colour: gamma; marker: disagreement;
-    ERM's mean over the same trials as a dashed line."""
+    ERM's mean over the same trials as a dashed line. ``cells``: the cells to show (default:
+    every cell with SAGE grid runs)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -267,7 +272,7 @@ def plot_sensitivity(runs: Sequence[DGRun], path: str | Path) -> Path:
             h = r.hparams
             key = (r.dataset, r.test_env, h["rho_scaling"], h["rho"], h["gamma"], h["disagreement"])
             values[key].append(100 * r.test_acc)
-    cells = [c for c in DG_CELLS if any(k[:2] == c for k in values)]
+    cells = [c for c in (DG_CELLS if cells is None else cells) if any(k[:2] == c for k in values)]
     if not cells:
         raise ValueError("no finished SAGE grid runs to plot")
     fig = Figure(figsize=(4.2 * len(scalings), 3.0 * len(cells)))
@@ -489,6 +494,10 @@ def render_results(
     parts = [f"DG runs finished: {finished}; not finished: {missing}."]
     selected = select(runs)
     cells = _cells_with_results(selected)
+    started = [c for c in DG_CELLS if c not in cells and any(k[:2] == c for k in selected)]
+    if started:
+        names = ", ".join(f"{d} {environment_names(d)[e]}" for d, e in started)
+        parts.append(f"Not shown until two trials of ERM have finished there: {names}.")
     if len(cells) > 1:
         parts.append(summary_table(selected))
     if cells:
@@ -496,8 +505,8 @@ def render_results(
         parts.append("![paired differences to ERM in every cell](figures/study_differences.png)")
     for dataset, env in cells:
         parts.append(dg_table(selected, dataset, env, environment_names(dataset)[env]))
-    if any(r.method == "SAGE" for r in runs):
-        plot_sensitivity(runs, figures / "study_sensitivity.png")
+    if cells and any(r.method == "SAGE" and (r.dataset, r.test_env) in cells for r in runs):
+        plot_sensitivity(runs, figures / "study_sensitivity.png", cells)
         parts.append("![SAGE grid: test accuracy against rho and gamma](figures/study_sensitivity.png)")
     parts.append(f"MultiDigits runs finished: {len(mtl)}.")
     if mtl:
