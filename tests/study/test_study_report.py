@@ -142,14 +142,14 @@ def test_fits_within_cells_separate_a_cell_offset_from_a_predictor(tmp_path):
             gap = offset - 0.03 * math.log10(a)
             payloads.append({"gap": gap, "dataset": "RotatedDigits", "test_envs": [cell], "report": report})
     result = fits(payloads, n_resamples=50)
-    assert sorted(result["cells"]) == ["RotatedDigits env 0", "RotatedDigits env 3"]
+    assert sorted(result["cells"]) == ["RotatedDigits 0deg", "RotatedDigits 45deg"]
     assert result["fits"]["alignment"].coef[0] > 0  # pooled: confounded by the cells
     within = result["within"]["alignment"]
     assert within.coef[0] == pytest.approx(-0.03, abs=1e-12) and within.r2 == pytest.approx(1.0, abs=1e-12)
     for cell_fits in result["cells"].values():
         assert cell_fits["alignment"].coef[0] == pytest.approx(-0.03, abs=1e-12)
     table = rep.fit_table(result)
-    assert "all runs, within cells" in table and "RotatedDigits env 3" in table
+    assert "all runs, within cells" in table and "RotatedDigits 45deg" in table
     assert rep.plot_theory(result, tmp_path / "t.png").exists()
 
 

@@ -199,9 +199,18 @@ MODELS: tuple[tuple[str, ...], ...] = (("alignment",), ("trace",), ("lambda_max"
 
 
 def cell_label(payload: dict[str, Any]) -> str:
-    """``"<dataset> env <test env>"``: the DG cell a theory payload belongs to."""
-    envs = ",".join(str(int(e)) for e in payload.get("test_envs", []))
-    return f"{payload['dataset']} env {envs}" if envs else str(payload["dataset"])
+    """``"<dataset> <test domain>"`` (``"RotatedDigits 0deg"``): the DG cell a theory payload
+    belongs to; the domain's index where the data set is not registered."""
+    from torchsage.dg.datasets import environment_names
+
+    envs = [int(e) for e in payload.get("test_envs", [])]
+    if not envs:
+        return str(payload["dataset"])
+    try:
+        names = environment_names(payload["dataset"])
+        return f"{payload['dataset']} " + ",".join(names[e] for e in envs)
+    except (KeyError, ValueError, IndexError):
+        return f"{payload['dataset']} env " + ",".join(str(e) for e in envs)
 
 
 def _fit_models(
