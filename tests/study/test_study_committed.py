@@ -13,3 +13,12 @@ def test_committed_results_render_from_the_committed_records(tmp_path):
     text = render_results(*load(DOCS / "study_records.jsonl"), tmp_path)
     assert (DOCS / "study_results.md").read_text() == "# Evidence study: results\n\n" + text
     assert (tmp_path / "study_sensitivity.png").exists()
+
+
+def test_summary_table_quoted_in_the_docs_is_the_rendered_one():
+    # study.md and results.md quote the summary table; a new export must update the quotes too
+    rendered = (DOCS / "study_results.md").read_text()
+    start = rendered.index("| Method ", rendered.index("**Summary: difference to ERM in every cell**"))
+    table = rendered[start : rendered.index("\n\n", start)]
+    for page in ("study.md", "results.md"):
+        assert table in (DOCS / page).read_text(), f"docs/{page} quotes an outdated summary table"
