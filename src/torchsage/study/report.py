@@ -295,6 +295,10 @@ def plot_sensitivity(
             if erm:
                 ax.axhline(sum(erm) / len(erm), color="0.4", ls="--", lw=1, label=f"ERM ({len(erm)} trials)")
             ax.set_xscale("log")
+            rhos = sorted({h["rho"] for h in SAGE_GRID})
+            ax.set_xticks(rhos, [f"{r:g}" for r in rhos])
+            ax.minorticks_off()
+            ax.set_xlim(rhos[0] / 1.5, rhos[-1] * 1.5)
             ax.set_xlabel("rho")
             ax.set_ylabel("test accuracy (%)")
             name = environment_names(dataset)[env]
