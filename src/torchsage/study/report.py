@@ -157,15 +157,31 @@ def cell_comparisons(
     return acc, _holm_all(comparisons)
 
 
+CellResults = dict[tuple[str, int], tuple[dict[str, dict[int, float]], dict[tuple[str, str], Paired | None]]]
+
+
+def _cell_results(
+    selected: dict[tuple[str, int, str], dict[int, DGRun]],
+    cells: Sequence[tuple[str, int]],
+    known: CellResults | None,
+) -> CellResults:
+    """:func:`cell_comparisons` for ``cells``, reusing those already in ``known`` (the bootstrap is
+    the report's costliest step: :func:`render_results` computes each cell once for all outputs)."""
+    known = known or {}
+    return {c: known[c] if c in known else cell_comparisons(selected, *c) for c in cells}
+
+
 def dg_table(
     selected: dict[tuple[str, int, str], dict[int, DGRun]],
     dataset: str,
     test_env: int,
     env_name: str,
     fmt: str = "markdown",
+    results: CellResults | None = None,
 ) -> str:
-    """One cell's table: test accuracy (mean, 95% t-interval) and the paired differences."""
-    acc, comparisons = cell_comparisons(selected, dataset, test_env)
+    """One cell's table: test accuracy (mean, 95% t-interval) and the paired differences.
+    ``results``: cells' comparisons already computed (see :func:`_cell_results`)."""
+    acc, comparisons = _cell_results(selected, [(dataset, test_env)], results)[(dataset, test_env)]
     rows = []
     for m, values in acc.items():
         if not values:
@@ -193,13 +209,18 @@ def _cells_with_results(selected: dict[tuple[str, int, str], dict[int, DGRun]]) 
     return [c for c in DG_CELLS if len(selected.get((*c, "ERM"), {})) >= 2]
 
 
-def summary_table(selected: dict[tuple[str, int, str], dict[int, DGRun]], fmt: str = "markdown") -> str:
+def summary_table(
+    selected: dict[tuple[str, int, str], dict[int, DGRun]],
+    fmt: str = "markdown",
+    results: CellResults | None = None,
+) -> str:
     """Every method's paired difference to ERM, one column per finished cell (the same numbers
     and Holm adjustment as the cells' own tables)."""
     from torchsage.dg.datasets import environment_names
 
     cells = _cells_with_results(selected)
-    per_cell = [cell_comparisons(selected, d, e)[1] for d, e in cells]
+    results = _cell_results(selected, cells, results)
+    per_cell = [results[c][1] for c in cells]
     methods = [m for m in dict.fromkeys(a.method for a in dg_arms()) if m != "ERM"]
     rows = [[m] + [_diff(c.get((m, "ERM"))) for c in per_cell] for m in methods]
     trials = [len(selected.get((d, e, "ERM"), {})) for d, e in cells]
@@ -213,7 +234,11 @@ def summary_table(selected: dict[tuple[str, int, str], dict[int, DGRun]], fmt: s
     )  # type: ignore[arg-type]
 
 
-def plot_differences(selected: dict[tuple[str, int, str], dict[int, DGRun]], path: str | Path) -> Path:
+def plot_differences(
+    selected: dict[tuple[str, int, str], dict[int, DGRun]],
+    path: str | Path,
+    results: CellResults | None = None,
+) -> Path:
     """Forest plot: each method's paired difference to ERM with its bootstrap interval, one panel
     per finished cell; filled markers where the Holm-adjusted difference is significant."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -224,13 +249,14 @@ def plot_differences(selected: dict[tuple[str, int, str], dict[int, DGRun]], pat
     cells = _cells_with_results(selected)
     if not cells:
         raise ValueError("no finished DG cell to plot")
+    results = _cell_results(selected, cells, results)
     methods = [m for m in dict.fromkeys(a.method for a in dg_arms()) if m != "ERM"]
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
     fig = Figure(figsize=(3.3 * len(cells) + 1.5, 3.8))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(cells), squeeze=False, sharey=True)[0]
     for ax, (dataset, env) in zip(axes, cells):
-        comparisons = cell_comparisons(selected, dataset, env)[1]
+        comparisons = results[(dataset, env)][1]
         for y, (m, colour) in enumerate(zip(methods, colours)):
             p = comparisons.get((m, "ERM"))
             if p is None:
@@ -502,13 +528,14 @@ def render_results(
     if started:
         names = ", ".join(f"{d} {environment_names(d)[e]}" for d, e in started)
         parts.append(f"Not shown until two trials of ERM have finished there: {names}.")
+    results = _cell_results(selected, cells, None)
     if len(cells) > 1:
-        parts.append(summary_table(selected))
+        parts.append(summary_table(selected, results=results))
     if cells:
-        plot_differences(selected, figures / "study_differences.png")
+        plot_differences(selected, figures / "study_differences.png", results)
         parts.append("![paired differences to ERM in every cell](figures/study_differences.png)")
     for dataset, env in cells:
-        parts.append(dg_table(selected, dataset, env, environment_names(dataset)[env]))
+        parts.append(dg_table(selected, dataset, env, environment_names(dataset)[env], results=results))
     if cells and any(r.method == "SAGE" and (r.dataset, r.test_env) in cells for r in runs):
         plot_sensitivity(runs, figures / "study_sensitivity.png", cells)
         parts.append("![SAGE grid: test accuracy against rho and gamma](figures/study_sensitivity.png)")

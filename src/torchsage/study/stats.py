@@ -228,13 +228,11 @@ def least_squares(
             raise ValueError(f"least_squares needs at least {len(names) + 2} observations, got {ya.size}")
         beta, r2 = _ols(Xa, ya)
         intercept = float(beta[0])
-        rng = np.random.default_rng(seed)
-        coefs, r2s = [], []
-        for _ in range(n_resamples):
+
+        def refit(rng: np.random.Generator) -> tuple[np.ndarray, float]:
             idx = rng.integers(0, ya.size, ya.size)
-            b, r = _ols(Xa[idx], ya[idx])
-            coefs.append(b[1:])
-            r2s.append(r)
+            return _ols(Xa[idx], ya[idx])
+
     else:
         labels = list(groups)
         if len(labels) != ya.size:
@@ -249,15 +247,17 @@ def least_squares(
             )
         beta, r2 = _within(Xa, ya, members)
         intercept = float(ya.mean() - Xa.mean(axis=0) @ beta[1:])
-        rng = np.random.default_rng(seed)
-        coefs, r2s = [], []
-        for _ in range(n_resamples):
+
+        def refit(rng: np.random.Generator) -> tuple[np.ndarray, float]:
             idx = [m[rng.integers(0, m.size, m.size)] for m in members]
             starts = np.cumsum([0] + [i.size for i in idx[:-1]])
             flat = np.concatenate(idx)
-            b, r = _within(Xa[flat], ya[flat], [s0 + np.arange(i.size) for s0, i in zip(starts, idx)])
-            coefs.append(b[1:])
-            r2s.append(r)
+            return _within(Xa[flat], ya[flat], [s0 + np.arange(i.size) for s0, i in zip(starts, idx)])
+
+    rng = np.random.default_rng(seed)
+    draws = [refit(rng) for _ in range(n_resamples)]
+    coefs = [b[1:] for b, _ in draws]
+    r2s = [r for _, r in draws]
     tail = 100 * (1 - level) / 2
     lo, hi = np.nanpercentile(np.array(coefs), [tail, 100 - tail], axis=0)
     r2_lo, r2_hi = np.nanpercentile(np.array(r2s), [tail, 100 - tail])
