@@ -81,7 +81,7 @@ class SAGE(SharpnessAware):
     times further at the same ``rho``), ``normalized_std`` (on the shared parameters with a
     solver), ``gamma = 1e-3`` and the base optimizer you pass. They come from the measurements in
     docs/usage.md, not from the paper, and the evidence study (docs/study.md: 10 paired trials on
-    each of three embedded DG cells, and MultiDigits) kept them: no choice of its grid did better,
+    each of four embedded DG cells, and MultiDigits) kept them: no choice of its grid did better,
     and at these values SAGE was within a point or two of ERM and SAM everywhere, which also means
     it was not shown to help.
 
