@@ -109,6 +109,9 @@ def test_fits_recover_an_exact_relation():
             "curvature_trace": tr,
             "curvature_trace_stderr": 0.1,
             "curvature_top": [tr / 2],
+            "curvature_top_residuals": [1e-6],
+            "alignment_residuals": 1e-5,
+            "cg_iterations": [3, 4],
         }
         payloads.append({"gap": g, "dataset": "RotatedDigits", "report": report})
     payloads.append(
@@ -138,6 +141,9 @@ def test_fits_within_cells_separate_a_cell_offset_from_a_predictor(tmp_path):
                 "curvature_trace": tr,
                 "curvature_trace_stderr": 0.1,
                 "curvature_top": [tr],
+                "curvature_top_residuals": [1e-6],
+                "alignment_residuals": 1e-5,
+                "cg_iterations": [3],
             }
             gap = offset - 0.03 * math.log10(a)
             payloads.append({"gap": gap, "dataset": "RotatedDigits", "test_envs": [cell], "report": report})
@@ -151,6 +157,23 @@ def test_fits_within_cells_separate_a_cell_offset_from_a_predictor(tmp_path):
     table = rep.fit_table(result)
     assert "all runs, within cells" in table and "RotatedDigits 45deg" in table
     assert rep.plot_theory(result, tmp_path / "t.png").exists()
+
+
+def test_measurement_precision_states_the_worst_and_the_median():
+    rows = [
+        {"trace": 10.0, "trace_stderr": 1.0, "cg_residual": 1e-5, "cg_iterations": 7, "lambda_max": 4.0,
+         "lambda_residual": 0.02},
+        {"trace": 100.0, "trace_stderr": 2.0, "cg_residual": 3e-5, "cg_iterations": 12, "lambda_max": 50.0,
+         "lambda_residual": 0.05},
+        {"trace": 4.0, "trace_stderr": 2.0, "cg_residual": 2e-5, "cg_iterations": 9, "lambda_max": 2.0,
+         "lambda_residual": 0.001},
+    ]  # fmt: skip
+    # relative standard errors 10%, 2%, 50%: median 10%, largest 50%; Lanczos 0.5%, 0.1%, 0.05%
+    assert rep.measurement_precision(rows) == (
+        "Measurement precision over the 3 fitted runs: Hutchinson standard error of tr H̄ median 10.0%, "
+        "largest 50.0% of the trace; CG relative residual at most 3e-05 (12 iterations at most); "
+        "Lanczos residual of λ_max at most 0.5% of it."
+    )
 
 
 def test_trained_payloads_drop_runs_at_chance():

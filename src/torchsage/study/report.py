@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -336,7 +337,8 @@ def plot_sensitivity(
 
 def plot_theory(result: dict[str, Any], path: str | Path) -> Path:
     """The gap against each term (log scale), one colour per DG cell, each cell's one-term fit as
-    a dashed line in its colour; the panel title gives the within-cell R^2 (cell intercepts), or
+    a dashed line in its colour, the trace with Hutchinson's standard error as a horizontal bar;
+    the panel title gives the within-cell R^2 (cell intercepts), or
     the pooled one with a single cell."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -352,8 +354,17 @@ def plot_theory(result: dict[str, Any], path: str | Path) -> Path:
     colours = dict(zip(cells, ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]))
     for ax, term in zip(axes, terms):
         for c in cells:
-            pts = [(math.log10(r[term]), 100 * r["gap"]) for r in rows if r["cell"] == c and r[term] > 0]
+            mine = [r for r in rows if r["cell"] == c and r[term] > 0]
+            pts = [(math.log10(r[term]), 100 * r["gap"]) for r in mine]
             ax.scatter([x for x, _ in pts], [y for _, y in pts], s=10, color=colours[c], label=c)
+            if term == "trace":  # Hutchinson's standard error, as a bar on the log axis
+                x = [math.log10(r["trace"]) for r in mine]
+                low = [
+                    xi - math.log10(max(r["trace"] - r["trace_stderr"], 1e-3 * r["trace"]))
+                    for xi, r in zip(x, mine)
+                ]
+                high = [math.log10(r["trace"] + r["trace_stderr"]) - xi for xi, r in zip(x, mine)]
+                ax.errorbar(x, [y for _, y in pts], xerr=[low, high], fmt="none", ecolor=colours[c], lw=0.8)
             fit = result.get("cells", {}).get(c, {}).get(term)
             if fit is not None and pts:
                 lo, hi = min(x for x, _ in pts), max(x for x, _ in pts)
@@ -460,6 +471,8 @@ def fit_table(
         f"{result['dropped']} sampled run(s) left out: curvature found indefinite beyond the damping "
         "(alignment undefined).",
     ]
+    if result["rows"]:
+        notes.append(measurement_precision(result["rows"]))
     return render_table(
         ["Scope", "Predictors", "runs", "slope per decade [95% CI]", "R² [95% CI]"],
         rows,
@@ -467,6 +480,28 @@ def fit_table(
         fmt=fmt,
         notes=notes,
     )  # type: ignore[arg-type]
+
+
+def measurement_precision(rows: Sequence[dict[str, Any]]) -> str:
+    """One sentence on how precisely the terms of the fitted runs were measured: the Hutchinson
+    trace's standard error relative to the trace, the conjugate-gradient solves' largest relative
+    residual and iteration count, and the Lanczos residual of lambda_max relative to it."""
+    rel_se = [r["trace_stderr"] / r["trace"] for r in rows if r["trace"] > 0]
+    parts = []
+    if rel_se:
+        parts.append(
+            f"Hutchinson standard error of tr H̄ median {100 * statistics.median(rel_se):.1f}%, "
+            f"largest {100 * max(rel_se):.1f}% of the trace"
+        )
+    if all("cg_residual" in r for r in rows):
+        residual, its = max(r["cg_residual"] for r in rows), max(r["cg_iterations"] for r in rows)
+        parts.append(f"CG relative residual at most {residual:.2g} ({its} iterations at most)")
+    lam = [
+        r["lambda_residual"] / r["lambda_max"] for r in rows if r["lambda_max"] > 0 and "lambda_residual" in r
+    ]
+    if lam and all(math.isfinite(v) for v in lam):
+        parts.append(f"Lanczos residual of λ_max at most {100 * max(lam):.2g}% of it")
+    return f"Measurement precision over the {len(rows)} fitted runs: " + "; ".join(parts) + "."
 
 
 #: labels of the study's data sets (checked against the registry by the tests)

@@ -187,6 +187,12 @@ def _term_rows(payloads: Sequence[dict[str, Any]]) -> tuple[list[dict[str, float
                 "trace": float(r["curvature_trace"]),
                 "trace_stderr": float(r["curvature_trace_stderr"]),
                 "lambda_max": float(r["curvature_top"][0]),
+                # the measurements' own precision, reported beside the fits
+                "cg_residual": float(r["alignment_residuals"]),
+                "cg_iterations": int(max(r["cg_iterations"], default=0)),
+                "lambda_residual": float(r["curvature_top_residuals"][0])
+                if r.get("curvature_top_residuals")
+                else math.nan,
                 "dataset": p["dataset"],
                 "cell": cell_label(p),
             }
