@@ -8,7 +8,7 @@ import pytest
 
 from torchsage.harness.records import append_json_line, mark_done
 from torchsage.study import report as rep
-from torchsage.study.spec import dg_arms, dg_jobs
+from torchsage.study.spec import dg_arms, dg_jobs, gamma_measure_arms, part_jobs
 from torchsage.study.theory import fits, gap, measure_run
 
 
@@ -38,7 +38,8 @@ def test_selection_and_paired_table(tmp_path):
             _finish(job, 0.9, 0.75)
     runs, missing = rep.load_dg(tmp_path, cells=[("RotatedDigits", 0)], n_trials=3)
     assert missing == 0
-    assert len(runs) == 3 * len(dg_arms())  # SAGE (default) stands for its grid twin too
+    # SAGE (default) stands for its grid twin and for the follow-up's default run too
+    assert len(runs) == 3 * (len(dg_arms()) + 1)
     selected = rep.select(runs)
     sam = selected[("RotatedDigits", 0, "SAM")]
     assert [sam[t].hparams["rho"] for t in range(3)] == [0.05] * 3
@@ -81,6 +82,31 @@ def test_summary_across_cells_repeats_each_cells_comparisons(tmp_path):
         assert cell_row.split("|")[4].strip() in sam_row
     path = rep.plot_differences(selected, tmp_path / "d.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gamma_measure_table_separates_the_two_factors():
+    # accuracy = base(trial) + 0.03 [gamma 1e-2] + 0.01 [cosine] + 0.02 [both]: the gamma effect
+    # averaged over the measures is 0.03 + 0.02 / 2 = 4 points, the measure's 0.01 + 0.02 / 2 = 2,
+    # the interaction (cosine's effect at 1e-2 minus at 1e-3) 0.03 - 0.01 = 2; every trial agrees,
+    # so the exact Wilcoxon p is 2 / 2**10 and Holm's over six comparisons is below 0.05
+    from pathlib import Path
+
+    runs = []
+    for arm in gamma_measure_arms():
+        high, cosine = arm.hparams["gamma"] == 1e-2, arm.hparams["disagreement"] == "cosine"
+        for t in range(10):
+            acc = 0.5 + 0.013 * t + 0.03 * high + 0.01 * cosine + 0.02 * (high and cosine)
+            runs.append(
+                rep.DGRun("ColoredDigits", 2, t, arm.method, arm.hparams, 0.8, acc, Path(f"{arm.method}{t}"))
+            )
+    table = rep.gamma_measure_table(rep.select(runs))
+    assert "ColoredDigits, test domain -90%" in table and "RotatedDigits" not in table
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert "+4.0 [+4.0, +4.0] p=0.012 *" in lines["gamma 1e-2 vs 1e-3"]
+    assert "+2.0 [+2.0, +2.0] p=0.012 *" in lines["cosine vs normalized_std"]
+    assert "+2.0 [+2.0, +2.0] p=0.012 *" in lines["interaction"]
+    assert "+6.0 [+6.0, +6.0]" in lines["SAGE g=0.01 cosine"] and "–" in lines["SAGE g=0.001 normalized_std"]
+    assert rep.gamma_measure_table(rep.select(runs[:1])) is None
 
 
 def test_a_cell_with_one_trial_is_named_not_tabulated(tmp_path):
@@ -221,10 +247,18 @@ def test_records_file_renders_what_the_run_directories_render(tmp_path):
     from torchsage.study.records import export, load
 
     root = tmp_path / "runs"
-    for job in dg_jobs(root, n_trials=2):
+    main = dg_jobs(root, n_trials=2)
+    followup = [j for j in part_jobs(root, "dg-gamma-measure") if j.settings["trial"] < 2]
+    finished = {}
+    for job in main + followup:
         s, t = job.settings, job.settings["trial"]
-        if s["dataset"] == "RotatedDigits" and s["test_env"] == 0:
-            _finish(job, 0.9 + 0.001 * len(json.dumps(s["hparams"])), 0.6 + 0.05 * t)
+        if s["dataset"] == "RotatedDigits" and s["test_env"] == 0 and job.output_dir not in finished:
+            finished[job.output_dir] = job
+            _finish(
+                job,
+                0.9 + 0.001 * len(json.dumps(s["hparams"])),
+                0.6 + 0.05 * t + 0.01 * s["hparams"].get("gamma", 0),
+            )
     theory = {"run": "x", "dataset": "RotatedDigits", "gap": 0.1, "report": {"alignment": None}}
     (root / "dg" / "x").mkdir(parents=True)
     (root / "dg" / "x" / "theory.json").write_text(json.dumps(theory))
@@ -232,9 +266,12 @@ def test_records_file_renders_what_the_run_directories_render(tmp_path):
     path = export(root, tmp_path / "records.jsonl")
     runs, missing, mtl, payloads = load(path)
     assert payloads == [theory] and mtl == []
-    assert len(runs) == 2 * len(dg_arms()) and missing == len(dg_jobs(root)) - 2 * (len(dg_arms()) - 1)
+    every_job = {j.output_dir for j in dg_jobs(root) + part_jobs(root, "dg-gamma-measure")}
+    assert missing == len(every_job) - len(finished)
+    assert len(runs) == 2 * (len(dg_arms()) + len(gamma_measure_arms()))
     assert rep.render_results(runs, missing, mtl, payloads, tmp_path / "fig2") == from_dirs
     assert "trials" in from_dirs and "| SAGE " in from_dirs
+    assert "Follow-up: gamma x disagreement measure, RotatedDigits, test domain 0deg" in from_dirs
 
 
 def test_records_file_refuses_what_it_cannot_read(tmp_path):

@@ -25,7 +25,15 @@ from typing import Any
 
 from torchsage.harness.records import read_json_lines
 from torchsage.harness.tables import render_table, save_figure
-from torchsage.study.spec import DG_CELLS, SAGE_GRID, dg_arms, dg_jobs, mtl_jobs
+from torchsage.study.spec import (
+    DG_CELLS,
+    FOLLOWUP_CELLS,
+    SAGE_GRID,
+    dg_arms,
+    dg_jobs,
+    gamma_measure_arms,
+    mtl_jobs,
+)
 from torchsage.study.stats import Paired, holm, mean_ci, paired_comparison
 
 __all__ = [
@@ -34,6 +42,7 @@ __all__ = [
     "compare",
     "dg_table",
     "fit_table",
+    "gamma_measure_table",
     "load_dg",
     "load_mtl",
     "load_results",
@@ -71,14 +80,24 @@ def _accuracies(record: dict[str, Any], test_env: int) -> tuple[float, float]:
     return sum(val) / len(val), float(record[f"env{test_env}_in_acc"])
 
 
+def _all_arms() -> list:
+    return dg_arms() + gamma_measure_arms()
+
+
 def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
-    """The finished runs of the DG study under ``root`` (found through the specification's jobs);
-    returns them and the number of jobs not finished."""
+    """The finished runs of the DG study under ``root`` (found through the specification's jobs,
+    the follow-up's included unless ``job_options`` restrict them); returns them and the number of
+    jobs not finished."""
     methods: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for arm in dg_arms():
+    for arm in _all_arms():
         methods[(arm.algorithm, arm.hparams_json())].append(arm.method)
+    jobs = dg_jobs(root, **job_options)
+    if not job_options:  # the follow-up's runs; the default's is already among the main jobs
+        known = {job.output_dir for job in jobs}
+        followup = dg_jobs(root, cells=FOLLOWUP_CELLS, arms=gamma_measure_arms())
+        jobs += [job for job in followup if job.output_dir not in known]
     runs, missing = [], 0
-    for job in dg_jobs(root, **job_options):
+    for job in jobs:
         if job.state != "done":
             missing += 1
             continue
@@ -98,7 +117,7 @@ def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
 def select(runs: Sequence[DGRun]) -> dict[tuple[str, int, str], dict[int, DGRun]]:
     """``{(dataset, test_env, method): {trial: selected run}}`` by training-domain validation."""
     choices = defaultdict(int)
-    for arm in dg_arms():
+    for arm in _all_arms():
         choices[arm.method] += 1
     grouped: dict[tuple[str, int, str, int], list[DGRun]] = defaultdict(list)
     for r in runs:
@@ -203,6 +222,60 @@ def dg_table(
         "signed-rank, Holm-adjusted over this table; * p < 0.05."
     ]
     return render_table(header, rows, caption=caption, fmt=fmt, notes=notes)  # type: ignore[arg-type]
+
+
+def _mean_of(x: dict[int, float], y: dict[int, float]) -> dict[int, float]:
+    """Trial by trial, the mean of two runs' accuracies."""
+    return {t: (x[t] + y[t]) / 2 for t in x}
+
+
+def gamma_measure_table(
+    selected: dict[tuple[str, int, str], dict[int, DGRun]], fmt: str = "markdown"
+) -> str | None:
+    """The follow-up's 2 x 2 of gamma and the disagreement measure, every cell of it with at least
+    two trials of all four runs: each run's test accuracy, its paired difference to the default
+    (gamma 1e-3, normalized_std), the two main effects (each factor's levels compared within the
+    trials, averaged over the other factor) and the interaction (how much the measure's effect
+    changes with gamma), Holm-adjusted over the cell's six comparisons. ``None`` before then."""
+    from torchsage.dg.datasets import environment_names
+
+    arms = gamma_measure_arms()
+    (low_n, low_c), (high_n, high_c) = [[a.method for a in arms[i : i + 2]] for i in (0, 2)]
+    sections = []
+    for dataset, env in FOLLOWUP_CELLS:
+        acc = {a.method: selected.get((dataset, env, a.method), {}) for a in arms}
+        trials = sorted(set.intersection(*(set(v) for v in acc.values())))
+        if len(trials) < 2:
+            continue
+        a = {m: {t: acc[m][t].test_acc for t in trials} for m in acc}
+        comparisons: dict[str, Paired | None] = {m: compare(a[m], a[low_n]) for m in (low_c, high_n, high_c)}
+        comparisons["gamma 1e-2 vs 1e-3"] = compare(
+            _mean_of(a[high_n], a[high_c]), _mean_of(a[low_n], a[low_c])
+        )
+        comparisons["cosine vs normalized_std"] = compare(
+            _mean_of(a[low_c], a[high_c]), _mean_of(a[low_n], a[high_n])
+        )
+        # interaction: the measure's effect at gamma 1e-2 minus its effect at gamma 1e-3
+        comparisons["interaction"] = compare(
+            {t: a[high_c][t] - a[high_n][t] for t in trials}, {t: a[low_c][t] - a[low_n][t] for t in trials}
+        )
+        comparisons = _holm_all(comparisons)
+        rows = [[m, str(len(trials)), _ci(list(a[m].values())), _diff(comparisons.get(m))] for m in a]
+        rows += [[name, str(len(trials)), "", _diff(comparisons[name])] for name in list(comparisons)[3:]]
+        caption = (
+            f"Follow-up: gamma x disagreement measure, {dataset}, test domain "
+            f"{environment_names(dataset)[env]} (global scaling, rho 0.05)"
+        )
+        notes = [
+            "Δ: paired over the trials, in points: each run against the default (gamma 1e-3, "
+            "normalized_std); a factor's main effect is its level's mean over the other factor's two "
+            "levels against the other level's; interaction: cosine's effect at gamma 1e-2 minus its "
+            "effect at gamma 1e-3. Paired bootstrap interval, Wilcoxon p Holm-adjusted over the six "
+            "comparisons; * p < 0.05."
+        ]
+        header = ["Run or effect", "trials", "test acc (%) [95% CI]", "Δ [95% CI] p"]
+        sections.append(render_table(header, rows, caption=caption, fmt=fmt, notes=notes))  # type: ignore[arg-type]
+    return "\n\n".join(sections) if sections else None
 
 
 def _cells_with_results(selected: dict[tuple[str, int, str], dict[int, DGRun]]) -> list[tuple[str, int]]:
@@ -338,8 +411,8 @@ def plot_sensitivity(
 def plot_theory(result: dict[str, Any], path: str | Path) -> Path:
     """The gap against each term (log scale), one colour per DG cell, each cell's one-term fit as
     a dashed line in its colour, the trace with Hutchinson's standard error as a horizontal bar;
-    the panel title gives the within-cell R^2 (cell intercepts), or
-    the pooled one with a single cell."""
+    the panel title gives the within-cell R^2 (cell intercepts), or the pooled one with a single
+    cell."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -574,6 +647,9 @@ def render_results(
     if cells and any(r.method == "SAGE" and (r.dataset, r.test_env) in cells for r in runs):
         plot_sensitivity(runs, figures / "study_sensitivity.png", cells)
         parts.append("![SAGE grid: test accuracy against rho and gamma](figures/study_sensitivity.png)")
+    followup = gamma_measure_table(selected)
+    if followup is not None:
+        parts.append(followup)
     parts.append(f"MultiDigits runs finished: {len(mtl)}.")
     if mtl:
         parts.append(mtl_table(mtl))
