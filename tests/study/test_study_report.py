@@ -96,8 +96,11 @@ def test_gamma_measure_table_separates_the_two_factors():
         high, cosine = arm.hparams["gamma"] == 1e-2, arm.hparams["disagreement"] == "cosine"
         for t in range(10):
             acc = 0.5 + 0.013 * t + 0.03 * high + 0.01 * cosine + 0.02 * (high and cosine)
+            d = (0.7 + 0.2 * t / 9) if cosine else None if high else 1.4  # cosine: mean 0.8 over trials
             runs.append(
-                rep.DGRun("ColoredDigits", 2, t, arm.method, arm.hparams, 0.8, acc, Path(f"{arm.method}{t}"))
+                rep.DGRun(
+                    "ColoredDigits", 2, t, arm.method, arm.hparams, 0.8, acc, Path(f"{arm.method}{t}"), d
+                )
             )
     table = rep.gamma_measure_table(rep.select(runs))
     assert "ColoredDigits, test domain -90%" in table and "RotatedDigits" not in table
@@ -105,7 +108,10 @@ def test_gamma_measure_table_separates_the_two_factors():
     assert "+4.0 [+4.0, +4.0] p=0.012 *" in lines["gamma 1e-2 vs 1e-3"]
     assert "+2.0 [+2.0, +2.0] p=0.012 *" in lines["cosine vs normalized_std"]
     assert "+2.0 [+2.0, +2.0] p=0.012 *" in lines["interaction"]
-    assert "+6.0 [+6.0, +6.0]" in lines["SAGE g=0.01 cosine"] and "–" in lines["SAGE g=0.001 normalized_std"]
+    cells = {name: [c.strip() for c in line.split("|")[1:-1]] for name, line in lines.items()}
+    assert cells["SAGE g=0.01 cosine"][3:] == ["0.80", "+6.0 [+6.0, +6.0] p=0.012 *"]
+    assert cells["SAGE g=0.001 normalized_std"][3:] == ["1.40", "–"]
+    assert cells["SAGE g=0.01 normalized_std"][3] == "–"  # D not logged: a dash, not a number
     assert rep.gamma_measure_table(rep.select(runs[:1])) is None
 
 

@@ -70,6 +70,8 @@ class DGRun:
     val_acc: float  # training domains' out splits, mean
     test_acc: float  # test domain's in split
     path: Path
+    #: SAGE's disagreement D, averaged over the run's steps after the first (None: not logged)
+    disagreement: float | None = None
 
 
 def _accuracies(record: dict[str, Any], test_env: int) -> tuple[float, float]:
@@ -105,10 +107,19 @@ def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
         s = job.settings
         val, test = _accuracies(records[-1], s["test_env"])
         hp = json.dumps(s["hparams"], sort_keys=True)
+        d = records[-1].get("disagreement")
         for method in methods[(s["algorithm"], hp)]:  # one run can stand for two arms
             runs.append(
                 DGRun(
-                    s["dataset"], s["test_env"], s["trial"], method, s["hparams"], val, test, job.output_dir
+                    s["dataset"],
+                    s["test_env"],
+                    s["trial"],
+                    method,
+                    s["hparams"],
+                    val,
+                    test,
+                    job.output_dir,
+                    None if d is None else float(d),
                 )
             )
     return runs, missing
@@ -224,6 +235,11 @@ def dg_table(
     return render_table(header, rows, caption=caption, fmt=fmt, notes=notes)  # type: ignore[arg-type]
 
 
+def _mean_disagreement(runs: dict[int, DGRun], trials: Sequence[int]) -> str:
+    values = [runs[t].disagreement for t in trials]
+    return "–" if any(v is None for v in values) else f"{statistics.fmean(values):.2f}"  # type: ignore[arg-type]
+
+
 def _mean_of(x: dict[int, float], y: dict[int, float]) -> dict[int, float]:
     """Trial by trial, the mean of two runs' accuracies."""
     return {t: (x[t] + y[t]) / 2 for t in x}
@@ -260,8 +276,17 @@ def gamma_measure_table(
             {t: a[high_c][t] - a[high_n][t] for t in trials}, {t: a[low_c][t] - a[low_n][t] for t in trials}
         )
         comparisons = _holm_all(comparisons)
-        rows = [[m, str(len(trials)), _ci(list(a[m].values())), _diff(comparisons.get(m))] for m in a]
-        rows += [[name, str(len(trials)), "", _diff(comparisons[name])] for name in list(comparisons)[3:]]
+        rows = [
+            [
+                m,
+                str(len(trials)),
+                _ci(list(a[m].values())),
+                _mean_disagreement(acc[m], trials),
+                _diff(comparisons.get(m)),
+            ]
+            for m in a
+        ]
+        rows += [[name, str(len(trials)), "", "", _diff(comparisons[name])] for name in list(comparisons)[3:]]
         caption = (
             f"Follow-up: gamma x disagreement measure, {dataset}, test domain "
             f"{environment_names(dataset)[env]} (global scaling, rho 0.05)"
@@ -271,9 +296,10 @@ def gamma_measure_table(
             "normalized_std); a factor's main effect is its level's mean over the other factor's two "
             "levels against the other level's; interaction: cosine's effect at gamma 1e-2 minus its "
             "effect at gamma 1e-3. Paired bootstrap interval, Wilcoxon p Holm-adjusted over the six "
-            "comparisons; * p < 0.05."
+            "comparisons; * p < 0.05. Mean D: the disagreement each run logged (its mean over the run's "
+            "steps), averaged over the trials; the noise std is gamma x D."
         ]
-        header = ["Run or effect", "trials", "test acc (%) [95% CI]", "Δ [95% CI] p"]
+        header = ["Run or effect", "trials", "test acc (%) [95% CI]", "mean D", "Δ [95% CI] p"]
         sections.append(render_table(header, rows, caption=caption, fmt=fmt, notes=notes))  # type: ignore[arg-type]
     return "\n\n".join(sections) if sections else None
 
