@@ -29,10 +29,12 @@ from torchsage.study.spec import (
     DG_CELLS,
     FOLLOWUP_CELLS,
     SAGE_GRID,
+    Arm,
     dg_arms,
     dg_jobs,
     gamma_measure_arms,
     mtl_jobs,
+    part_jobs,
 )
 from torchsage.study.stats import Paired, holm, mean_ci, paired_comparison
 
@@ -82,7 +84,7 @@ def _accuracies(record: dict[str, Any], test_env: int) -> tuple[float, float]:
     return sum(val) / len(val), float(record[f"env{test_env}_in_acc"])
 
 
-def _all_arms() -> list:
+def _all_arms() -> list[Arm]:
     return dg_arms() + gamma_measure_arms()
 
 
@@ -96,8 +98,7 @@ def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     jobs = dg_jobs(root, **job_options)
     if not job_options:  # the follow-up's runs; the default's is already among the main jobs
         known = {job.output_dir for job in jobs}
-        followup = dg_jobs(root, cells=FOLLOWUP_CELLS, arms=gamma_measure_arms())
-        jobs += [job for job in followup if job.output_dir not in known]
+        jobs += [job for job in part_jobs(root, "dg-gamma-measure") if job.output_dir not in known]
     runs, missing = [], 0
     for job in jobs:
         if job.state != "done":
@@ -457,7 +458,7 @@ def plot_theory(result: dict[str, Any], path: str | Path) -> Path:
             pts = [(math.log10(r[term]), 100 * r["gap"]) for r in mine]
             ax.scatter([x for x, _ in pts], [y for _, y in pts], s=10, color=colours[c], label=c)
             if term == "trace":  # Hutchinson's standard error, as a bar on the log axis
-                x = [math.log10(r["trace"]) for r in mine]
+                x = [xi for xi, _ in pts]
                 low = [
                     xi - math.log10(max(r["trace"] - r["trace_stderr"], 1e-3 * r["trace"]))
                     for xi, r in zip(x, mine)
@@ -592,12 +593,9 @@ def measurement_precision(rows: Sequence[dict[str, Any]]) -> str:
             f"Hutchinson standard error of tr H̄ median {100 * statistics.median(rel_se):.1f}%, "
             f"largest {100 * max(rel_se):.1f}% of the trace"
         )
-    if all("cg_residual" in r for r in rows):
-        residual, its = max(r["cg_residual"] for r in rows), max(r["cg_iterations"] for r in rows)
-        parts.append(f"CG relative residual at most {residual:.2g} ({its} iterations at most)")
-    lam = [
-        r["lambda_residual"] / r["lambda_max"] for r in rows if r["lambda_max"] > 0 and "lambda_residual" in r
-    ]
+    residual, its = max(r["cg_residual"] for r in rows), max(r["cg_iterations"] for r in rows)
+    parts.append(f"CG relative residual at most {residual:.2g} ({its} iterations at most)")
+    lam = [r["lambda_residual"] / r["lambda_max"] for r in rows if r["lambda_max"] > 0]
     if lam and all(math.isfinite(v) for v in lam):
         parts.append(f"Lanczos residual of λ_max at most {100 * max(lam):.2g}% of it")
     return f"Measurement precision over the {len(rows)} fitted runs: " + "; ".join(parts) + "."
