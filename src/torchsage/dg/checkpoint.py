@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from torchsage.dg.datasets import get_dataset, seed_hash, split_environment
+from torchsage.dg.datasets import environment_splits, get_dataset
 from torchsage.dg.networks import classifier, featurizer
 from torchsage.harness.records import atomic_torch_save
 
@@ -86,13 +86,13 @@ def load_dg_model(
         augment=False,
         image_size=int(hparams.get("image_size", 224)),
     )
+    from torchsage.dg.finetune import harness_view
+
+    dataset = harness_view(dataset, hparams, data_dir if data_dir is not None else args.get("data_dir"))
+    splits = environment_splits(dataset, float(args.get("holdout_fraction", 0.2)), args.get("trial_seed", 0))
     batches = []
     for i in chosen:
-        part_in, part_out = split_environment(
-            dataset.environments[i],
-            float(args.get("holdout_fraction", 0.2)),
-            seed_hash(args.get("trial_seed", 0), i),
-        )
+        part_in, part_out = splits[i]
         part = part_in if split == "in" else part_out
         n = min(batch_size, len(part))
         if n == 0:

@@ -9,7 +9,9 @@ The embedded ones are built from scikit-learn's bundled handwritten digits (no d
   2 classes, 2x8x8 (the analogue of ColoredMNIST).
 
 The real DomainBed image data sets (VLCS, PACS, OfficeHome, TerraIncognita, DomainNet) load from
-``--data-dir`` (see :mod:`torchsage.dg.images`).
+``--data-dir`` (see :mod:`torchsage.dg.images`). ``EmojiStyles`` (six artists' emoji designs) and
+``EmojiStylesPip`` (the three that pip alone installs) are built from installed packages into a
+cache (``--data-dir`` names its folder; see :mod:`torchsage.dg.emoji`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "canonical_dataset",
     "colored_digits",
     "environment_names",
+    "environment_splits",
     "get_dataset",
     "load_digits_tensor",
     "rotate",
@@ -119,6 +122,8 @@ class DGDataset:
         train_environment: returns the training-time view of environment ``i`` (with data
             augmentation where the data set has one); identity for the embedded sets.
         checkpoint_freq, steps: DomainBed's defaults for this data set.
+        groups: per environment, each sample's group (EmojiStyles: the emoji it draws); the in/out
+            split then keeps every group whole and on the same side in every environment.
     """
 
     name: str
@@ -130,6 +135,7 @@ class DGDataset:
     checkpoint_freq: int = 100
     steps: int = 5001
     extra: dict = field(default_factory=dict)
+    groups: list[list[int]] | None = None
 
     def training_view(self, i: int) -> Dataset:
         return self.environments[i] if self.train_environment is None else self.train_environment(i)
@@ -176,6 +182,33 @@ def _image_dataset(name: str) -> Callable[[str | None, bool, int], DGDataset]:
     return build
 
 
+def _emoji(styles: tuple[str, ...], name: str) -> Callable[[str | None, bool, int], DGDataset]:
+    def build(data_dir: str | None, augment: bool, image_size: int) -> DGDataset:
+        data = _emoji_data(styles, data_dir)
+        envs = [data.environment(i, image_size) for i in range(len(styles))]
+        return DGDataset(
+            name,
+            list(envs),
+            list(styles),
+            len(data.classes),
+            (3, image_size, image_size),
+            train_environment=(lambda i: data.environment(i, image_size, train=True)) if augment else None,
+            checkpoint_freq=50,
+            steps=601,
+            extra={"classes": data.classes, "manifest": data.manifest},
+            groups=[e.groups for e in envs],
+        )
+
+    return build
+
+
+@functools.cache
+def _emoji_data(styles: tuple[str, ...], data_dir: str | None):
+    from torchsage.dg.emoji import build_emoji_styles, load_emoji_styles
+
+    return load_emoji_styles(build_emoji_styles(styles, data_dir))
+
+
 #: name -> (environment names, builder(data_dir, augment, image_size)). Adding a data set is one entry.
 DATASETS: dict[str, tuple[tuple[str, ...], Callable[[str | None, bool, int], DGDataset]]] = {
     "RotatedDigits": (tuple(f"{a}deg" for a in ROTATED_DIGITS_ANGLES), _rotated),
@@ -190,6 +223,14 @@ DATASETS: dict[str, tuple[tuple[str, ...], Callable[[str | None, bool, int], DGD
     "DomainNet": (
         ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
         _image_dataset("DomainNet"),
+    ),
+    "EmojiStyles": (
+        EMOJI_ALL := ("twemoji", "openmoji", "notocolor", "emojione", "notoemoji", "symbola"),
+        _emoji(EMOJI_ALL, "EmojiStyles"),
+    ),
+    "EmojiStylesPip": (
+        EMOJI_PIP := ("twemoji", "openmoji", "notoemoji"),
+        _emoji(EMOJI_PIP, "EmojiStylesPip"),
     ),
 }
 
@@ -215,13 +256,48 @@ def get_dataset(
     return DATASETS[canonical_dataset(name)][1](data_dir, augment, image_size)
 
 
-def split_environment(env: Dataset, holdout_fraction: float, seed: int) -> tuple[Subset, Subset]:
+def split_environment(
+    env: Dataset, holdout_fraction: float, seed: int, groups: Sequence[int] | None = None
+) -> tuple[Subset, Subset]:
     """Splits an environment into (in, out) parts, ``out`` holding ``holdout_fraction`` of it,
     with a permutation seeded by ``seed`` (the harness passes a hash of the trial seed and the
-    environment index, so each trial gets its own split)."""
+    environment index, so each trial gets its own split).
+
+    With ``groups`` (one per sample), the permutation is over the distinct groups instead and
+    ``out`` takes ``int(holdout_fraction * number of groups)`` whole groups: the same seed and group
+    set give the same groups out in every environment (the harness then seeds by the trial alone).
+
+    Example:
+        >>> a, b = split_environment(list(range(6)), 0.5, seed=0, groups=[0, 0, 1, 1, 2, 2])
+        >>> sorted({i // 2 for i in b.indices}) in ([0], [1], [2])
+        True
+    """
     if not 0.0 < holdout_fraction < 1.0:
         raise ValueError(f"holdout_fraction must lie in (0, 1), got {holdout_fraction}")
-    n = len(env)  # type: ignore[arg-type]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_out = int(n * holdout_fraction)
-    return Subset(env, order[n_out:]), Subset(env, order[:n_out])
+    generator = torch.Generator().manual_seed(seed)
+    if groups is None:
+        n = len(env)  # type: ignore[arg-type]
+        order = torch.randperm(n, generator=generator).tolist()
+        n_out = int(n * holdout_fraction)
+        return Subset(env, order[n_out:]), Subset(env, order[:n_out])
+    distinct = sorted(set(groups))
+    shuffled = [distinct[i] for i in torch.randperm(len(distinct), generator=generator).tolist()]
+    out = set(shuffled[: int(len(distinct) * holdout_fraction)])
+    return (
+        Subset(env, [i for i, g in enumerate(groups) if g not in out]),
+        Subset(env, [i for i, g in enumerate(groups) if g in out]),
+    )
+
+
+def environment_splits(
+    dataset: DGDataset, holdout_fraction: float, trial_seed: int
+) -> list[tuple[Subset, Subset]]:
+    """The (in, out) split of every environment for a trial, as training and the checkpoint tools
+    make it: seeded by the trial and the environment, or by the trial alone where the data set has
+    groups (so a group is held out in every environment together)."""
+    return [
+        split_environment(env, holdout_fraction, seed_hash(trial_seed, i))
+        if dataset.groups is None
+        else split_environment(env, holdout_fraction, seed_hash(trial_seed, "groups"), dataset.groups[i])
+        for i, env in enumerate(dataset.environments)
+    ]

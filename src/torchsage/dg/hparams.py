@@ -34,19 +34,23 @@ def _log_uniform(low: float, high: float) -> Sampler:
 
 def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     small = dataset in SMALL_IMAGE_DATASETS
+    emoji = dataset.startswith("EmojiStyles")
     h: dict[str, tuple[Any, Sampler]] = {}
 
     def add(name: str, default: Any, sampler: Sampler | None = None) -> None:
         h[name] = (default, sampler if sampler is not None else (lambda r, d=default: d))
 
     # -- shared --------------------------------------------------------------------------------
-    add("backbone", "mnist_cnn" if small else "resnet50")
+    add("backbone", "mnist_cnn" if small else "efficientnet_lite0" if emoji else "resnet50")
     add("cnn_width", 64)  # MNIST CNN channels: (w, 2w, 2w, 2w); DomainBed uses 64
     add("pretrained_path", None)  # a local ResNet state_dict (takes precedence over "pretrained")
     add("freeze_bn", True)
-    add("data_augmentation", not small)
+    add("data_augmentation", not (small or emoji))
     if not small:
-        add("image_size", 224)  # DomainBed's; smaller sizes for quick experiments
+        add("image_size", 96 if emoji else 224)  # DomainBed's 224; smaller sizes for quick experiments
+    if emoji or dataset in ("PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet"):
+        add("train_from_block", 0)  # EfficientNet-Lite0: 0 fine-tunes all, k only blocks k.. and the head
+        add("cache_trunk", False)  # with train_from_block > 0: the frozen trunk's output computed once
     add("nonlinear_classifier", False)
     add("optimizer", "adam")  # or "sgd" (momentum 0.9), the SAGE authors' choice for DG
     add("dropout", 0.0, None if small else _choice([0.0, 0.1, 0.5]))

@@ -64,7 +64,20 @@ def featurizer(input_shape: Sequence[int], hparams: dict[str, Any]) -> nn.Module
             dropout=hparams.get("dropout", 0.0),
             pretrained=hparams.get("pretrained"),
         )
-    raise ValueError(f"unknown backbone {backbone!r}: use mnist_cnn, resnet18 or resnet50")
+    if backbone == "efficientnet_lite0":
+        from torchsage.dg.finetune import LiteFeaturizer
+
+        return LiteFeaturizer(
+            pretrained=hparams.get("pretrained", "imagenet"),
+            weights_path=hparams.get("pretrained_path"),
+            freeze_bn=hparams.get("freeze_bn", True),
+            train_from_block=hparams.get("train_from_block", 0),
+            from_trunk=bool(hparams.get("cache_trunk", False)),
+            dropout=hparams.get("dropout", 0.0),
+        )
+    raise ValueError(
+        f"unknown backbone {backbone!r}: use mnist_cnn, resnet18, resnet50 or efficientnet_lite0"
+    )
 
 
 def classifier(n_features: int, num_classes: int, nonlinear: bool = False) -> nn.Module:

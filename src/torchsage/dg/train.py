@@ -51,10 +51,11 @@ from torchsage.dg.batches import infinite_batches, merged_batches
 from torchsage.dg.datasets import (
     canonical_dataset,
     environment_names,
+    environment_splits,
     get_dataset,
     seed_hash,
-    split_environment,
 )
+from torchsage.dg.finetune import harness_view
 from torchsage.dg.hparams import parse_hparams, random_hparams
 from torchsage.dg.recipe import algorithm_class, check_preset, preset_hparams, preset_label
 from torchsage.harness.progress import bar as tqdm
@@ -395,10 +396,8 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
     steps = args.steps or dataset.steps
     checkpoint_freq = args.checkpoint_freq or dataset.checkpoint_freq
 
-    splits = [
-        split_environment(env, args.holdout_fraction, seed_hash(args.trial_seed, i))
-        for i, env in enumerate(dataset.environments)
-    ]
+    dataset = harness_view(dataset, hparams, args.data_dir)
+    splits = environment_splits(dataset, args.holdout_fraction, args.trial_seed)
     train_envs = [i for i in range(len(splits)) if i not in args.test_envs]
     train_sets = [Subset(dataset.training_view(i), splits[i][0].indices) for i in train_envs]
     merged = bool(hparams.get("merged_batch"))
