@@ -7,6 +7,7 @@ import math
 import pytest
 
 from torchsage.harness.records import append_json_line, mark_done
+from torchsage.study import figures
 from torchsage.study import report as rep
 from torchsage.study.spec import dg_arms, dg_jobs, gamma_measure_arms, part_jobs
 from torchsage.study.theory import fits, gap, measure_run
@@ -49,7 +50,7 @@ def test_selection_and_paired_table(tmp_path):
     assert p.mean == pytest.approx(0.09, abs=1e-12) and p.p == pytest.approx(0.25, rel=1e-12)
     table = rep.dg_table(selected, "RotatedDigits", 0, "0deg")
     assert "| SAM " in table and "+9.0 [" in table
-    path = rep.plot_sensitivity(runs, tmp_path / "s.png")
+    path = figures.plot_sensitivity(runs, tmp_path / "s.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -80,7 +81,7 @@ def test_summary_across_cells_repeats_each_cells_comparisons(tmp_path):
             line for line in rep.dg_table(selected, dataset, env, name).splitlines() if "| SAM " in line
         )
         assert cell_row.split("|")[4].strip() in sam_row
-    path = rep.plot_differences(selected, tmp_path / "d.png")
+    path = figures.plot_differences(selected, tmp_path / "d.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -154,7 +155,7 @@ def test_fits_recover_an_exact_relation():
     both = result["fits"]["alignment + trace"]
     assert both.coef == pytest.approx((0.02, -0.01), abs=1e-10) and both.r2 == pytest.approx(1.0, abs=1e-10)
     assert rep.fit_table(result).count("\n|") >= 4
-    assert rep.plot_theory(
+    assert figures.plot_theory(
         result, __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "t.png"
     ).exists()
 
@@ -188,7 +189,7 @@ def test_fits_within_cells_separate_a_cell_offset_from_a_predictor(tmp_path):
         assert cell_fits["alignment"].coef[0] == pytest.approx(-0.03, abs=1e-12)
     table = rep.fit_table(result)
     assert "all runs, within cells" in table and "RotatedDigits 45deg" in table
-    assert rep.plot_theory(result, tmp_path / "t.png").exists()
+    assert figures.plot_theory(result, tmp_path / "t.png").exists()
 
 
 def test_measurement_precision_states_the_worst_and_the_median():
