@@ -140,15 +140,19 @@ class Arm:
         method: the row of the tables (the choices of one method compete by training-domain
             validation within each trial).
         algorithm: the DG harness's algorithm.
-        hparams: the overrides of :data:`BASE_HPARAMS` this choice makes.
+        hparams: the overrides of the shared settings this choice makes.
+        base: the shared settings (:data:`BASE_HPARAMS` when ``None``; the pretrained-regime study
+            has its own, :data:`torchsage.study.pretrained.PT_BASE_HPARAMS`).
     """
 
     method: str
     algorithm: str
     hparams: dict[str, Any] = field(default_factory=dict)
+    base: dict[str, Any] | None = None
 
     def hparams_json(self) -> str:
-        return json.dumps({**BASE_HPARAMS, **self.hparams}, sort_keys=True)
+        base = BASE_HPARAMS if self.base is None else self.base
+        return json.dumps({**base, **self.hparams}, sort_keys=True)
 
 
 def dg_arms() -> list[Arm]:
@@ -255,7 +259,14 @@ def _cell_part(dataset: str, env: int) -> str:
 
 
 #: the parts of the study, each a few CPU-hours at most (docs/study.md has the estimate of each)
-PARTS: tuple[str, ...] = (*(_cell_part(d, e) for d, e in DG_CELLS), "mtl", "dg-gamma-measure")
+PARTS: tuple[str, ...] = (
+    *(_cell_part(d, e) for d, e in DG_CELLS),
+    "mtl",
+    "dg-gamma-measure",
+    # the pretrained regime (torchsage.study.pretrained.PT_PARTS; a test keeps the two equal)
+    "pt-symbola",
+    "pt-notocolor",
+)
 
 
 def part_jobs(root: str | Path, part: str) -> list[HashedJob]:
@@ -275,4 +286,9 @@ def part_jobs(root: str | Path, part: str) -> list[HashedJob]:
         return mtl_jobs(root)
     if part == "dg-gamma-measure":
         return dg_jobs(root, cells=FOLLOWUP_CELLS, arms=gamma_measure_arms())
+    from torchsage.study.pretrained import pt_part_jobs
+
+    jobs = pt_part_jobs(str(root), part)
+    if jobs is not None:
+        return jobs
     raise ValueError(f"unknown part {part!r}: use one of {', '.join(PARTS)}")
