@@ -99,6 +99,14 @@ def add_dg_commands(sub: Any, parser_class: type[argparse.ArgumentParser]) -> No
         "(20 hparams x 3 trials per test environment) are the paper-scale protocol.",
     )
     add_sweep_arguments(sweep)
+    prepare = dg_sub.add_parser(
+        "prepare",
+        help="build a data set's local cache from installed packages (EmojiStyles)",
+        description="Builds the cache of a data set made from installed packages (EmojiStyles, "
+        "EmojiStylesPip: docs/emoji_styles.md) and prints where it is. Runs build it on first use too.",
+    )
+    prepare.add_argument("--dataset", required=True, help="EmojiStyles or EmojiStylesPip")
+    prepare.add_argument("--data-dir", default=None, help="cache folder (default: ~/.cache/torchsage/...)")
     report = dg_sub.add_parser("report", help="result tables per model-selection method")
     report.add_argument("dir", help="a sweep output directory")
     report.add_argument("--latex", action="store_true", help="LaTeX tables instead of markdown")
@@ -164,12 +172,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from torchsage.dg.datasets import canonical_dataset
+    from torchsage.dg.emoji import ALL_STYLES, PIP_STYLES, build_emoji_styles, load_emoji_styles
+
+    dataset = canonical_dataset(args.dataset)
+    styles = {"EmojiStyles": ALL_STYLES, "EmojiStylesPip": PIP_STYLES}.get(dataset)
+    if styles is None:
+        raise ValueError(f"{dataset} has no cache to prepare: only EmojiStyles and EmojiStylesPip do")
+    path = build_emoji_styles(styles, args.data_dir, progress=print)
+    data = load_emoji_styles(path)
+    per_style = len(data.labels) // len(data.styles)
+    print(f"{dataset}: {len(data.styles)} designs x {per_style} emoji, {len(data.classes)} classes")
+    print(f"cache: {path}")
+    return 0
+
+
 def run_dg(args: argparse.Namespace) -> int:
     """Runs a ``dg`` subcommand; returns the exit code."""
     if args.dg_command == "train":
         return _train(args)
     if args.dg_command == "sweep":
         return run_from_args(args)
+    if args.dg_command == "prepare":
+        return _prepare(args)
     from torchsage.dg.report import report
 
     print(report(args.dir, latex=args.latex, plot_path=args.plot, error="std" if args.std else "sem"))

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from torchsage.dg.emoji import ALL_STYLES, PIP_STYLES
+
 __all__ = [
     "COLORED_DIGITS_FLIPS",
     "DATASETS",
@@ -224,14 +226,8 @@ DATASETS: dict[str, tuple[tuple[str, ...], Callable[[str | None, bool, int], DGD
         ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
         _image_dataset("DomainNet"),
     ),
-    "EmojiStyles": (
-        EMOJI_ALL := ("twemoji", "openmoji", "notocolor", "emojione", "notoemoji", "symbola"),
-        _emoji(EMOJI_ALL, "EmojiStyles"),
-    ),
-    "EmojiStylesPip": (
-        EMOJI_PIP := ("twemoji", "openmoji", "notoemoji"),
-        _emoji(EMOJI_PIP, "EmojiStylesPip"),
-    ),
+    "EmojiStyles": (ALL_STYLES, _emoji(ALL_STYLES, "EmojiStyles")),
+    "EmojiStylesPip": (PIP_STYLES, _emoji(PIP_STYLES, "EmojiStylesPip")),
 }
 
 
