@@ -98,6 +98,7 @@ class EfficientNetLite0(nn.Module):
     which is what lets a harness cache the trunk's output when only the top blocks are trained.
 
     Example:
+        >>> import torch
         >>> net = EfficientNetLite0(num_classes=None).eval()
         >>> x = lite_normalize(torch.rand(2, 3, 64, 64))
         >>> net(x).shape
@@ -123,6 +124,18 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = nn.BatchNorm2d(1280, **_BN)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes) if num_classes is not None else None
+        # TensorFlow's EfficientNet initialisation (convolutions normal with variance 2 / fan_out,
+        # the classifier uniform within 1 / sqrt(outputs)): with torch's default (variance
+        # 1 / (3 fan_in)) and the BatchNorms at their initial statistics, a random network's
+        # features shrank to ~1e-10 and {"pretrained": null} could not train
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.out_features)
+                nn.init.uniform_(module.weight, -bound, bound)
+                nn.init.zeros_(module.bias)
 
     @property
     def num_blocks(self) -> int:

@@ -44,6 +44,7 @@ import hashlib
 import io
 import json
 import os
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -436,13 +437,17 @@ def _versions() -> dict[str, str]:
 def _write_whole(path: Path, payload: Any) -> None:
     """Writes to a temporary file and renames it into place, so a killed build leaves no torn file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if isinstance(payload, dict) and all(isinstance(v, np.ndarray) for v in payload.values()):
-        buffer = io.BytesIO()
-        np.savez(buffer, **payload)
-        tmp.write_bytes(buffer.getvalue())
-    else:
-        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        if isinstance(payload, dict) and all(isinstance(v, np.ndarray) for v in payload.values()):
+            buffer = io.BytesIO()
+            np.savez(buffer, **payload)
+            tmp.write_bytes(buffer.getvalue())
+        else:
+            tmp.write_text(json.dumps(payload, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, interrupted) leaves no torn file
+        raise
 
 
 @dataclass
@@ -475,14 +480,25 @@ def load_emoji_styles(path: str | os.PathLike) -> EmojiStylesData:
         manifest = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in ("images", "labels", "groups", "styles", "codepoints")}
-    except (OSError, ValueError, KeyError, EOFError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(
             f"{path} is not a readable EmojiStyles cache ({type(error).__name__}: {error}); "
             "delete it and its .json to rebuild"
         ) from None
-    if _arrays_digest(arrays) != manifest.get("sha256"):
+    if not isinstance(manifest, dict) or _arrays_digest(arrays) != manifest.get("sha256"):
         raise ValueError(
             f"{path} does not match the hash in its manifest: delete it and its .json to rebuild"
+        )
+    styles, classes = manifest.get("styles"), manifest.get("classes")
+    if not (
+        isinstance(styles, list)
+        and isinstance(classes, list)
+        and len(styles) == int(arrays["styles"].max()) + 1
+        and len(classes) > int(arrays["labels"].max())
+    ):  # the hash covers the arrays, not these: they must at least fit them
+        raise ValueError(
+            f"{path}'s manifest lists styles or classes its arrays do not have: delete it and its .json "
+            "to rebuild"
         )
     return EmojiStylesData(
         arrays["images"],

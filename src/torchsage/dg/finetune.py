@@ -17,6 +17,7 @@ them to the range the Lite weights were trained on, ``(x * 255 - 127) / 128``, e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,7 +104,11 @@ class LiteFeaturizer(nn.Module):
         super().__init__()
         self.network = EfficientNetLite0(num_classes=None)
         blocks = self.network.num_blocks
-        if isinstance(train_from_block, bool) or not 0 <= int(train_from_block) <= blocks:
+        if (
+            not isinstance(train_from_block, int)
+            or isinstance(train_from_block, bool)
+            or not (0 <= train_from_block <= blocks)
+        ):
             raise ValueError(f"train_from_block must be an integer in 0..{blocks}, got {train_from_block!r}")
         if pretrained not in ("imagenet", None):
             raise ValueError(f'pretrained must be "imagenet" or null, got {pretrained!r}')
@@ -119,8 +124,8 @@ class LiteFeaturizer(nn.Module):
         self.from_trunk = bool(from_trunk)
         self.freeze_bn = bool(freeze_bn)
         trainable = {id(p) for m in self.network.modules_from(self.start) for p in m.parameters()}
-        for p in self.network.parameters():
-            p.requires_grad_(id(p) in trainable)
+        for p in self.network.parameters():  # 0: everything, the stem included
+            p.requires_grad_(self.start == 0 or id(p) in trainable)
         self.dropout = nn.Dropout(dropout)
         std = torch.tensor(_STD).view(1, 3, 1, 1)
         mean = torch.tensor(_MEAN).view(1, 3, 1, 1)
@@ -142,7 +147,7 @@ class LiteFeaturizer(nn.Module):
         evaluation mode."""
         super().train(mode)
         frozen = [self.network._conv_stem, self.network._bn0, *self.network._blocks[: self.start]]
-        for module in frozen:
+        for module in frozen if self.start else []:
             module.eval()
         if self.freeze_bn:
             for module in self.modules():
@@ -174,9 +179,14 @@ def cache_trunk_features(
         int(hparams["train_from_block"]),
     )
     memo = None if key is None else (key, weights)
+    if memo is not None and weights[:2] == (None, None):  # a random trunk depends on the generator's state
+        memo = (*memo, hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
     if memo is not None and memo in _CACHE:
         return _CACHE[memo]
-    featurizer = LiteFeaturizer(*weights[:2], True, weights[2]).eval()
+    # drawn from a copy of torch's generator: the run's own network, built next, draws the same
+    # random initialisation (its trunk then is this one) and everything after it is unchanged
+    with torch.random.fork_rng(devices=[]):
+        featurizer = LiteFeaturizer(*weights[:2], True, weights[2]).eval()
     out = [_trunk_outputs(featurizer, env, batch_size) for env in environments]
     if memo is not None:
         _CACHE[memo] = out
