@@ -21,6 +21,11 @@ CPU_PER_STEP: dict[tuple[str, int], float] = {
     ("RotatedDigits", 2): 0.1296,
     ("ColoredDigits", 1): 0.0141,
     ("ColoredDigits", 2): 0.0283,
+    # the pretrained regime (EfficientNet-Lite0 from block 11 on the trunk cache, 16 images per
+    # design, 5 training designs), measured side by side in one process, one thread, on the shared
+    # machine: ERM 0.49, SAM 0.76, SAGE 1.11 CPU s/step; two-pass runs are budgeted at SAGE's
+    ("EmojiStyles", 1): 0.49,
+    ("EmojiStyles", 2): 1.11,
 }
 #: CPU seconds of one run beyond its steps (process start, data, the final save)
 RUN_OVERHEAD_CPU = 5.0

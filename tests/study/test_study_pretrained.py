@@ -1,0 +1,42 @@
+"""The pretrained-regime study's specification: its parts, its arms, and their pairing."""
+
+import json
+
+from torchsage.dg.hparams import default_hparams
+from torchsage.study import pretrained as pt
+from torchsage.study.spec import PARTS, SAGE_DEFAULTS, SAGE_GRID, SAM_GRID, part_jobs
+
+
+def test_parts_are_the_cells_and_listed_in_the_study():
+    assert pt.PT_PARTS == ("pt-symbola", "pt-notocolor")
+    assert set(pt.PT_PARTS) <= set(PARTS)
+
+
+def test_a_trial_runs_every_arm_once_the_default_shared_with_its_grid_twin(tmp_path):
+    jobs = part_jobs(tmp_path, "pt-symbola")
+    # ERM + 4 SAM + 4 SAGE (the default among them) + authors-dg + 2 ablations + SAGM
+    per_trial = 1 + len(SAM_GRID) + len(SAGE_GRID) + 1 + 2 + 1
+    assert SAGE_DEFAULTS in [dict(h) for h in SAGE_GRID]
+    assert len(jobs) == 10 * per_trial
+    trial0 = [j for j in jobs if j.settings["trial"] == 0]
+    assert len({j.output_dir for j in trial0}) == per_trial
+    # one seed, one split seed, one held-out design and one step count per trial, for every arm
+    assert len({(j.settings["seed"], j.settings["test_env"], j.settings["steps"]) for j in trial0}) == 1
+    assert {j.settings["dataset"] for j in jobs} == {"EmojiStyles"}
+    assert {j.settings["test_env"] for j in jobs} == {5}
+
+
+def test_every_run_fine_tunes_the_top_blocks_from_the_trunk_cache(tmp_path):
+    for job in part_jobs(tmp_path, "pt-notocolor"):
+        hp = job.settings["hparams"]
+        assert {k: hp[k] for k in pt.PT_BASE_HPARAMS} == pt.PT_BASE_HPARAMS
+        argv = job.argv
+        assert json.loads(argv[argv.index("--hparams") + 1]) == hp
+        # every override is a hyperparameter the harness knows for this algorithm and data set
+        assert set(hp) <= set(default_hparams(job.settings["algorithm"], "EmojiStyles"))
+
+
+def test_the_authors_arm_has_the_authors_values():
+    authors = next(a for a in pt.pt_arms() if a.method == "SAGE (authors-dg)")
+    assert authors.hparams["optimizer"] == "sgd" and authors.hparams["gamma"] == 1.0
+    assert authors.hparams["rho_scaling"] == "weight" and authors.hparams["disagreement"] == "cosine"
