@@ -54,6 +54,11 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     add("nonlinear_classifier", False)
     add("optimizer", "adam")  # or "sgd" (momentum 0.9), the SAGE authors' choice for DG
     add("dropout", 0.0, None if small else _choice([0.0, 0.1, 0.5]))
+    # SWAD's dense weight averaging (torchsage.dg.swad) and its LossValley rule: the authors' defaults
+    add("swad", False)
+    add("swad_n_converge", 3)
+    add("swad_n_tolerance", 6)
+    add("swad_tolerance_ratio", 0.3)
     if small:
         add("lr", 1e-3, _log_uniform(-4.5, -2.5))
         add("batch_size", 64, lambda r: int(2 ** r.uniform(3, 9)))

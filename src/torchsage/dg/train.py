@@ -7,7 +7,8 @@ training environment. At DomainBed's checkpoints (0-based steps with ``step % ch
 0``, and the last step) the accuracy of every environment's ``in`` and ``out`` parts is appended
 to ``results.jsonl`` as one whole line, with the learning rate of that step (the hyperparameter
 ``lr_schedule``: ``"none"``, ``"step"`` or ``"cosine"``, see :func:`lr_factor`); a ``done`` file
-marks the finished run.
+marks the finished run. With the hyperparameter ``swad`` the run also averages the weights over
+the authors' loss valley and writes ``swad.json`` (:mod:`torchsage.dg.swad`).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the same command trains data-parallel
 on a gloo process group: every process draws the same minibatches and keeps its slice of each
@@ -58,6 +59,7 @@ from torchsage.dg.datasets import (
 from torchsage.dg.finetune import harness_view
 from torchsage.dg.hparams import parse_hparams, random_hparams
 from torchsage.dg.recipe import algorithm_class, check_preset, preset_hparams, preset_label
+from torchsage.dg.swad import SWAD, check_swad_hparams
 from torchsage.harness.progress import bar as tqdm
 from torchsage.harness.records import append_json_line as _append_line
 from torchsage.harness.records import mark_done
@@ -283,6 +285,7 @@ def _check(args: TrainArgs) -> dict[str, Any]:
         raise ValueError(
             f"hparam lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {hparams['lr_schedule']!r}"
         )
+    check_swad_hparams(hparams)
     return hparams
 
 
@@ -428,6 +431,8 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
     if args.amp == "fp16":  # both passes' losses scaled, gradients unscaled by the optimizer
         algorithm.optimizer = LossScaledOptimizer(algorithm.optimizer, torch.amp.GradScaler(device_type))
 
+    # dense weight averaging (hparam swad): segments of the weights between checkpoints, swad.json
+    swad = SWAD(algorithm, hparams, train_envs, evaluation, device, comm) if hparams.get("swad") else None
     results = out / "results.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -470,6 +475,8 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
             logged_now = algorithm.update(minibatches, step)
         for key, value in logged_now.items():
             logged[key].append(float(value))
+        if swad is not None:
+            swad.after_step(step)
         if step % checkpoint_freq == 0 or step == steps - 1:  # DomainBed's checkpoints
             algorithm.eval()
             record: dict[str, Any] = {
@@ -488,6 +495,8 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
                 means = {k: v / world for k, v in zip(means, flat)}
                 rest = flat[len(means) :]
                 counts = [(rest[2 * j], rest[2 * j + 1]) for j in range(len(counts))]
+            if swad is not None:  # closes the segment with the training domains' validation loss
+                swad.checkpoint(step)
             record.update(means)
             for j, (correct, total) in enumerate(counts):
                 record[f"env{j // 2}_{'out' if j % 2 else 'in'}_acc"] = correct / max(total, 1)
@@ -499,6 +508,8 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
             logged.clear()
     if hook is not None:
         hook.remove()
+    if swad is not None:  # the averaged network evaluated on every split: swad.json
+        swad.finish(out, streams, merged, rank)
     if rank != 0:
         return out
     if args.save_model:
