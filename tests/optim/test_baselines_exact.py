@@ -203,3 +203,5 @@ def test_gsam_without_rho_min_keeps_rho_and_bad_options_are_refused():
         torchsage.GSAM(model.parameters(), torch.optim.SGD, lr_max=0.1, lr=LR)
     with pytest.raises(ValueError, match="must exceed lr_min"):
         torchsage.GSAM(model.parameters(), torch.optim.SGD, rho_min=0.01, lr_min=0.5, lr=LR)
+    with pytest.raises(ValueError, match=r"rho_min \(0.1\) exceeds rho \(0.05\)"):
+        torchsage.GSAM(model.parameters(), torch.optim.SGD, rho=0.05, rho_min=0.1, lr=LR)

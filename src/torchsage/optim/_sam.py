@@ -138,7 +138,7 @@ class GSAM(SAM):
 
     Args:
         alpha: weight of the orthogonal correction.
-        rho_min: radius at ``lr_min``; ``None`` (default) keeps ``rho`` fixed.
+        rho_min: radius at ``lr_min``, at most ``rho``; ``None`` (default) keeps ``rho`` fixed.
         lr_max: learning rate at which the radius is ``rho`` (default: each group's learning rate
             when the optimizer is built).
         lr_min: learning rate at which the radius is ``rho_min`` (default 0, the end of a cosine
@@ -187,6 +187,11 @@ class GSAM(SAM):
                 group.setdefault("lr_max", group["lr"] if lr_max is None else float(lr_max))
                 if not group["lr_max"] > self.lr_min:
                     raise ValueError(f"lr_max ({group['lr_max']}) must exceed lr_min ({self.lr_min})")
+                if rho_min > group["rho_max"]:  # the GSAM authors' scheduler refuses it too
+                    raise ValueError(
+                        f"rho_min ({rho_min}) exceeds rho ({group['rho_max']}): the radius would grow as "
+                        "the learning rate falls; pass rho_min <= rho"
+                    )
 
     def step(self, closure: Any = None, **kwargs: Any) -> Any:
         if self.rho_min is not None:
