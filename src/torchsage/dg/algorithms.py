@@ -126,7 +126,7 @@ class GSAM(_SharpnessAware):
             options.update(rho_min=rho_min, lr_min=gsam_lr_min(hp))
         if hp["adaptive"]:
             options.update(adaptive=True, eta=0.0)  # their adaptive ascent: T = |w|, every parameter
-        return torchsage.GSAM(
+        return self.optimizer_class(
             self.network.parameters(), cls, rho=rho_max, alpha=hp["alpha"], model=self.network, **options
         )
 
