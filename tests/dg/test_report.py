@@ -83,7 +83,8 @@ def test_markdown_report(sweep):
 
 def test_latex_report(sweep, tmp_path):
     text = report(sweep, latex=True, plot_path=tmp_path / "figs" / "out.png")
-    assert text.count(r"\begin{tabular}") == 2 and text.count(r"\end{tabular}") == 2
+    # per method with results: the data set's table and DomainBed's Averages table
+    assert text.count(r"\begin{tabular}") == 4 and text.count(r"\end{tabular}") == 4
     assert r"Algorithm (\% $\pm$ SE) & +90\% & +80\% & -90\% & Avg \\" in text
     assert r"ERM & 60.0 $\pm$ 4.7 & 80.0 $\pm$ 0.0 & 80.0 $\pm$ 4.7 & 73.3 $\pm$ 1.6 \\" in text
     assert r"SAM & 60.0 $\pm$ 0.0 & 80.0 $\pm$ 7.1 & -- & -- \\" in text

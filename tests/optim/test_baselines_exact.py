@@ -82,7 +82,7 @@ def run_asam_reference(model, closure, rho, eta, scaled_names):
 def test_asam_matches_its_equations(kwargs, rule):
     model, closure = problem()
     ref, ref_closure = problem()
-    names = {n for n, _ in ref.named_parameters() if rule == "all" or n.endswith("weight")}
+    names = {n for n, _ in ref.named_parameters() if rule == "all" or "weight" in n}
     assert rule == "all" or names == {"0.weight", "1.weight", "3.weight"}  # GroupNorm's weight too
     opt = torchsage.ASAM(
         model.parameters(), torch.optim.SGD, rho=0.5, model=model, update_bn_on_perturbed=True,
@@ -93,6 +93,53 @@ def test_asam_matches_its_equations(kwargs, rule):
     run_asam_reference(ref, ref_closure, 0.5, kwargs["eta"], names)
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+class Recurrent(nn.Module):
+    """A GRU over a short sequence and a linear head on its last output."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def recurrent_problem():
+    torch.manual_seed(3)
+    model = Recurrent().double()
+    data = [(torch.randn(10, 4, 3, dtype=F64), torch.randint(0, 3, (10,))) for _ in range(2)]
+
+    def closure():
+        return [nn.functional.cross_entropy(model(x), y) for x, y in data]
+
+    return model, closure
+
+
+def test_asam_weights_rule_scales_recurrent_weights_as_the_authors_substring_test():
+    """The ASAM authors scale every parameter whose name contains "weight": a GRU's
+    ``weight_ih_l0`` and ``weight_hh_l0`` too, not only names ending in it."""
+    model, closure = recurrent_problem()
+    opt = torchsage.ASAM(
+        model.parameters(), torch.optim.SGD, rho=0.5, scaled="weights", model=model,
+        lr=LR, momentum=MOMENTUM, weight_decay=WD,
+    )  # fmt: skip
+    for _ in range(STEPS):
+        opt.step(closure)
+    authors = {"gru.weight_ih_l0", "gru.weight_hh_l0", "head.weight"}
+    suffix_only = {"head.weight"}  # what a test of the name's ending would scale
+    results = {}
+    for key, names in (("authors", authors), ("suffix", suffix_only)):
+        ref, ref_closure = recurrent_problem()
+        run_asam_reference(ref, ref_closure, 0.5, 0.01, names)
+        results[key] = list(ref.parameters())
+    for p, q in zip(model.parameters(), results["authors"]):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    # the two rules part by far more than the tolerance, so the check above can tell them apart
+    gap = max(float((a - b).detach().abs().max()) for a, b in zip(results["authors"], results["suffix"]))
+    assert gap > 1e-6
 
 
 def test_asam_weights_rule_differs_from_all_and_needs_the_model():
@@ -156,3 +203,5 @@ def test_gsam_without_rho_min_keeps_rho_and_bad_options_are_refused():
         torchsage.GSAM(model.parameters(), torch.optim.SGD, lr_max=0.1, lr=LR)
     with pytest.raises(ValueError, match="must exceed lr_min"):
         torchsage.GSAM(model.parameters(), torch.optim.SGD, rho_min=0.01, lr_min=0.5, lr=LR)
+    with pytest.raises(ValueError, match=r"rho_min \(0.1\) exceeds rho \(0.05\)"):
+        torchsage.GSAM(model.parameters(), torch.optim.SGD, rho=0.05, rho_min=0.1, lr=LR)

@@ -25,9 +25,18 @@ from torch import Tensor, nn
 import torchsage
 from torchsage.dg.algorithm_base import Algorithm, Minibatches
 from torchsage.dg.algorithms_alignment import GGA, IGA, ANDMask, Fish, SANDMask
+from torchsage.dg.hparams import STEP_FACTOR
 from torchsage.optim import SAGEAlign, SAGEAlignmentOnly, SAGECurvatureOnly, SharpnessAware
 
-__all__ = ["ALGORITHMS", "Algorithm", "gaussian_mmd", "get_algorithm", "irm_penalty", "mixup_pairs"]
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "gaussian_mmd",
+    "get_algorithm",
+    "gsam_lr_min",
+    "irm_penalty",
+    "mixup_pairs",
+]
 
 
 class ERM(Algorithm):
@@ -73,13 +82,53 @@ class SAM(_SharpnessAware):
 
 
 class ASAM(_SharpnessAware):
+    """ASAM as its authors' code defines it: ``T = |w| + eta`` on the parameters whose name
+    contains ``weight``, ``T = 1`` on the others (``"scaled": "weights"``, rho 0.5, eta 0.01);
+    ``"scaled": "all"`` scales every parameter, and with ``"eta": 0`` that is the adaptive mode of
+    the widely used SAM package."""
+
     optimizer_class = torchsage.ASAM
-    optimizer_hparams = ("rho", "eta")
+    optimizer_hparams = ("rho", "eta", "scaled")
+
+
+def gsam_lr_min(hparams: dict[str, Any]) -> float:
+    """The lowest learning rate of the run's ``lr_schedule``, where GSAM's radius reaches
+    ``rho_min``: ``"step"``: ``lr`` times the step factor; ``"cosine"``: 0; ``"none"``: 0 (the
+    learning rate stays at ``lr``, so the radius stays at ``rho_max``).
+
+    Example:
+        >>> gsam_lr_min({"lr": 1e-3, "lr_schedule": "step"})
+        0.0001
+    """
+    schedule = hparams.get("lr_schedule", "none")
+    return hparams["lr"] * STEP_FACTOR if schedule == "step" else 0.0
 
 
 class GSAM(_SharpnessAware):
+    """GSAM as its authors define it, with their hyperparameters' names: the radius goes linearly
+    with the learning rate from ``rho_max`` at the initial one to ``rho_min`` at the lowest one of
+    the run's schedule (:func:`gsam_lr_min`), descent ``g_p - alpha g_orth``; ``"rho_min": null``
+    keeps the radius at ``rho_max``, ``"adaptive": true`` scales the ascent by ``|w|`` on every
+    parameter as their ``adaptive`` option does."""
+
     optimizer_class = torchsage.GSAM
-    optimizer_hparams = ("rho", "alpha")
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        cls, options = self.base_optimizer()
+        hp = self.hparams
+        rho_max, rho_min = hp["rho_max"], hp["rho_min"]
+        if rho_min is not None and not 0 <= rho_min <= rho_max:
+            raise ValueError(
+                f"hparam rho_min ({rho_min}) must lie in [0, rho_max ({rho_max})]: GSAM's radius "
+                "shrinks with the learning rate; use null to keep it at rho_max"
+            )
+        if rho_min is not None:
+            options.update(rho_min=rho_min, lr_min=gsam_lr_min(hp))
+        if hp["adaptive"]:
+            options.update(adaptive=True, eta=0.0)  # their adaptive ascent: T = |w|, every parameter
+        return self.optimizer_class(
+            self.network.parameters(), cls, rho=rho_max, alpha=hp["alpha"], model=self.network, **options
+        )
 
 
 class SAGM(_SharpnessAware):

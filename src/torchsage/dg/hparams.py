@@ -17,11 +17,22 @@ import numpy as np
 
 from torchsage.dg.datasets import seed_hash
 
-__all__ = ["SMALL_IMAGE_DATASETS", "default_hparams", "parse_hparams", "random_hparams"]
+__all__ = [
+    "SMALL_IMAGE_DATASETS",
+    "STEP_AT",
+    "STEP_FACTOR",
+    "default_hparams",
+    "parse_hparams",
+    "random_hparams",
+]
 
 SMALL_IMAGE_DATASETS = ("RotatedDigits", "ColoredDigits")
 
 Sampler = Callable[[np.random.RandomState], Any]
+
+#: the ``"step"`` learning-rate schedule: the learning rate times ``STEP_FACTOR`` from ``STEP_AT`` of
+#: the steps on (the SAGE authors' DG code: StepLR at 80% of training, gamma 0.1)
+STEP_AT, STEP_FACTOR = 0.8, 0.1
 
 
 def _choice(values: list[Any]) -> Sampler:
@@ -70,13 +81,17 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
 
     # -- algorithm specific --------------------------------------------------------------------
     rhos = [0.01, 0.02, 0.05, 0.1, 0.2]
-    if algorithm in ("SAM", "GSAM", "SAGM"):
+    if algorithm in ("SAM", "SAGM"):
         add("rho", 0.05, _choice(rhos))
-    if algorithm == "ASAM":
+    if algorithm == "ASAM":  # the defaults of the ASAM authors' code (SamsungLabs/ASAM)
         add("rho", 0.5, _choice([0.1, 0.2, 0.5, 1.0, 2.0]))
         add("eta", 0.01)
-    if algorithm == "GSAM":
+        add("scaled", "weights")  # their rule: T = |w| + eta on names containing "weight"; or "all"
+    if algorithm == "GSAM":  # named as in the GSAM authors' code; their ResNet values (paper, Table 4)
+        add("rho_max", 0.04, _choice(rhos))
+        add("rho_min", 0.02, _choice([0.0, 0.005, 0.01]))  # never above the smallest rho_max drawn
         add("alpha", 0.01, _choice([0.01, 0.02, 0.05, 0.1, 0.2, 0.3]))
+        add("adaptive", False)
     if algorithm == "SAGM":
         add("alpha", 0.001, _choice([0.0001, 0.0005, 0.001, 0.005, 0.01]))
     if algorithm == "CORAL":

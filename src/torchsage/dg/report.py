@@ -8,6 +8,8 @@ accuracy in percent as "mean ± standard error" over trial seeds (``std / sqrt(n
 population std, ``ddof=0``: the error bars DomainBed prints, so the tables compare with published
 ones), or "mean ± std" on request (``error="std"``, ``--std``); the header says which. Cells without
 results print as "—" (markdown) or "--" (LaTeX) and every incomplete cell is named below its table.
+After the per-data-set tables of each method comes DomainBed's "Averages" table (one column per data
+set, :mod:`torchsage.dg.averages`), with the numbers DomainBed's ``collect_results.py`` prints.
 It also writes a bar chart of the training-domain-validation results (:func:`plot`).
 """
 
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from torchsage.dg.averages import AveragesTable, averages
 from torchsage.dg.figure import EnvNames, draw, env_labels, panels_from_summary
 from torchsage.dg.selection import (
     SELECTION_METHODS,
@@ -30,7 +33,7 @@ from torchsage.dg.selection import (
 from torchsage.harness.records import read_json_lines
 from torchsage.harness.tables import render_table
 
-__all__ = ["ERRORS", "env_labels", "format_tables", "plot", "report", "run_summary"]
+__all__ = ["ERRORS", "env_labels", "format_averages", "format_tables", "plot", "report", "run_summary"]
 
 Fmt = Literal["markdown", "latex"]
 Error = Literal["sem", "std"]
@@ -101,6 +104,50 @@ def format_tables(
     return "\n\n".join(blocks)
 
 
+def format_averages(table: AveragesTable, fmt: Fmt = "markdown", error: Error = "sem") -> str:
+    """DomainBed's "Averages" table (:func:`torchsage.dg.averages.averages`): a row per algorithm, a
+    column per data set holding the mean ± standard error over trials of each trial's mean over
+    the test environments it has (``error="std"``: the population std), and "Avg", the mean over
+    data sets without an error bar ("—" unless the algorithm has results on every data set).
+    Below it, every trial averaged over fewer than all test environments and every cell with
+    fewer trials than the data set has are named, since DomainBed's script averages them in
+    silently. Without any result: one line saying so.
+    """
+    if not table.has_results:
+        note = f"Averages under {table.method}: no results"
+        return f"% {note}" if fmt == "latex" else note
+    header = [f"Algorithm (% {ERRORS[error][0]})", *table.datasets, "Avg"]
+    body, partial, fewer = [], [], []
+    for row in table.rows:
+        cells = []
+        for cell, expected in zip(row.cells, table.expected_trials):
+            if cell is None:
+                cells.append(_cell_text(None, None, fmt))
+                continue
+            cells.append(_cell_text(cell.mean, cell.std if error == "std" else cell.sem, fmt))
+            partial += [
+                f"{cell.dataset} {cell.algorithm} trial {s} ({k} of {cell.n_envs} environments)"
+                for s, k in cell.incomplete_trials
+            ]
+            if cell.n < expected:
+                fewer.append(f"{cell.dataset} {cell.algorithm} ({cell.n} of {expected} trials)")
+        avg = row.avg_percent
+        body.append([row.algorithm, *cells, _cell_text(None, None, fmt) if avg is None else f"{avg:.1f}"])
+    caption = (
+        f"Averages over data sets under {table.method}: test accuracy (%) as DomainBed's "
+        f"collect_results.py computes it; per data set the mean ± {ERRORS[error][1]} of each trial's "
+        "mean over its test environments; Avg the mean over data sets (no error bar)"
+    )
+    notes = []
+    if partial:
+        notes.append("trials averaged over only the test environments they have (as DomainBed does): ")
+        notes[-1] += "; ".join(partial)
+    if fewer:
+        notes.append("fewer trials: " + "; ".join(fewer))
+    columns = "l" + "c" * len(table.datasets) + "|c"
+    return render_table(header, body, caption=caption, fmt=fmt, notes=notes, columns=columns)
+
+
 def plot(summary: Summary, path: str | Path, env_names: EnvNames | None = None, error: Error = "sem") -> Path:
     """Writes a PNG: one panel per data set, the mean test accuracy (%) per held-out environment
     (and their average) as one point per algorithm, each in its own colour and marker, with error
@@ -136,11 +183,12 @@ def report(
     Loads the records under ``root`` (finished runs only unless ``include_unfinished``), applies
     the three selection methods and returns, after a few lines naming the unfinished runs that
     were skipped and the corrupt lines, one heading per method followed by its tables
-    (:func:`format_tables`; markdown, or LaTeX with every other line a ``%`` comment when
-    ``latex``), with standard-error bars (``error="std"``: the std). Unless ``make_plot`` is False
-    it writes :func:`plot` of the training-domain validation results to ``plot_path`` (default
-    ``root/report.png``); without matplotlib the default plot is skipped with a note, a requested
-    ``plot_path`` raises ImportError.
+    (:func:`format_tables`, then DomainBed's "Averages" table, :func:`format_averages`; markdown,
+    or LaTeX with every other line a ``%`` comment when ``latex``), with standard-error bars
+    (``error="std"``: the std). Unless ``make_plot`` is False it writes :func:`plot` of the
+    training-domain validation results to ``plot_path`` (default ``root/report.png``); without
+    matplotlib the default plot is skipped with a note, a requested ``plot_path`` raises
+    ImportError.
 
     Raises:
         ValueError: ``root`` is not a directory, or holds no usable records.
@@ -191,7 +239,8 @@ def report(
     blocks = [note("\n".join(header))]
     for s in summaries:
         heading = f"## {s.method}" if not latex else f"% == {s.method} =="
-        blocks.append(heading + "\n\n" + format_tables(s, fmt, error=error))
+        tables = format_tables(s, fmt, error=error)
+        blocks.append(heading + "\n\n" + tables + "\n\n" + format_averages(averages(s), fmt, error))
     return "\n\n".join(blocks) + "\n"
 
 

@@ -57,7 +57,7 @@ from torchsage.dg.datasets import (
     seed_hash,
 )
 from torchsage.dg.finetune import harness_view
-from torchsage.dg.hparams import parse_hparams, random_hparams
+from torchsage.dg.hparams import STEP_AT, STEP_FACTOR, parse_hparams, random_hparams
 from torchsage.dg.recipe import algorithm_class, check_preset, preset_hparams, preset_label
 from torchsage.dg.swad import SWAD, check_swad_hparams
 from torchsage.harness.progress import bar as tqdm
@@ -151,9 +151,6 @@ def check_device_name(name: str) -> torch.device:
 
 #: ``lr_schedule`` hyperparameter values.
 LR_SCHEDULES = ("none", "step", "cosine")
-#: the ``"step"`` schedule: the learning rate times ``STEP_FACTOR`` from ``STEP_AT`` of the steps on
-#: (the SAGE authors' DG code: StepLR at 80% of training, gamma 0.1)
-STEP_AT, STEP_FACTOR = 0.8, 0.1
 
 
 def lr_factor(schedule: str, step: int, steps: int) -> float:

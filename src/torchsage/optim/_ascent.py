@@ -81,7 +81,7 @@ class AdaptiveGradientAscent(AscentRule):
     Args:
         eta: the offset in ``T``.
         unscaled: parameters whose ``T`` is 1 (the ASAM authors' code scales only the parameters
-            named ``weight``; biases keep ``T = 1``).
+            whose name contains ``weight``; biases keep ``T = 1``).
     """
 
     def __init__(self, eta: float = 0.01, eps: float = 1e-12, unscaled: Sequence[Tensor] = ()) -> None:

@@ -35,8 +35,11 @@ class SAM(SharpnessAware):
         scaled: which parameters ASAM scales: ``"all"`` (default: ``T = |w| + eta`` for every
             parameter; with ``eta=0`` it is the adaptive mode of the widely used SAM package,
             ``T = |w|``) or ``"weights"`` (the ASAM authors' code: ``T = |w| + eta`` for the
-            parameters whose name ends in ``weight``, ``T = 1`` for the others, biases among
-            them; names are read from ``model=``, which is then required).
+            parameters whose name in ``model.named_parameters()`` contains ``weight`` anywhere,
+            ``T = 1`` for the others, biases among them; a recurrent layer's ``weight_ih_l0``
+            and ``weight_hh_l0`` are scaled, and so is a norm layer's ``weight``, and the bias of
+            a submodule whose own name contains ``weight``; names are read from ``model=``, which
+            is then required).
         model, update_bn_on_perturbed, max_grad_norm, on_nonfinite, solver_update: see
             :class:`torchsage.optim.SharpnessAware`.
         solver: multi-task learning: a torchjd aggregator or scalarizer (or ``"mean"``) that
@@ -78,9 +81,8 @@ class SAM(SharpnessAware):
                 "scaled='weights' reads the parameters' names from the model: pass model=model "
                 "(and update_bn_on_perturbed=True to keep BatchNorm updated on both passes)"
             )
-        unscaled = (
-            [] if scaled == "all" else [p for n, p in model.named_parameters() if not n.endswith("weight")]
-        )
+        # the ASAM authors test `'weight' in name`, a substring, not a suffix
+        unscaled = [] if scaled == "all" else [p for n, p in model.named_parameters() if "weight" not in n]
         ascent = AdaptiveGradientAscent(eta=eta, unscaled=unscaled) if adaptive else GradientAscent()
         super().__init__(params, base_optimizer, ascent, dict(rho=rho), **options)
         self.adaptive = adaptive
@@ -91,7 +93,7 @@ class ASAM(SAM):
 
     ``ASAM(..., eta=0)`` is the adaptive mode of the widely used SAM package (``T = |w|`` on every
     parameter); ``ASAM(..., scaled="weights", model=model)`` is the ASAM authors' own rule
-    (``T = |w| + eta`` on the parameters named ``weight``, ``T = 1`` on biases).
+    (``T = |w| + eta`` on the parameters whose name contains ``weight``, ``T = 1`` on the others).
 
     Example:
         >>> import torch
@@ -128,11 +130,15 @@ class GSAM(SAM):
     each group's radius to
     :math:`\rho_t = \rho_{min} + (\rho_{max} - \rho_{min}) (lr_t - lr_{min}) / (lr_{max} - lr_{min})`,
     :math:`\rho_{max}` the group's ``rho`` and :math:`lr_t` its learning rate at that step (as an LR
-    scheduler left it), so ``rho`` decays with the learning rate, linearly in it.
+    scheduler left it), so ``rho`` decays with the learning rate, linearly in it. The radius is
+    that of the learning rate the step uses, as with the GSAM repository's ``ProportionScheduler``
+    over a torch scheduler; its own schedulers start ``rho`` at ``rho_min`` (their learning rate
+    reads 0 before the first scheduler step) or one step ahead of the learning rate, an artefact
+    of that code not followed here.
 
     Args:
         alpha: weight of the orthogonal correction.
-        rho_min: radius at ``lr_min``; ``None`` (default) keeps ``rho`` fixed.
+        rho_min: radius at ``lr_min``, at most ``rho``; ``None`` (default) keeps ``rho`` fixed.
         lr_max: learning rate at which the radius is ``rho`` (default: each group's learning rate
             when the optimizer is built).
         lr_min: learning rate at which the radius is ``rho_min`` (default 0, the end of a cosine
@@ -181,6 +187,11 @@ class GSAM(SAM):
                 group.setdefault("lr_max", group["lr"] if lr_max is None else float(lr_max))
                 if not group["lr_max"] > self.lr_min:
                     raise ValueError(f"lr_max ({group['lr_max']}) must exceed lr_min ({self.lr_min})")
+                if rho_min > group["rho_max"]:  # the GSAM authors' scheduler refuses it too
+                    raise ValueError(
+                        f"rho_min ({rho_min}) exceeds rho ({group['rho_max']}): the radius would grow as "
+                        "the learning rate falls; pass rho_min <= rho"
+                    )
 
     def step(self, closure: Any = None, **kwargs: Any) -> Any:
         if self.rho_min is not None:
