@@ -89,7 +89,7 @@ def test_every_tensor_of_a_run_is_on_the_requested_device(algorithm, device, tmp
 
 
 def test_image_folders_load_in_worker_processes_onto_the_device(tmp_path, monkeypatch):
-    from tests.dg.test_train import tiny_pacs
+    from test_train import tiny_pacs  # tests/dg is on the path (a dependency ships a package named tests)
 
     tiny_pacs(tmp_path / "data")
     spy = _Spy(monkeypatch, ALGORITHMS["SAGE"])

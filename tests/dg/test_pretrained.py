@@ -137,7 +137,7 @@ def test_image_sets_default_to_imagenet_weights():
 
 
 def test_dg_train_without_network_or_file_stops_with_one_line(hub, tmp_path, capsys):
-    from tests.dg.test_train import tiny_pacs
+    from test_train import tiny_pacs  # tests/dg is on the path (a dependency ships a package named tests)
 
     tiny_pacs(tmp_path / "data")
     out = tmp_path / "run"
