@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from torchsage._io import safe_torch_load
 from torchsage.cli.common import add_device, add_no_progress, add_threads, non_negative_float, positive_int
+from torchsage.files import safe_torch_load
 
 __all__ = ["add_diagnose_command", "run_diagnose"]
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from torchsage.dg.datasets import get_dataset, seed_hash, split_environment
 from torchsage.dg.networks import classifier, featurizer
+from torchsage.files import load_weights
 from torchsage.harness.records import atomic_torch_save
 
 __all__ = ["CHECKPOINT_KEYS", "load_dg_model", "save_model"]
@@ -75,10 +76,9 @@ def load_dg_model(
     network = torch.nn.Sequential(
         feat, classifier(feat.n_outputs, int(checkpoint["num_classes"]), hparams["nonlinear_classifier"])
     )
-    try:
-        network.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise ValueError(f"the saved weights do not fit the network its hparams describe: {error}") from None
+    load_weights(
+        network, checkpoint["model"], what="the saved weights (for the network their hparams describe)"
+    )
 
     dataset = get_dataset(
         args["dataset"],

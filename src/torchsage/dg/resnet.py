@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchsage._io import safe_torch_load
+from torchsage.files import load_weights, safe_torch_load
 
 __all__ = ["PRETRAINED", "RESNET_ARCHS", "ResNetFeaturizer", "imagenet_weights_file", "load_backbone_weights"]
 
@@ -121,23 +121,7 @@ def load_backbone_weights(network: nn.Module, weights_path: str | os.PathLike) -
     )
     if not isinstance(loaded, dict):
         raise ValueError(f"pretrained weights file {path} holds a {type(loaded).__name__}, not a state_dict")
-    state = _backbone_state(loaded)
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = sorted(
-        k
-        for k in set(expected) & set(state)
-        if not isinstance(state[k], Tensor) or tuple(state[k].shape) != tuple(expected[k].shape)
-    )
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-        if keys:
-            shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
-        raise ValueError(f"weights in {path} do not fit the backbone ({'; '.join(problems)})")
-    network.load_state_dict(state, strict=True)
+    load_weights(network, _backbone_state(loaded), what=f"weights in {path}")
 
 
 class ResNetFeaturizer(nn.Module):

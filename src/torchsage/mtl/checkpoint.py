@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from torchsage._io import safe_torch_load
+from torchsage.files import load_weights, safe_torch_load
 from torchsage.harness.records import atomic_torch_save
 from torchsage.mtl.args import MTLArgs
 from torchsage.mtl.benchmarks import Benchmark, get_benchmark
@@ -79,7 +79,7 @@ def load_for_diagnostics(
     Raises:
         FileNotFoundError: no ``model.pt`` there.
         ValueError: a file that is truncated, corrupt, of another format, holds other Python
-            objects (:class:`torchsage._io.UnreadableFileError`) or was not written by ``mtl train``.
+            objects (:class:`torchsage.files.UnreadableFileError`) or was not written by ``mtl train``.
 
     Returns:
         ``(model, batches, loss_fns)``: the model (eval mode); one entry per task in
@@ -107,11 +107,7 @@ def load_for_diagnostics(
     bench = get_benchmark(payload["benchmark"])
     saved = payload["args"]
     model = bench.build(int(payload["width"]))
-    try:
-        model.load_state_dict(payload["model"])
-    except (RuntimeError, TypeError, AttributeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"the weights in {file} do not fit the {bench.name} model ({first})") from None
+    load_weights(model, payload["model"], what=f"the weights in {file} (benchmark {bench.name})")
     model.eval()
     fields = {f for f in MTLArgs.__dataclass_fields__}
     kwargs = {k: v for k, v in saved.items() if k in fields}

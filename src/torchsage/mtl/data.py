@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from torchsage._io import safe_numpy_load
+from torchsage.files import safe_numpy_load
 
 __all__ = [
     "CITYSCAPES_TASKS",

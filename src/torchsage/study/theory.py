@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torchsage._io import read_json_file, safe_torch_load
+from torchsage.files import read_json_file, safe_torch_load
 from torchsage.harness.records import atomic_write_text, read_json_lines
 from torchsage.study.stats import Fit, least_squares
 

@@ -1,4 +1,4 @@
-"""Reading files without running code from them (``torchsage._io``).
+"""Reading files without running code from them (``torchsage.files``).
 
 Two guarantees, each checked so that the check can fail:
 - the source holds no unsafe load (the scanner is first shown to catch every pattern it looks for);
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from torchsage._io import UnreadableFileError, read_json_file, safe_numpy_load, safe_torch_load
+from torchsage.files import UnreadableFileError, read_json_file, safe_numpy_load, safe_torch_load
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "torchsage"
 
@@ -159,6 +159,12 @@ def write_crafted(folder: Path, marker: Path) -> Path:
     np.save(folder / "array.npy", np.array([_CreatesFile(marker)], dtype=object), allow_pickle=True)
     np.savez(folder / "cache.npz", x=np.array([_CreatesFile(marker)], dtype=object))
     return folder
+
+
+def truncated(good: Path, target: Path) -> Path:
+    data = good.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    return target
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ Example:
     >>> safe_torch_load(folder / "broken.pt", what="checkpoint")
     Traceback (most recent call last):
     ...
-    torchsage._io.UnreadableFileError: checkpoint .../broken.pt is not a readable torch file: not written ...
+    torchsage.files.UnreadableFileError: checkpoint .../broken.pt is not a readable torch file: not ...
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UnreadableFileError", "read_json_file", "safe_numpy_load", "safe_torch_load"]
+__all__ = ["UnreadableFileError", "load_weights", "read_json_file", "safe_numpy_load", "safe_torch_load"]
 
 # torch's weights-only unpickler names the refused global as "GLOBAL module.name"
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -191,3 +191,38 @@ def read_json_file(path: str | os.PathLike, *, what: str = "JSON file", hint: st
         where = f"{error.msg} at line {error.lineno}"
         message = f"{what} {file} is not valid JSON ({where}), truncated or corrupt{hint}"
         raise UnreadableFileError(message, file) from None
+
+
+def load_weights(module: Any, state: Any, *, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)`` after checking that ``state`` fits: every key
+    of the module present with its shape, nothing else. Otherwise one ``ValueError`` line naming a
+    few missing, unexpected and mis-shaped keys, with ``module`` left as it was.
+
+    Example:
+        >>> import torch
+        >>> load_weights(torch.nn.Linear(2, 3), torch.nn.Linear(2, 4).state_dict(), what="weights in w.pt")
+        Traceback (most recent call last):
+        ...
+        ValueError: weights in w.pt do not fit the Linear (wrong shape: bias, weight)
+    """
+    import torch
+
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} are a {type(state).__name__}, not a state_dict (a dict of tensors)")
+    expected = module.state_dict()
+    keys = {str(k) for k in state}
+    missing = sorted(set(expected) - keys)
+    unexpected = sorted(keys - set(expected))
+    mis_shaped = sorted(
+        k
+        for k in set(expected) & keys
+        if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+        if names:
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ValueError(f"{what} do not fit the {type(module).__name__} ({'; '.join(problems)})")
+    module.load_state_dict(state, strict=True)
