@@ -95,6 +95,10 @@ def test_model_checkpoints(dg_run, tmp_path, capsys):
         "numpy.pt": (folder / "array.npy", "is not a readable torch file: not written by torch.save"),
         "results.pt": (dg_run / "results.jsonl", "is not a readable torch file: not written by torch.save"),
         "state_dict.pt": (other, "lacks args, hparams, input_shape"),
+        "wrong_types.pt": (
+            {**checkpoint, "args": ["RotatedDigits"]},
+            "checkpoint's args (list) are not what",
+        ),
         "mis_shaped.pt": (checkpoint, "hparams describe) do not fit the Sequential (wrong shape: "),
     }
     for name, (source, _) in cases.items():

@@ -62,6 +62,18 @@ def load_dg_model(
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
         raise ValueError(f"the checkpoint lacks {', '.join(missing)}: not written by `dg train --save-model`")
+    kinds = {
+        "args": dict,
+        "hparams": dict,
+        "input_shape": (list, tuple),
+        "num_classes": int,
+        "env_names": (list, tuple),
+    }
+    wrong = [
+        f"{k} ({type(checkpoint[k]).__name__})" for k, t in kinds.items() if not isinstance(checkpoint[k], t)
+    ]
+    if wrong:
+        raise ValueError(f"the checkpoint's {', '.join(wrong)} are not what `dg train --save-model` writes")
     args, hparams = checkpoint["args"], checkpoint["hparams"]
     names = list(checkpoint["env_names"])
     test_envs = list(args.get("test_envs", []))
