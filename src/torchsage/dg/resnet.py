@@ -117,7 +117,7 @@ def load_backbone_weights(network: nn.Module, weights_path: str | os.PathLike) -
     loaded = safe_torch_load(
         path,
         what="pretrained weights file",
-        hint=" (set the hyperparameter pretrained_path to a state_dict file saved with torch.save)",
+        hint=" (set the hyperparameter pretrained_path to an existing state_dict file saved with torch.save)",
     )
     if not isinstance(loaded, dict):
         raise ValueError(f"pretrained weights file {path} holds a {type(loaded).__name__}, not a state_dict")
