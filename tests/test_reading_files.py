@@ -319,16 +319,30 @@ def test_data_caches(tmp_path):
 
 
 def test_study_files(tmp_path):
+    from torchsage.study import pilot, records
     from torchsage.study.theory import THEORY_FILE, load_theory
 
     run = tmp_path / "dg" / "run"
     run.mkdir(parents=True)
-    (run / THEORY_FILE).write_text('{"run": "run", "report": {"trace"')
-    before = snapshot(tmp_path)
+    (tmp_path / "pilot_times.jsonl").write_bytes(b'{"run": "a", "wall_s": 1.0}\n{"run": "b", "wal')
+    (tmp_path / "study_records.jsonl").write_bytes(b'{"kind": "summary", "dg_missing": 0}\n\xff\xfe\n')
+    cases = [
+        (b'{"run": "run", "report": {"trace"', "is not valid JSON (Expecting"),
+        ('{"run": "r\xe9"}'.encode("latin-1"), "is not UTF-8 text"),
+    ]
+    for content, message in cases:
+        (run / THEORY_FILE).write_bytes(content)
+        before = snapshot(tmp_path)
+        with pytest.raises(UnreadableFileError) as caught:
+            load_theory(tmp_path)
+        assert one_line(str(caught.value)).startswith(f"theory terms {run / THEORY_FILE} {message}")
+        assert snapshot(tmp_path) == before
     with pytest.raises(UnreadableFileError) as caught:
-        load_theory(tmp_path)
-    text = one_line(str(caught.value))
-    assert text.startswith(f"theory terms {run / THEORY_FILE} is not valid JSON (Expecting")
+        pilot.summary(tmp_path)
+    assert "pilot_times.jsonl is damaged: line 2: invalid JSON" in one_line(str(caught.value))
+    with pytest.raises(ValueError) as caught:
+        records.load(tmp_path / "study_records.jsonl")
+    assert "study_records.jsonl: line 2: not UTF-8; export it again" in one_line(str(caught.value))
     assert snapshot(tmp_path) == before
 
 
