@@ -258,6 +258,15 @@ def test_every_loader_refuses_the_crafted_file_with_one_line_creating_nothing(lo
     assert not marker.exists()
 
 
+def test_the_environment_cannot_switch_the_safe_load_off(crafted, monkeypatch):
+    # torch lets this variable turn weights_only off, but only where a call leaves it unset
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    folder, marker = crafted
+    with pytest.raises(UnreadableFileError, match="refused"):
+        safe_torch_load(folder / "model.pt")
+    assert not marker.exists()
+
+
 def test_the_command_line_refuses_the_crafted_checkpoint_with_one_line(crafted, capsys):
     from torchsage.cli import main
 
