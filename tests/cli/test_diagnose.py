@@ -128,7 +128,7 @@ def test_bad_input_is_one_line_and_exit_code_2(run_dir, tmp_path, capsys):
     cases.append((["diagnose", str(empty)], "holds no model.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    cases.append((["diagnose", str(junk)], "not a readable torch checkpoint"))
+    cases.append((["diagnose", str(junk)], "not a readable torch file"))
     partial = tmp_path / "partial.pt"
     torch.save({"model": {}}, partial)
     cases.append((["diagnose", str(partial)], "lacks args, hparams"))

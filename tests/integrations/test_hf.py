@@ -215,3 +215,31 @@ def test_per_sample_loss_against_loops():
     assert per_sample_loss(pred, target).tolist() == [0.25, 4.0]
     with pytest.raises(ValueError, match="override"):
         per_sample_loss(torch.randn(2, 3, 4, 5), torch.zeros(2, dtype=torch.long))
+
+
+def test_hugging_face_checkpoints(tmp_path):
+    """docs/files.md: a crafted or truncated optimizer.pt is refused by the Trainer's load (torch's
+    weights-only unpickler), creating nothing; SAGE's state loads with weights_only=True."""
+    import pickle
+
+    from test_files import _CreatesFile, snapshot, truncated
+
+    def trainer(out, steps):
+        args = arguments(out, max_steps=steps, save_strategy="steps", save_steps=3)
+        return SAGETrainer(model=tiny_bert(0), args=args, train_dataset=Rows(), group_column="domain",
+                           groups=GROUPS, optimizer_kwargs=SAGE_OPTIONS)  # fmt: skip
+
+    trainer(tmp_path / "run", 3).train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    optimizer = checkpoint / "optimizer.pt"
+    state = torch.load(optimizer, weights_only=True)
+    torch.save(state, tmp_path / "good.pt")
+    for name, error in (("crafted", pickle.UnpicklingError), ("truncated", (RuntimeError, OSError))):
+        if name == "crafted":
+            torch.save({**state, "extra": _CreatesFile(tmp_path / "marker")}, optimizer)
+        else:
+            truncated(tmp_path / "good.pt", optimizer)
+        before = snapshot(checkpoint)
+        with pytest.raises(error):
+            trainer(tmp_path / "resumed", 6).train(resume_from_checkpoint=str(checkpoint))
+        assert not (tmp_path / "marker").exists() and snapshot(checkpoint) == before

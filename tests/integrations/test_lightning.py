@@ -153,3 +153,31 @@ def test_mixed_precision(precision):
     else:
         t.fit(model, loader())
         assert len(model.infos) == BATCHES_PER_EPOCH and all(math.isfinite(i.loss) for i in model.infos)
+
+
+def test_lightning_checkpoints(tmp_path):
+    """docs/files.md: a crafted or truncated checkpoint is refused by Lightning's load (torch's
+    weights-only unpickler), creating nothing and leaving the module's weights; SAGE's state loads
+    with weights_only=True."""
+    import pickle
+
+    from test_files import _CreatesFile, snapshot, truncated
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    t = trainer(tmp_path, 1, "first")
+    t.fit(Classifier(seed=0), loader())
+    t.save_checkpoint(folder / "good.ckpt")
+    payload = torch.load(folder / "good.ckpt", weights_only=True)
+    torch.save({**payload, "extra": _CreatesFile(tmp_path / "marker")}, folder / "crafted.ckpt")
+    truncated(folder / "good.ckpt", folder / "cut.ckpt")
+    for name, error in (("crafted.ckpt", pickle.UnpicklingError), ("cut.ckpt", (RuntimeError, OSError))):
+        module = Classifier(seed=1)
+        before, start = snapshot(folder), weights(module)
+        with pytest.raises(error):
+            trainer(tmp_path, 2, name).fit(module, loader(), ckpt_path=folder / name)
+        assert not (tmp_path / "marker").exists() and snapshot(folder) == before
+        assert all(torch.equal(a, b) for a, b in zip(start, weights(module)))
+    trainer(tmp_path, 2, "resumed").fit(
+        Classifier(seed=1), loader(), ckpt_path=folder / "good.ckpt", weights_only=True
+    )

@@ -149,7 +149,7 @@ def test_load_for_diagnostics_gives_one_batch_and_loss_per_task(tmp_path):
     assert torch.equal(left[idx], yl) and torch.equal(right[idx], yr)
     _, two, _ = load_for_diagnostics(out / "model.pt", n_batches=2, batch_size=8)
     assert len(two[0]) == 2 and two[0][0][0].shape == (8, 1, 28, 28)
-    with pytest.raises(FileNotFoundError, match="no saved model"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         load_for_diagnostics(tmp_path / "nowhere")
 
 

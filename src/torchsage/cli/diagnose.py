@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from torchsage.cli.common import add_device, add_no_progress, add_threads, non_negative_float, positive_int
+from torchsage.files import safe_torch_load
 
 __all__ = ["add_diagnose_command", "run_diagnose"]
 
@@ -93,11 +94,7 @@ def _load_checkpoint(target: str) -> tuple[Path, dict[str, Any]]:
             raise DiagnoseError(f"{target} holds no model.pt: train with `torchsage dg train --save-model`")
     elif not path.exists():
         raise DiagnoseError(f"no such file or directory: {target}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure means "not a torchsage checkpoint"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DiagnoseError(f"{path} is not a readable torch checkpoint ({first})") from None
+    checkpoint = safe_torch_load(path, what="model checkpoint")
     if not isinstance(checkpoint, dict):
         raise DiagnoseError(f"{path} is not a torchsage model checkpoint (a dict with a 'model' entry)")
     return path, checkpoint

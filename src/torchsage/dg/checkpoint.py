@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from torchsage.dg.datasets import environment_splits, get_dataset
 from torchsage.dg.networks import classifier, featurizer
+from torchsage.files import load_weights
 from torchsage.harness.records import atomic_torch_save
 
 __all__ = ["CHECKPOINT_KEYS", "load_dg_model", "save_model"]
@@ -61,6 +62,18 @@ def load_dg_model(
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
         raise ValueError(f"the checkpoint lacks {', '.join(missing)}: not written by `dg train --save-model`")
+    kinds = {
+        "args": dict,
+        "hparams": dict,
+        "input_shape": (list, tuple),
+        "num_classes": int,
+        "env_names": (list, tuple),
+    }
+    wrong = [
+        f"{k} ({type(checkpoint[k]).__name__})" for k, t in kinds.items() if not isinstance(checkpoint[k], t)
+    ]
+    if wrong:
+        raise ValueError(f"the checkpoint's {', '.join(wrong)} are not what `dg train --save-model` writes")
     args, hparams = checkpoint["args"], checkpoint["hparams"]
     names = list(checkpoint["env_names"])
     test_envs = list(args.get("test_envs", []))
@@ -75,10 +88,9 @@ def load_dg_model(
     network = torch.nn.Sequential(
         feat, classifier(feat.n_outputs, int(checkpoint["num_classes"]), hparams["nonlinear_classifier"])
     )
-    try:
-        network.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise ValueError(f"the saved weights do not fit the network its hparams describe: {error}") from None
+    load_weights(
+        network, checkpoint["model"], what="the saved weights (for the network their hparams describe)"
+    )
 
     dataset = get_dataset(
         args["dataset"],

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from torchsage.files import load_weights, safe_torch_load
+
 __all__ = ["PRETRAINED", "RESNET_ARCHS", "ResNetFeaturizer", "imagenet_weights_file", "load_backbone_weights"]
 
 #: Supported architectures and the width of their pooled features.
@@ -112,28 +114,14 @@ def load_backbone_weights(network: nn.Module, weights_path: str | os.PathLike) -
         ValueError: missing, unexpected or mis-shaped keys (the message names a few of them).
     """
     path = Path(weights_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained weights file {path} does not exist (set the hyperparameter pretrained_path to "
-            "an existing state_dict file)"
-        )
-    state = _backbone_state(torch.load(path, map_location="cpu", weights_only=True))
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = sorted(
-        k
-        for k in set(expected) & set(state)
-        if not isinstance(state[k], Tensor) or tuple(state[k].shape) != tuple(expected[k].shape)
+    loaded = safe_torch_load(
+        path,
+        what="pretrained weights file",
+        hint=" (set the hyperparameter pretrained_path to an existing state_dict file saved with torch.save)",
     )
-    problems = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-        if keys:
-            shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
-        raise ValueError(f"weights in {path} do not fit the backbone ({'; '.join(problems)})")
-    network.load_state_dict(state, strict=True)
+    if not isinstance(loaded, dict):
+        raise ValueError(f"pretrained weights file {path} holds a {type(loaded).__name__}, not a state_dict")
+    load_weights(network, _backbone_state(loaded), what=f"weights in {path}")
 
 
 class ResNetFeaturizer(nn.Module):

@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from torchsage.files import load_weights, safe_torch_load
 from torchsage.harness.records import atomic_torch_save
 from torchsage.mtl.args import MTLArgs
 from torchsage.mtl.benchmarks import Benchmark, get_benchmark
@@ -66,12 +66,20 @@ def load_for_diagnostics(
 ) -> tuple[nn.Module, list[Any], list[Callable[[Any, Any], Tensor]]]:
     """Rebuilds a model saved by ``train(..., save_model=True)`` with per-task batches and losses.
 
+    The file is read with ``weights_only=True`` (tensors and plain values only), so a crafted file
+    cannot run code; a missing, damaged or foreign file raises one clear error before anything else.
+
     Args:
         path: the run directory or its ``model.pt``.
         n_batches: batches per task, drawn from the training split in a seeded order.
         batch_size: default: the run's batch size.
         data_dir: overrides the run's data directory (NYUv2, Cityscapes).
         seed: seeds the order of the drawn examples.
+
+    Raises:
+        FileNotFoundError: no ``model.pt`` there.
+        ValueError: a file that is truncated, corrupt, of another format, holds other Python
+            objects (:class:`torchsage.files.UnreadableFileError`) or was not written by ``mtl train``.
 
     Returns:
         ``(model, batches, loss_fns)``: the model (eval mode); one entry per task in
@@ -83,21 +91,23 @@ def load_for_diagnostics(
     file = Path(path)
     if file.is_dir():
         file = file / "model.pt"
-    if not file.is_file():
-        raise FileNotFoundError(f"no saved model at {file} (train with --save-model)")
     if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
         raise ValueError(f"n_batches must be a positive integer, got {n_batches!r}")
-    payload = torch.load(file, map_location="cpu", weights_only=False)
+    payload = safe_torch_load(file, what="saved multi-task model", hint=" (train with --save-model)")
     if not isinstance(payload, dict) or "benchmark" not in payload:
         raise ValueError(f"{file} is not a multi-task model saved by torchsage mtl train")
     if "model" not in payload:
         raise ValueError(
             f"{file} holds single-task (stl) models, one per task: diagnostics need one shared model"
         )
+    missing = [k for k in ("width", "args") if k not in payload]
+    if missing or not isinstance(payload["args"], dict):
+        lacks = ", ".join(missing) or "a dict of args"
+        raise ValueError(f"{file} lacks {lacks}: not written by torchsage mtl train")
     bench = get_benchmark(payload["benchmark"])
     saved = payload["args"]
     model = bench.build(int(payload["width"]))
-    model.load_state_dict(payload["model"])
+    load_weights(model, payload["model"], what=f"the weights in {file} (benchmark {bench.name})")
     model.eval()
     fields = {f for f in MTLArgs.__dataclass_fields__}
     kwargs = {k: v for k, v in saved.items() if k in fields}

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from torchsage.files import safe_numpy_load
+
 __all__ = [
     "CITYSCAPES_TASKS",
     "MULTI_DIGITS_CANVAS",
@@ -253,10 +255,7 @@ class DenseDataset(Dataset):
         return self.length
 
     def _load(self, folder: str, index: int) -> np.ndarray:
-        path = self.folders[folder] / f"{index}.npy"
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.NAME} file not found: {path}")
-        return np.load(path)
+        return safe_numpy_load(self.folders[folder] / f"{index}.npy", what=f"{self.NAME} {folder} array")
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         if not -self.length <= index < self.length:

@@ -10,7 +10,7 @@ import contextlib
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -109,6 +109,18 @@ def check_options(cls: type, base_optimizer: Callable[..., Optimizer], base_kwar
         f"{cls.__name__} got an unknown option {key!r}: {hint}{cls.__name__}'s options are "
         f"{', '.join(mine)}; {base_name}'s are {', '.join(allowed)}"
     )
+
+
+def check_state_dict(state_dict: Any) -> None:
+    """An optimizer state_dict is a dict with ``state`` and ``param_groups``; anything else (a
+    model's state dict, a whole checkpoint) is refused by name before any state changes."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"expected an optimizer state_dict (a dict), got a {type(state_dict).__name__}")
+    missing = [k for k in ("state", "param_groups") if k not in state_dict]
+    if missing:
+        lacks = " and ".join(repr(k) for k in missing)
+        shown = ", ".join(repr(k) for k in list(state_dict)[:5])
+        raise ValueError(f"not an optimizer state_dict: it lacks {lacks} (its keys: {shown})")
 
 
 def check_state_owner(saved: dict[str, Any], owner: str, base: str) -> None:

@@ -355,16 +355,24 @@ class SharpnessAware(Optimizer):
         return {"optimizer": type(self).__name__, "base_optimizer": type(self.base_optimizer).__name__}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a :meth:`state_dict`; one that does not fit (another optimizer's, another model's,
+        not a state dict) raises ``ValueError`` and leaves this optimizer as it was."""
+        _checks.check_state_dict(state_dict)
         state_dict = dict(state_dict)
         extra = dict(state_dict.pop("torchsage", {}))
         owner = self._owner()
         _checks.check_state_owner(extra, owner["optimizer"], owner["base_optimizer"])
         for key in owner:
             extra.pop(key, None)
-        self.base_optimizer.load_state_dict(state_dict)
+        previous = self._noise_generators_state()
+        self._load_noise_generators_state(extra)  # checks it whole before the base state changes
+        try:
+            self.base_optimizer.load_state_dict(state_dict)
+        except BaseException:
+            self._load_noise_generators_state(previous)
+            raise
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        self._load_noise_generators_state(extra)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ascent={type(self.ascent).__name__}, base={self.base_optimizer!r})"

@@ -214,10 +214,22 @@ class SAGE(SharpnessAware):
     def _load_noise_generators_state(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        self.seed = int(state["seed"])
-        self._generators = {}
-        for key, gen_state in state.get("generators", {}).items():
-            self._generator(torch.device(key)).set_state(gen_state)
+        seed, saved = state.get("seed"), state.get("generators", {})
+        if isinstance(seed, bool) or not isinstance(seed, int) or not isinstance(saved, dict):
+            raise ValueError(
+                f"the state_dict's noise state is damaged (seed {seed!r}, generators {type(saved)})"
+            )
+        generators = {}
+        for key, gen_state in saved.items():
+            generators[key] = torch.Generator(device=torch.device(key))
+            try:
+                generators[key].set_state(gen_state)
+            except (RuntimeError, TypeError) as error:
+                first = str(error).strip().splitlines()[0]
+                raise ValueError(
+                    f"the state_dict's noise generator state for {key} is damaged ({first})"
+                ) from None
+        self.seed, self._generators = seed, generators  # set together, once every part loaded
 
 
 class SAGECurvatureOnly(SAGE):

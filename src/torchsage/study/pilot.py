@@ -10,13 +10,14 @@ are skipped). Read: :func:`plateau_step` on each run's ``results.jsonl``.
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from torchsage.harness.records import append_json_line
+from torchsage.files import UnreadableFileError
+from torchsage.harness.records import append_json_line, read_json_lines
 
 __all__ = ["PILOT_CELLS", "plateau_step", "run_pilot", "summary", "train_accuracy_curve"]
 
@@ -79,11 +80,18 @@ def run_pilot(
     return root
 
 
+def _whole_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a finished run's JSON-lines file; a damaged line is an error naming it."""
+    records, problems = read_json_lines(path)
+    if problems:
+        raise UnreadableFileError(f"{path} is damaged: {problems[0]}", path)
+    return records
+
+
 def train_accuracy_curve(results: str | Path) -> list[tuple[int, float]]:
     """(step, mean validation accuracy of the training domains' ``out`` splits) per checkpoint."""
     curve = []
-    for line in Path(results).read_text().splitlines():
-        record = json.loads(line)
+    for record in _whole_records(results):
         test = set(record["args"]["test_envs"])
         envs = sorted(
             {int(k[3:].split("_")[0]) for k in record if k.startswith("env") and k.endswith("_out_acc")}
@@ -125,10 +133,7 @@ def summary(output_dir: str | Path, tolerance: float = 0.01) -> str:
     root = Path(output_dir)
     times = {}
     if (root / "pilot_times.jsonl").exists():
-        times = {
-            json.loads(line)["run"]: json.loads(line)
-            for line in (root / "pilot_times.jsonl").read_text().splitlines()
-        }
+        times = {record["run"]: record for record in _whole_records(root / "pilot_times.jsonl")}
     lines = [f"{'run':<24}{'steps':>6}{'wall s':>8}{'CPU s':>8}{'CPU s/step':>11}{'level':>7}{'plateau':>8}"]
     for run in sorted(p for p in root.iterdir() if (p / "done").exists()):
         curve = train_accuracy_curve(run / "results.jsonl")

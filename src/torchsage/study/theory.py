@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torchsage.files import read_json_file, safe_torch_load
 from torchsage.harness.records import atomic_write_text, read_json_lines
 from torchsage.study.stats import Fit, least_squares
 
@@ -106,7 +107,9 @@ def measure_run(run_dir: str | Path, settings: dict[str, Any] | None = None) -> 
 
     run_dir = Path(run_dir)
     s = {**THEORY_SETTINGS, **(settings or {})}
-    checkpoint = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    checkpoint = safe_torch_load(run_dir / "model.pt", what="model checkpoint")
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{run_dir / 'model.pt'} is not a torchsage model checkpoint (a dict)")
     model, batches, names = load_dg_model(checkpoint, int(s["batch_size"]))
     torch.manual_seed(int(s["seed"]))
     with warnings.catch_warnings():
@@ -141,7 +144,8 @@ def measure_run(run_dir: str | Path, settings: dict[str, Any] | None = None) -> 
 
 def load_theory(root: str | Path) -> list[dict[str, Any]]:
     """The ``theory.json`` payloads of every measured DG run under ``root`` (sorted by run)."""
-    return [json.loads(p.read_text()) for p in sorted((Path(root) / "dg").glob(f"*/{THEORY_FILE}"))]
+    paths = sorted((Path(root) / "dg").glob(f"*/{THEORY_FILE}"))
+    return [read_json_file(p, what="theory terms") for p in paths]
 
 
 def sample_cells(root: str | Path, max_runs: int, seed: int = 0) -> tuple[list[Path], list[str]]:
