@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def safe_torch_load(path: str | os.PathLike, *, what: str = "torch file", hint: 
         ) from None
     except EOFError:
         raise UnreadableFileError(f"{what} {file} is empty or truncated{hint}", file) from None
-    except (RuntimeError, ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+    except (RuntimeError, ValueError, OSError, zipfile.BadZipFile, UnicodeDecodeError, struct.error) as error:
         raise _damaged(what, file, "torch", error, hint) from None
 
 

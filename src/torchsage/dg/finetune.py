@@ -48,30 +48,14 @@ def load_lite0_weights(network: EfficientNetLite, path: str | os.PathLike) -> No
         FileNotFoundError: no such file.
         ValueError: a file that is not a state dict, or whose keys or shapes do not fit (named).
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"pretrained weights file {path} does not exist (hyperparameter pretrained_path)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path} is not a readable state dict ({type(error).__name__})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
-    if network._fc is None:
-        state = {k: v for k, v in state.items() if not str(k).startswith("_fc.")}
-    expected = network.state_dict()
-    problems = sorted(set(expected) ^ set(state)) + sorted(
-        k for k in set(expected) & set(state) if getattr(state[k], "shape", None) != expected[k].shape
+    from torchsage.files import load_weights, safe_torch_load
+
+    state = safe_torch_load(
+        Path(path).expanduser(), what="pretrained weights", hint=" (hyperparameter pretrained_path)"
     )
-    if problems:
-        shown = ", ".join(problems[:5]) + (f", ... ({len(problems)} in all)" if len(problems) > 5 else "")
-        raise ValueError(
-            f"weights in {path} do not fit EfficientNet-{network.variant.capitalize()} "
-            f"(missing, unexpected or mis-shaped: {shown})"
-        )
-    network.load_state_dict(state, strict=True)
+    if isinstance(state, dict) and network._fc is None:
+        state = {k: v for k, v in state.items() if not str(k).startswith("_fc.")}
+    load_weights(network, state, what=f"EfficientNet-{network.variant.capitalize()} weights in {path}")
 
 
 class LiteFeaturizer(nn.Module):
