@@ -335,3 +335,35 @@ def test_cache_trunk_with_augmentation_is_refused(tiny_emoji: str, tmp_path: Pat
     with pytest.raises(ValueError, match="data_augmentation"):
         _run(tmp_path / "run", tiny_emoji, "ERM", cache_trunk=True, data_augmentation=True)
     assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_novel_emoji_keeps_a_fraction_of_the_emoji_out_of_training(
+    tiny_emoji: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The harder variant: novel_emoji 0.2 of the 10 emoji (2) leave every training design, in and
+    out splits alike, and are all the test design holds; the same 2 in every design."""
+    import torchsage.dg.train as train_module
+
+    seen = {}
+    real = train_module.environment_splits
+
+    def spy(dataset, *args):
+        seen["splits"], seen["groups"] = real(dataset, *args), dataset.groups
+        return seen["splits"]
+
+    monkeypatch.setattr(train_module, "environment_splits", spy)
+    _run(tmp_path / "novel", tiny_emoji, "ERM", cache_trunk=True, novel_emoji=0.2)
+    groups = seen["groups"]
+    emoji = [{groups[i][j] for part in parts for j in part.indices} for i, parts in enumerate(seen["splits"])]
+    assert len(emoji[2]) == 2 and emoji[0] == emoji[1] == set(range(10)) - emoji[2]
+    plain = real(datasets.get_dataset("EmojiStylesPip", tiny_emoji, image_size=32), 0.2, 0)
+    assert sum(len(p.indices) for parts in plain for p in parts) == 30  # without it, all 10 in all 3
+
+
+def test_novel_fraction_needs_groups_and_a_test_environment() -> None:
+    data = DGDataset("plain", [list(range(4))] * 2, ["a", "b"], 2, (1, 1, 1))
+    with pytest.raises(ValueError, match="needs a data set with groups"):
+        datasets.environment_splits(data, 0.2, 0, [0], novel_fraction=0.2)
+    grouped = DGDataset("g", [list(range(4))] * 2, ["a", "b"], 2, (1, 1, 1), groups=[[0, 0, 1, 1]] * 2)
+    with pytest.raises(ValueError, match="novel_fraction must lie in"):
+        datasets.environment_splits(grouped, 0.5, 0, [], novel_fraction=0.5)

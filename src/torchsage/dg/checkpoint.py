@@ -101,7 +101,13 @@ def load_dg_model(
     from torchsage.dg.finetune import harness_view
 
     dataset = harness_view(dataset, hparams, data_dir if data_dir is not None else args.get("data_dir"))
-    splits = environment_splits(dataset, float(args.get("holdout_fraction", 0.2)), args.get("trial_seed", 0))
+    splits = environment_splits(
+        dataset,
+        float(args.get("holdout_fraction", 0.2)),
+        args.get("trial_seed", 0),
+        args.get("test_envs", ()),
+        float(hparams.get("novel_emoji", 0.0)),
+    )
     batches = []
     for i in chosen:
         part_in, part_out = splits[i]

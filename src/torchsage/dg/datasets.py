@@ -286,14 +286,57 @@ def split_environment(
 
 
 def environment_splits(
-    dataset: DGDataset, holdout_fraction: float, trial_seed: int
+    dataset: DGDataset,
+    holdout_fraction: float,
+    trial_seed: int,
+    test_envs: Sequence[int] = (),
+    novel_fraction: float = 0.0,
 ) -> list[tuple[Subset, Subset]]:
     """The (in, out) split of every environment for a trial, as training and the checkpoint tools
     make it: seeded by the trial and the environment, or by the trial alone where the data set has
-    groups (so a group is held out in every environment together)."""
-    return [
-        split_environment(env, holdout_fraction, seed_hash(trial_seed, i))
-        if dataset.groups is None
-        else split_environment(env, holdout_fraction, seed_hash(trial_seed, "groups"), dataset.groups[i])
+    groups (so a group is held out in every environment together).
+
+    With ``novel_fraction > 0`` (data sets with groups only), that fraction of the groups, drawn per
+    trial, is novel: left out of every training environment and the only part of the test
+    environments, so the test asks for concepts no design showed in training (EmojiStyles' harder
+    variant; the plain one tests other artists' drawings of concepts seen in training).
+
+    Example:
+        >>> data = DGDataset("toy", [list(range(8))] * 2, ["a", "b"], 2, (1, 1, 1),
+        ...                  groups=[[0, 0, 1, 1, 2, 2, 3, 3]] * 2)
+        >>> (a_in, a_out), (b_in, b_out) = environment_splits(data, 0.25, 0, [1], novel_fraction=0.25)
+        >>> novel = {i // 2 for i in b_in.indices + b_out.indices}
+        >>> len(novel), novel.isdisjoint(i // 2 for i in a_in.indices + a_out.indices)
+        (1, True)
+    """
+    if dataset.groups is None:
+        if novel_fraction:
+            raise ValueError(
+                f"novel_fraction needs a data set with groups (EmojiStyles); {dataset.name} has none"
+            )
+        return [
+            split_environment(env, holdout_fraction, seed_hash(trial_seed, i))
+            for i, env in enumerate(dataset.environments)
+        ]
+    splits = [
+        split_environment(env, holdout_fraction, seed_hash(trial_seed, "groups"), dataset.groups[i])
         for i, env in enumerate(dataset.environments)
     ]
+    if not novel_fraction:
+        return splits
+    if not 0.0 < novel_fraction < 1.0 or not test_envs:
+        raise ValueError(
+            f"novel_fraction must lie in (0, 1) and needs test environments, got {novel_fraction}"
+        )
+    distinct = sorted(set(dataset.groups[0]))
+    order = torch.randperm(
+        len(distinct), generator=torch.Generator().manual_seed(seed_hash(trial_seed, "novel"))
+    )
+    novel = {distinct[i] for i in order[: max(1, int(len(distinct) * novel_fraction))].tolist()}
+    out = []
+    for i, parts in enumerate(splits):
+        keep = (lambda g: g in novel) if i in test_envs else (lambda g: g not in novel)
+        out.append(
+            tuple(Subset(p.dataset, [j for j in p.indices if keep(dataset.groups[i][j])]) for p in parts)
+        )
+    return out  # type: ignore[return-value]

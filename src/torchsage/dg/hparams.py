@@ -62,6 +62,8 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
     if emoji or dataset in ("PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet"):
         add("train_from_block", 0)  # EfficientNet-Lite0: 0 fine-tunes all, k only blocks k.. and the head
         add("cache_trunk", False)  # with train_from_block > 0: the frozen trunk's output computed once
+    if emoji:
+        add("novel_emoji", 0.0)  # a fraction of the emoji kept out of training, the only ones tested
     add("nonlinear_classifier", False)
     add("optimizer", "adam")  # or "sgd" (momentum 0.9), the SAGE authors' choice for DG
     add("dropout", 0.0, None if small else _choice([0.0, 0.1, 0.5]))

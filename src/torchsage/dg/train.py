@@ -397,7 +397,13 @@ def _train(args: TrainArgs, comm: Communicator | None, schedule: _ScheduledLR) -
     checkpoint_freq = args.checkpoint_freq or dataset.checkpoint_freq
 
     dataset = harness_view(dataset, hparams, args.data_dir)
-    splits = environment_splits(dataset, args.holdout_fraction, args.trial_seed)
+    splits = environment_splits(
+        dataset,
+        args.holdout_fraction,
+        args.trial_seed,
+        args.test_envs,
+        float(hparams.get("novel_emoji", 0.0)),
+    )
     train_envs = [i for i in range(len(splits)) if i not in args.test_envs]
     train_sets = [Subset(dataset.training_view(i), splits[i][0].indices) for i in train_envs]
     merged = bool(hparams.get("merged_batch"))
