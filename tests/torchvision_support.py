@@ -10,8 +10,12 @@ import os
 from types import ModuleType
 
 import pytest
+import torch
 
 REQUIRED = "TORCHSAGE_REQUIRE_TORCHVISION"
+# torchvision's IMAGENET1K_V1 files (what DomainBed's pretrained=True loads), named in torch's cache
+# after their URL: written here independently of the code under test
+IMAGENET_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-0676ba61.pth"}
 
 
 def torchvision_error() -> BaseException | None:
@@ -37,3 +41,24 @@ def require_torchvision() -> ModuleType:
             allow_module_level=True,
         )
     return importlib.import_module("torchvision")
+
+
+def imagenet_like_state(torchvision: ModuleType, arch: str) -> dict[str, torch.Tensor]:
+    """A state dict laid out as torchvision's ImageNet file: every tensor of the network, the
+    1000-class ``fc`` included, but no BatchNorm ``num_batches_tracked`` (those files are re-saved
+    copies of 2017 files, older than the counter). Values are random, the running statistics
+    included, so that reading them back proves they were read."""
+    gen = torch.Generator().manual_seed(len(arch))
+    network = getattr(torchvision.models, arch)(weights=None)
+    state = {}
+    for key, value in network.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        noise = torch.rand(value.shape, generator=gen)
+        if key.endswith("running_mean"):
+            state[key] = 0.2 * noise - 0.1
+        elif key.endswith("running_var"):
+            state[key] = noise + 0.5
+        else:  # within 10% of torchvision's initialisation, which keeps 50 layers' activations finite
+            state[key] = value * (0.9 + 0.2 * noise)
+    return state

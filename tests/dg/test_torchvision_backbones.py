@@ -20,37 +20,13 @@ from authors_reference import authors_dg_step
 from torchsage.dg.algorithms import get_algorithm
 from torchsage.dg.hparams import default_hparams
 from torchsage.dg.recipe import algorithm_class, preset_hparams
-from torchvision_support import require_torchvision
+from torchvision_support import IMAGENET_FILES, imagenet_like_state, require_torchvision
 
 torchvision = require_torchvision()
 pytestmark = pytest.mark.torchvision
 
 ARCHS = ("resnet18", "resnet50")
-# torchvision's IMAGENET1K_V1 files (what DomainBed's pretrained=True loads), named in torch's cache
-# after their URL: written here independently of the code under test
-FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-0676ba61.pth"}
 SHAPE = (3, 32, 32)
-
-
-def imagenet_like_state(arch: str) -> dict[str, torch.Tensor]:
-    """A state dict laid out as torchvision's ImageNet file: every tensor of the network, the
-    1000-class ``fc`` included, but no BatchNorm ``num_batches_tracked`` (those files are re-saved
-    copies of 2017 files, older than the counter). Values are random, the running statistics
-    included, so that reading them back proves they were read."""
-    gen = torch.Generator().manual_seed(len(arch))
-    network = getattr(torchvision.models, arch)(weights=None)
-    state = {}
-    for key, value in network.state_dict().items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        noise = torch.rand(value.shape, generator=gen)
-        if key.endswith("running_mean"):
-            state[key] = 0.2 * noise - 0.1
-        elif key.endswith("running_var"):
-            state[key] = noise + 0.5
-        else:  # within 10% of torchvision's initialisation, which keeps 50 layers' activations finite
-            state[key] = value * (0.9 + 0.2 * noise)
-    return state
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +35,8 @@ def torch_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("torch_home")
     checkpoints = home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    for arch, name in FILES.items():
-        torch.save(imagenet_like_state(arch), checkpoints / name)
+    for arch, name in IMAGENET_FILES.items():
+        torch.save(imagenet_like_state(torchvision, arch), checkpoints / name)
     return home
 
 
@@ -95,7 +71,7 @@ def torchvision_features(arch: str, path: Path) -> nn.Module:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pretrained_path_loads_the_file_as_torchvision_does(arch, offline):
-    path = offline / FILES[arch]
+    path = offline / IMAGENET_FILES[arch]
     algorithm = harness_algorithm("ERM", arch, pretrained_path=str(path))
     featurizer = algorithm.featurizer
     assert featurizer.n_outputs == {"resnet18": 512, "resnet50": 2048}[arch]
@@ -113,7 +89,7 @@ def test_pretrained_path_loads_the_file_as_torchvision_does(arch, offline):
 def test_imagenet_weights_are_read_from_torchs_cache_where_torchvision_reads_them(arch, offline):
     algorithm = harness_algorithm("ERM", arch)  # the image sets' default: "pretrained": "imagenet"
     assert algorithm.hparams["pretrained"] == "imagenet"
-    assert algorithm.featurizer.weights_path == str(offline / FILES[arch])
+    assert algorithm.featurizer.weights_path == str(offline / IMAGENET_FILES[arch])
     # torchvision's own loader finds the same file in the same cache (no download: it is there)
     reference = getattr(torchvision.models, arch)(weights="IMAGENET1K_V1")
     reference.fc = nn.Identity()
@@ -137,7 +113,7 @@ def batchnorms(module: nn.Module) -> list[nn.BatchNorm2d]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batchnorm_is_frozen_as_in_domainbed_through_sage_steps(arch, offline):
-    path = offline / FILES[arch]
+    path = offline / IMAGENET_FILES[arch]
     algorithm = harness_algorithm("SAGE", arch, pretrained_path=str(path), batch_size=2)
     algorithm.train()
     assert algorithm.training and batchnorms(algorithm) and not any(m.training for m in batchnorms(algorithm))
