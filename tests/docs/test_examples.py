@@ -43,3 +43,14 @@ def test_readme_names_the_two_commands():
     text = (ROOT / "README.md").read_text()
     assert "make demo" in text and "make test" in text
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_names_the_torchvision_pair_that_make_test_vision_tests():
+    script = (ROOT / "scripts" / "test_vision.sh").read_text()
+    torch_version, vision_version = re.search(
+        r'VISION_TORCH_SPEC:-"torch==([\d.]+) torchvision==([\d.]+)"', script
+    ).groups()
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"torch {torch_version} and torchvision {vision_version}" in readme
+    assert "make test-vision" in readme
+    assert "test-vision:" in (ROOT / "Makefile").read_text() and "-m torchvision" in script
