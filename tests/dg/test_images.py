@@ -328,6 +328,9 @@ def test_resnet_logic_on_a_stand_in_torchvision(fake_torchvision: None, tmp_path
     torch.save({"module." + k: v for k, v in source.state_dict().items()}, path)
     loaded = ResNetFeaturizer("resnet50", weights_path=path)
     torch.testing.assert_close(loaded.network.conv1.weight, source.conv1.weight)
+    # without BatchNorm's counter, as torchvision's ImageNet files: the network keeps its own
+    torch.save({k: v for k, v in source.state_dict().items() if "num_batches" not in k}, path)
+    assert int(ResNetFeaturizer("resnet18", weights_path=path).network.bn1.num_batches_tracked) == 0
     incomplete = {k: v for k, v in source.state_dict().items() if k != "bn1.running_var"}
     torch.save({"state_dict": {**incomplete, "layer9.weight": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match=r"missing: bn1.running_var; unexpected: layer9.weight"):
