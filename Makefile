@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-matrix soak lint demo bench clean
+.PHONY: install test test-vision test-matrix soak lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# The tests marked torchvision, against the real torchvision, in a venv of their own (.venv-vision:
+# torch 2.14.1 and torchvision 0.29.1, CUDA builds that run on a CPU, about 5.5 GB); never in .venv.
+test-vision:
+	PYTHON=$(PYTHON) scripts/test_vision.sh
+
 # The suite under both CPU kernel sets (default, avx2) and 1 and 2 threads: what another machine runs.
 test-matrix: $(STAMP)
 	PYTHON=$(BIN)/python scripts/test_matrix.sh
@@ -41,4 +46,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) .venv-vision build src/*.egg-info

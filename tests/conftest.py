@@ -19,3 +19,11 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def real_torchvision():
+    """The real torchvision module, for tests marked ``torchvision`` (tests/torchvision_support.py)."""
+    from torchvision_support import require_torchvision
+
+    return require_torchvision()

@@ -272,6 +272,18 @@ def test_resnet_without_torchvision_says_how_to_install(monkeypatch: pytest.Monk
         ResNetFeaturizer("resnet18", dropout=1.0)
 
 
+def test_resnet_with_a_torchvision_for_another_torch_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    # what PyPI's torchvision does beside the CPU build of torch: it raises RuntimeError on import
+    package = tmp_path / "torchvision"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError, match=r"does not import beside torch .*torchvision::nms.*same index"):
+        ResNetFeaturizer("resnet18")
+
+
 class _TinyResNet(nn.Module):
     """Stands in for a torchvision ResNet: conv, BatchNorm, pooling and an ``fc``."""
 
@@ -316,6 +328,9 @@ def test_resnet_logic_on_a_stand_in_torchvision(fake_torchvision: None, tmp_path
     torch.save({"module." + k: v for k, v in source.state_dict().items()}, path)
     loaded = ResNetFeaturizer("resnet50", weights_path=path)
     torch.testing.assert_close(loaded.network.conv1.weight, source.conv1.weight)
+    # without BatchNorm's counter, as torchvision's ImageNet files: the network keeps its own
+    torch.save({k: v for k, v in source.state_dict().items() if "num_batches" not in k}, path)
+    assert int(ResNetFeaturizer("resnet18", weights_path=path).network.bn1.num_batches_tracked) == 0
     incomplete = {k: v for k, v in source.state_dict().items() if k != "bn1.running_var"}
     torch.save({"state_dict": {**incomplete, "layer9.weight": torch.zeros(1)}}, path)
     with pytest.raises(ValueError, match=r"missing: bn1.running_var; unexpected: layer9.weight"):
@@ -327,8 +342,9 @@ def test_resnet_logic_on_a_stand_in_torchvision(fake_torchvision: None, tmp_path
         ResNetFeaturizer("resnet18", weights_path=tmp_path / "absent.pt")
 
 
-def test_resnet18_with_torchvision(tmp_path: Path) -> None:
-    models = pytest.importorskip("torchvision.models")
+@pytest.mark.torchvision
+def test_resnet18_with_torchvision(tmp_path: Path, real_torchvision) -> None:
+    models = real_torchvision.models
     source = models.resnet18(weights=None)
     path = tmp_path / "resnet18.pt"
     torch.save(source.state_dict(), path)  # with fc, as torchvision ships it
@@ -343,8 +359,9 @@ def test_resnet18_with_torchvision(tmp_path: Path) -> None:
     torch.testing.assert_close(model(x), source(x))
 
 
-def test_transforms_match_torchvisions_under_the_same_seed() -> None:
-    transforms = pytest.importorskip("torchvision.transforms")
+@pytest.mark.torchvision
+def test_transforms_match_torchvisions_under_the_same_seed(real_torchvision) -> None:
+    transforms = real_torchvision.transforms
     normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     reference_eval = transforms.Compose([transforms.Resize((SIZE, SIZE)), *normalize])
     reference_train = transforms.Compose(

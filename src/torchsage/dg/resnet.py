@@ -40,6 +40,11 @@ def _torchvision_models() -> Any:
         import torchvision.models
     except ImportError as error:
         raise ImportError(_TORCHVISION_MESSAGE) from error
+    except RuntimeError as error:  # a build for another torch: "operator torchvision::nms does not exist"
+        raise ImportError(
+            f"torchvision is installed but does not import beside torch {torch.__version__} ({error}): "
+            "install the torchvision release made for this torch, from the same index as torch"
+        ) from error
     return torchvision.models
 
 
@@ -108,6 +113,9 @@ def load_backbone_weights(network: nn.Module, weights_path: str | os.PathLike) -
     """Loads the backbone weights of a torchvision ResNet from a local file into ``network`` (whose
     ``fc`` was replaced by ``nn.Identity``), checking the keys strictly: every backbone parameter and
     buffer must be in the file, with its shape, and the file may hold nothing else but ``fc.*``.
+    BatchNorm's batch counters (``num_batches_tracked``) alone may be absent, as in torchvision's
+    ``IMAGENET1K_V1`` ResNet files (re-saved copies of files older than the counter, pytorch/vision
+    issue 2068): they keep the network's value, as ``torch.nn.Module.load_state_dict`` does.
 
     Raises:
         FileNotFoundError: no such file.
@@ -121,7 +129,12 @@ def load_backbone_weights(network: nn.Module, weights_path: str | os.PathLike) -
     )
     if not isinstance(loaded, dict):
         raise ValueError(f"pretrained weights file {path} holds a {type(loaded).__name__}, not a state_dict")
-    load_weights(network, _backbone_state(loaded), what=f"weights in {path}")
+    state = _backbone_state(loaded)
+    expected = network.state_dict()
+    for key in set(expected) - set(state):
+        if key.endswith(".num_batches_tracked"):  # absent from files saved before PyTorch 0.4
+            state[key] = expected[key]
+    load_weights(network, state, what=f"weights in {path}")
 
 
 class ResNetFeaturizer(nn.Module):
@@ -147,7 +160,7 @@ class ResNetFeaturizer(nn.Module):
     Raises:
         ValueError: unknown ``arch`` or ``pretrained``, ``dropout`` outside [0, 1), weights that
             do not fit.
-        ImportError: torchvision is not installed.
+        ImportError: torchvision is not installed, or is a build for another torch.
         FileNotFoundError: ``weights_path`` does not exist, or the ImageNet weights are neither
             cached nor downloadable (the message says how to provide them).
 
