@@ -4,12 +4,14 @@ import json
 
 from torchsage.dg.hparams import default_hparams
 from torchsage.study import pretrained as pt
-from torchsage.study.spec import PARTS, SAGE_DEFAULTS, SAGE_GRID, SAM_GRID, part_jobs
+from torchsage.study.parts import ALL_PARTS
+from torchsage.study.parts import all_part_jobs as part_jobs
+from torchsage.study.spec import SAGE_DEFAULTS, SAGE_GRID, SAM_GRID
 
 
 def test_parts_are_the_cells_and_listed_in_the_study():
     assert pt.PT_PARTS == ("pt-symbola", "pt-notocolor")
-    assert set(pt.PT_PARTS) <= set(PARTS)
+    assert set(pt.PT_PARTS) <= set(ALL_PARTS)
 
 
 def test_a_trial_runs_every_arm_once_the_default_shared_with_its_grid_twin(tmp_path):

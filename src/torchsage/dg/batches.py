@@ -9,7 +9,8 @@ each batch by environment (a merged batch, as the SAGE authors' DG code draws it
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import (
@@ -24,7 +25,7 @@ from torch.utils.data import (
 
 from torchsage.harness.session import shard_batch
 
-__all__ = ["infinite_batches", "merged_batches"]
+__all__ = ["count_batches", "infinite_batches", "merged_batches", "to_device"]
 
 
 class _Slices:
@@ -119,3 +120,19 @@ def merged_batches(
     options = {"num_workers": num_workers, "pin_memory": pin_memory, "persistent_workers": num_workers > 0}
     for x, y, tag in DataLoader(tagged, batch_size=batch_size, sampler=sampler, drop_last=True, **options):
         yield [(x[tag == k], y[tag == k]) for k in range(len(sets))]
+
+
+def to_device(batch: tuple, device: torch.device) -> tuple:
+    """The tensors of a batch on ``device`` (asynchronous copies from pinned memory)."""
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def count_batches(algorithm: Any, batches: Iterable[tuple], device: torch.device) -> tuple[int, int]:
+    """(correct, total) of the predictions on ``batches``, counted on ``device``."""
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    total = 0
+    for x, y in batches:
+        x, y = to_device((x, y), device)
+        correct += (algorithm.predict(x).argmax(1) == y).sum()
+        total += len(y)
+    return int(correct.item()), total  # one synchronisation per split

@@ -391,7 +391,8 @@ class SWAD:
     def finish(self, out: Path, streams: Sequence[Iterator], merged: bool, rank: int) -> dict[str, Any]:
         """Builds the averaged network, evaluates it on every split and (rank 0) writes
         ``out/swad.json``; returns the record."""
-        from torchsage.dg.train import _count, _to
+        from torchsage.dg.batches import count_batches as _count
+        from torchsage.dg.batches import to_device as _to
 
         def inputs() -> Iterator[Tensor]:
             while True:

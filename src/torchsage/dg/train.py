@@ -48,7 +48,9 @@ from torch.utils.data import (
 
 from torchsage.amp import AMP_DTYPES, LossScaledOptimizer, autocast
 from torchsage.dg.algorithms import Algorithm, canonical_algorithm, get_algorithm
+from torchsage.dg.batches import count_batches as _count
 from torchsage.dg.batches import infinite_batches, merged_batches
+from torchsage.dg.batches import to_device as _to
 from torchsage.dg.datasets import (
     canonical_dataset,
     environment_names,
@@ -286,11 +288,6 @@ def _check(args: TrainArgs) -> dict[str, Any]:
     return hparams
 
 
-def _to(batch: tuple, device: torch.device) -> tuple:
-    """The tensors of a batch on ``device`` (asynchronous copies from pinned memory)."""
-    return tuple(t.to(device, non_blocking=True) for t in batch)
-
-
 def _eval_batches(
     data: Dataset,
     num_workers: int,
@@ -323,17 +320,6 @@ def _eval_batches(
 
 
 @torch.no_grad()
-def _count(algorithm: Algorithm, batches: Iterable[tuple], device: torch.device) -> tuple[int, int]:
-    """(correct, total) of the predictions on ``batches``, counted on ``device``."""
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    total = 0
-    for x, y in batches:
-        x, y = _to((x, y), device)
-        correct += (algorithm.predict(x).argmax(1) == y).sum()
-        total += len(y)
-    return int(correct.item()), total  # one synchronisation per split
-
-
 def count_correct(
     algorithm: Algorithm,
     data: Dataset,

@@ -87,9 +87,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "run":
         from torchsage.harness.local import launch
-        from torchsage.study.spec import part_jobs
+        from torchsage.study.parts import all_part_jobs
 
-        jobs = part_jobs(args.root, args.part)
+        jobs = all_part_jobs(args.root, args.part)
         if args.dry_run:
             for job in jobs:
                 if job.state != "done":

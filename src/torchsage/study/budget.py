@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torchsage.study.spec import DG_STEPS, MTL_SOLVERS, N_TRIALS, PARTS, part_jobs
+from torchsage.study.parts import ALL_PARTS, all_part_jobs
+from torchsage.study.spec import DG_STEPS, MTL_SOLVERS, N_TRIALS
 
 __all__ = ["CPU_PER_STEP", "MTL_RUN_CPU", "THEORY_MAX_RUNS", "THEORY_RUN_CPU", "estimate", "plan_text"]
 
@@ -52,8 +53,8 @@ def _mtl_cost(settings: dict) -> float:
 def estimate(root: str | Path = "runs/study") -> dict[str, tuple[int, int, float, float]]:
     """``{part: (runs, finished, CPU-hours in all, CPU-hours left)}``, plus ``"theory"``."""
     out = {}
-    for part in PARTS:
-        jobs = part_jobs(root, part)
+    for part in ALL_PARTS:
+        jobs = all_part_jobs(root, part)
         cost = _mtl_cost if part == "mtl" else _dg_cost
         total = sum(cost(j.settings) for j in jobs) / 3600
         left = sum(cost(j.settings) for j in jobs if j.state != "done") / 3600

@@ -259,14 +259,7 @@ def _cell_part(dataset: str, env: int) -> str:
 
 
 #: the parts of the study, each a few CPU-hours at most (docs/study.md has the estimate of each)
-PARTS: tuple[str, ...] = (
-    *(_cell_part(d, e) for d, e in DG_CELLS),
-    "mtl",
-    "dg-gamma-measure",
-    # the pretrained regime (torchsage.study.pretrained.PT_PARTS; a test keeps the two equal)
-    "pt-symbola",
-    "pt-notocolor",
-)
+PARTS: tuple[str, ...] = (*(_cell_part(d, e) for d, e in DG_CELLS), "mtl", "dg-gamma-measure")
 
 
 def part_jobs(root: str | Path, part: str) -> list[HashedJob]:
@@ -286,9 +279,4 @@ def part_jobs(root: str | Path, part: str) -> list[HashedJob]:
         return mtl_jobs(root)
     if part == "dg-gamma-measure":
         return dg_jobs(root, cells=FOLLOWUP_CELLS, arms=gamma_measure_arms())
-    from torchsage.study.pretrained import pt_part_jobs
-
-    jobs = pt_part_jobs(str(root), part)
-    if jobs is not None:
-        return jobs
     raise ValueError(f"unknown part {part!r}: use one of {', '.join(PARTS)}")
