@@ -4,7 +4,7 @@ rebuild docs/study_results.md from docs/study_records.jsonl alone)."""
 from pathlib import Path
 
 from torchsage.study.records import load
-from torchsage.study.report import render_results
+from torchsage.study.render import render_results
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 

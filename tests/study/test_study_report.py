@@ -7,7 +7,7 @@ import math
 import pytest
 
 from torchsage.harness.records import append_json_line, mark_done
-from torchsage.study import figures
+from torchsage.study import figures, render
 from torchsage.study import report as rep
 from torchsage.study.spec import dg_arms, dg_jobs, gamma_measure_arms, part_jobs
 from torchsage.study.theory import fits, gap, measure_run
@@ -119,7 +119,7 @@ def test_gamma_measure_table_separates_the_two_factors():
 def test_a_cell_with_one_trial_is_named_not_tabulated(tmp_path):
     for job in dg_jobs(tmp_path / "runs", cells=[("RotatedDigits", 0)], n_trials=1):
         _finish(job, 0.9, 0.8)
-    text = rep.render(tmp_path / "runs", tmp_path / "figures")
+    text = render.render(tmp_path / "runs", tmp_path / "figures")
     assert "Not shown until two trials of ERM have finished there: RotatedDigits 0deg." in text
     assert "test domain 0deg" not in text and not (tmp_path / "figures" / "study_sensitivity.png").exists()
 
@@ -269,14 +269,14 @@ def test_records_file_renders_what_the_run_directories_render(tmp_path):
     theory = {"run": "x", "dataset": "RotatedDigits", "gap": 0.1, "report": {"alignment": None}}
     (root / "dg" / "x").mkdir(parents=True)
     (root / "dg" / "x" / "theory.json").write_text(json.dumps(theory))
-    from_dirs = rep.render(root, tmp_path / "fig1")
+    from_dirs = render.render(root, tmp_path / "fig1")
     path = export(root, tmp_path / "records.jsonl")
     runs, missing, mtl, payloads = load(path)
     assert payloads == [theory] and mtl == []
     every_job = {j.output_dir for j in dg_jobs(root) + part_jobs(root, "dg-gamma-measure")}
     assert missing == len(every_job) - len(finished)
     assert len(runs) == 2 * (len(dg_arms()) + len(gamma_measure_arms()))
-    assert rep.render_results(runs, missing, mtl, payloads, tmp_path / "fig2") == from_dirs
+    assert render.render_results(runs, missing, mtl, payloads, tmp_path / "fig2") == from_dirs
     assert "trials" in from_dirs and "| SAGE " in from_dirs
     assert "Follow-up: gamma x disagreement measure, RotatedDigits, test domain 0deg" in from_dirs
 

@@ -125,7 +125,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
     from torchsage.harness.records import atomic_write_text
-    from torchsage.study.report import render, render_results
+    from torchsage.study.render import render, render_results
 
     if args.records is not None:
         from torchsage.study.records import load

@@ -40,7 +40,7 @@ __all__ = ["export", "load"]
 
 def export(root: str | Path, path: str | Path) -> Path:
     """Writes the records of every finished study run under ``root`` to ``path`` (atomically)."""
-    from torchsage.study.report import load_results
+    from torchsage.study.render import load_results
 
     runs, missing, mtl, theory = load_results(root)
     lines: list[dict[str, Any]] = [{"kind": "summary", "dg_missing": missing}]
