@@ -8,7 +8,8 @@
 * ``export``: writes the finished runs' results to one small records file, committed with the
   repository (:mod:`torchsage.study.records`);
 * ``report``: renders the tables and figures from the run directories, or with ``--records``
-  from an exported file (what a fresh clone has).
+  from an exported file (what a fresh clone has): the first study's into ``--output``, the
+  pretrained regime's into ``--pretrained-output`` (:mod:`torchsage.study.pretrained_report`).
 
 Errors are one line on stderr and exit code 2.
 """
@@ -23,6 +24,9 @@ from torchsage.cli.common import Parser, add_no_progress, positive_int
 
 DEFAULT_ROOT = "runs/study"
 DEFAULT_RECORDS = "docs/study_records.jsonl"
+DEFAULT_PT_OUTPUT = "docs/study_pretrained_results.md"
+#: the title of the pretrained regime's results document
+PT_TITLE = "# Evidence study, pretrained regime: results\n\n"
 
 
 def _parser() -> Parser:
@@ -57,6 +61,11 @@ def _parser() -> Parser:
         "--records", default=None, help=f"read an exported records file instead (e.g. {DEFAULT_RECORDS})"
     )
     report.add_argument("--output", default="docs/study_results.md")
+    report.add_argument(
+        "--pretrained-output",
+        default=DEFAULT_PT_OUTPUT,
+        help="where the pretrained regime's results go (default: %(default)s)",
+    )
     report.add_argument("--figures", default="docs/figures")
     return parser
 
@@ -125,16 +134,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
         return 0
     from torchsage.harness.records import atomic_write_text
+    from torchsage.study.pretrained_report import render_pretrained, render_pretrained_runs
     from torchsage.study.render import render, render_results
 
     if args.records is not None:
-        from torchsage.study.records import load
+        from torchsage.study.records import load, load_pretrained
 
         text = render_results(*load(args.records), args.figures)
+        pt_text = render_pretrained_runs(*load_pretrained(args.records), args.figures)
     else:
         text = render(args.root, args.figures)
+        pt_text = render_pretrained(args.root, args.figures)
     atomic_write_text(args.output, "# Evidence study: results\n\n" + text)
-    print(f"wrote {args.output}")
+    atomic_write_text(args.pretrained_output, PT_TITLE + pt_text)
+    print(f"wrote {args.output} and {args.pretrained_output}")
     return 0
 
 

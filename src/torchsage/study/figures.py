@@ -11,7 +11,7 @@ from typing import Any
 
 from torchsage.harness.tables import save_figure
 from torchsage.study.report import CellResults, DGRun, _cell_results, _cells_with_results
-from torchsage.study.spec import DG_CELLS, SAGE_GRID, dg_arms
+from torchsage.study.spec import DG_CELLS, SAGE_GRID, SAM_GRID, Arm, dg_arms
 from torchsage.study.stats import mean_ci
 
 __all__ = ["plot_differences", "plot_sensitivity", "plot_theory"]
@@ -21,20 +21,25 @@ def plot_differences(
     selected: dict[tuple[str, int, str], dict[int, DGRun]],
     path: str | Path,
     results: CellResults | None = None,
+    cells: Sequence[tuple[str, int]] = DG_CELLS,
+    arms: Sequence[Arm] | None = None,
 ) -> Path:
     """Forest plot: each method's paired difference to ERM with its bootstrap interval, one panel
-    per finished cell; filled markers where the Holm-adjusted difference is significant."""
+    per finished cell; filled markers where the Holm-adjusted difference is significant.
+    ``cells``, ``arms``: the study's (default: the first study's)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     from torchsage.dg.datasets import environment_names
 
-    cells = _cells_with_results(selected)
+    cells = _cells_with_results(selected, cells)
     if not cells:
         raise ValueError("no finished DG cell to plot")
-    results = _cell_results(selected, cells, results)
-    methods = [m for m in dict.fromkeys(a.method for a in dg_arms()) if m != "ERM"]
+    results = _cell_results(selected, cells, results, arms)
+    arms = dg_arms() if arms is None else arms
+    methods = [m for m in dict.fromkeys(a.method for a in arms) if m != "ERM"]
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink"]
+    colours += ["tab:olive", "tab:cyan", "tab:gray"]
     fig = Figure(figsize=(3.3 * len(cells) + 1.5, 3.8))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(cells), squeeze=False, sharey=True)[0]
@@ -60,12 +65,16 @@ def plot_differences(
 
 
 def plot_sensitivity(
-    runs: Sequence[DGRun], path: str | Path, cells: Sequence[tuple[str, int]] | None = None
+    runs: Sequence[DGRun],
+    path: str | Path,
+    cells: Sequence[tuple[str, int]] | None = None,
+    sam: bool = False,
 ) -> Path:
     """Test accuracy of every SAGE grid choice before selection (mean and 95% t-interval over the
     trials) against rho, one panel per (cell, rho scaling); colour: gamma; marker: disagreement;
     ERM's mean over the same trials as a dashed line. ``cells``: the cells to show (default:
-    every cell with SAGE grid runs)."""
+    every cell with SAGE grid runs); ``sam``: SAM's rho grid too, in black, in the panels of
+    global rho scaling (SAM's own)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -81,6 +90,10 @@ def plot_sensitivity(
             h = r.hparams
             key = (r.dataset, r.test_env, h["rho_scaling"], h["rho"], h["gamma"], h["disagreement"])
             values[key].append(100 * r.test_acc)
+    sam_values: dict[tuple, list[float]] = defaultdict(list)
+    for r in runs if sam else ():
+        if r.method == "SAM":
+            sam_values[(r.dataset, r.test_env, r.hparams["rho"])].append(100 * r.test_acc)
     cells = [c for c in (DG_CELLS if cells is None else cells) if any(k[:2] == c for k in values)]
     if not cells:
         raise ValueError("no finished SAGE grid runs to plot")
@@ -99,12 +112,20 @@ def plot_sensitivity(
                     [rho], [mean], yerr=err, fmt=markers[measure], color=colours[gamma], capsize=3,
                     label=f"gamma {gamma:g}, {measure}",
                 )  # fmt: skip
+            sam_points = sorted((k[2], mean_ci(v)) for k, v in sam_values.items() if k[:2] == (dataset, env))
+            if sam_points and scaling == "global":
+                ax.errorbar(
+                    [rho for rho, _ in sam_points], [m for _, (m, _, _) in sam_points],
+                    yerr=[[0.0 if math.isnan(lo) else m - lo for _, (m, lo, _) in sam_points],
+                          [0.0 if math.isnan(hi) else hi - m for _, (m, _, hi) in sam_points]],
+                    fmt="^-", color="black", lw=0.8, capsize=3, label="SAM",
+                )  # fmt: skip
             cell_erm = (dataset, env, "ERM")
             erm = [100 * r.test_acc for r in runs if (r.dataset, r.test_env, r.method) == cell_erm]
             if erm:
                 ax.axhline(sum(erm) / len(erm), color="0.4", ls="--", lw=1, label=f"ERM ({len(erm)} trials)")
             ax.set_xscale("log")
-            rhos = sorted({h["rho"] for h in SAGE_GRID})
+            rhos = sorted({h["rho"] for h in SAGE_GRID} | ({h["rho"] for h in SAM_GRID} if sam else set()))
             ax.set_xticks(rhos, [f"{r:g}" for r in rhos])
             ax.minorticks_off()
             ax.set_xlim(rhos[0] / 1.5, rhos[-1] * 1.5)

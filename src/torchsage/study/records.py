@@ -9,11 +9,15 @@ Line kinds:
 
 * ``{"kind": "dg", ...}``: one per (finished DG run, method it stands for): data set, test
   domain, trial, method, hyperparameters, training-domain validation and test accuracy, run
-  directory name;
+  directory name; the pretrained regime's (:mod:`torchsage.study.pretrained`) also the test
+  domain's ``out`` accuracy, ``oracle_acc``, which the oracle selection reads (lines without it
+  load with ``None``);
 * ``{"kind": "mtl", ...}``: one per finished MultiDigits run (solver, variant, seed, Δm%);
 * ``{"kind": "theory", ...}``: the measured terms of one sampled DG run (the content of its
   ``theory.json``);
-* ``{"kind": "summary", "dg_missing": N}``: the DG jobs of the specification not finished.
+* ``{"kind": "summary", "dg_missing": N, "pt_missing": M}``: the DG jobs of the first study's
+  specification not finished, and of the pretrained regime's (files exported before it existed
+  lack ``pt_missing``).
 
 Example:
     >>> import tempfile
@@ -35,18 +39,22 @@ from typing import Any
 
 from torchsage.harness.records import atomic_write_text, read_json_lines
 
-__all__ = ["export", "load"]
+__all__ = ["export", "load", "load_pretrained"]
 
 
 def export(root: str | Path, path: str | Path) -> Path:
     """Writes the records of every finished study run under ``root`` to ``path`` (atomically)."""
+    from torchsage.study.pretrained_report import load_pt
     from torchsage.study.render import load_results
 
     runs, missing, mtl, theory = load_results(root)
-    lines: list[dict[str, Any]] = [{"kind": "summary", "dg_missing": missing}]
-    for r in runs:
+    pt_runs, pt_missing = load_pt(root)
+    lines: list[dict[str, Any]] = [{"kind": "summary", "dg_missing": missing, "pt_missing": pt_missing}]
+    for r in runs + pt_runs:
         fields = asdict(r)
         fields["run"] = fields.pop("path").name  # the run directory's name, not the local path
+        if fields["oracle_acc"] is None:  # the first study's lines as they were
+            del fields["oracle_acc"]
         lines.append({"kind": "dg", **fields})
     lines += [{"kind": "mtl", **row} for row in mtl]
     lines += [{"kind": "theory", **payload} for payload in theory]
@@ -56,7 +64,22 @@ def export(root: str | Path, path: str | Path) -> Path:
 
 
 def load(path: str | Path) -> tuple[list, int, list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(dg runs, DG jobs not finished, MultiDigits rows, theory payloads)`` from an exported file."""
+    """``(dg runs, DG jobs not finished, MultiDigits rows, theory payloads)`` from an exported file
+    (the dg runs include the pretrained regime's; the count of jobs not finished is the first
+    study's)."""
+    return _read(path)[:4]
+
+
+def load_pretrained(path: str | Path) -> tuple[list, int | None]:
+    """``(the pretrained regime's runs, its jobs not finished)`` from an exported file (``None``:
+    a file exported before the pretrained regime existed)."""
+    from torchsage.study.pretrained import PT_CELLS
+
+    runs, _, _, _, pt_missing = _read(path)
+    return [r for r in runs if (r.dataset, r.test_env) in PT_CELLS], pt_missing
+
+
+def _read(path: str | Path) -> tuple[list, int, list[dict[str, Any]], list[dict[str, Any]], int | None]:
     from torchsage.study.report import DGRun
 
     path = Path(path)
@@ -67,7 +90,7 @@ def load(path: str | Path) -> tuple[list, int, list[dict[str, Any]], list[dict[s
     lines, torn = read_json_lines(path)
     if torn:
         raise ValueError(f"{path}: {'; '.join(torn)}; export it again from the run directories")
-    runs, missing, mtl, theory = [], 0, [], []
+    runs, missing, mtl, theory, pt_missing = [], 0, [], [], None
     for line in lines:
         kind = line.pop("kind", None)
         if kind == "dg":
@@ -79,6 +102,7 @@ def load(path: str | Path) -> tuple[list, int, list[dict[str, Any]], list[dict[s
             theory.append(line)
         elif kind == "summary":
             missing = int(line["dg_missing"])
+            pt_missing = None if line.get("pt_missing") is None else int(line["pt_missing"])
         else:
             raise ValueError(f"{path}: unknown record kind {kind!r}; is this a study records file?")
-    return runs, missing, mtl, theory
+    return runs, missing, mtl, theory, pt_missing

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from torchsage.study.figures import plot_differences, plot_sensitivity, plot_theory
+from torchsage.study.pretrained import PT_CELLS
 from torchsage.study.report import (
     TRAINED_MARGIN,
     DGRun,
@@ -51,10 +52,13 @@ def render_results(
     payloads: Sequence[dict[str, Any]],
     figures: str | Path,
 ) -> str:
-    """:func:`render` from loaded results (the run directories' or an exported records file's)."""
+    """:func:`render` from loaded results (the run directories' or an exported records file's).
+    Runs of the pretrained regime among ``runs`` are left out: its results are
+    :func:`torchsage.study.pretrained_report.render_pretrained`'s."""
     from torchsage.dg.datasets import environment_names
     from torchsage.study.theory import fits
 
+    runs = [r for r in runs if (r.dataset, r.test_env) not in PT_CELLS]
     figures = Path(figures)
     figures.mkdir(parents=True, exist_ok=True)
     finished = len({(r.dataset, r.test_env, r.path.name) for r in runs})  # a run can stand for two arms

@@ -45,6 +45,7 @@ __all__ = [
     "fit_table",
     "gamma_measure_table",
     "load_dg",
+    "load_jobs",
     "load_mtl",
     "mtl_table",
     "select",
@@ -67,6 +68,8 @@ class DGRun:
     path: Path
     #: SAGE's disagreement D, averaged over the run's steps after the first (None: not logged)
     disagreement: float | None = None
+    #: test domain's out split, what the oracle selects by (None: not loaded, as in the first study)
+    oracle_acc: float | None = None
 
 
 def _accuracies(record: dict[str, Any], test_env: int) -> tuple[float, float]:
@@ -85,13 +88,20 @@ def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     """The finished runs of the DG study under ``root`` (found through the specification's jobs,
     the follow-up's included unless ``job_options`` restrict them); returns them and the number of
     jobs not finished."""
-    methods: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for arm in _all_arms():
-        methods[(arm.algorithm, arm.hparams_json())].append(arm.method)
     jobs = dg_jobs(root, **job_options)
     if not job_options:  # the follow-up's runs; the default's is already among the main jobs
         known = {job.output_dir for job in jobs}
         jobs += [job for job in part_jobs(root, "dg-gamma-measure") if job.output_dir not in known]
+    return load_jobs(jobs, _all_arms())
+
+
+def load_jobs(jobs: Sequence[Any], arms: Sequence[Arm], oracle: bool = False) -> tuple[list[DGRun], int]:
+    """The finished runs among ``jobs`` (``dg_jobs``' jobs), one :class:`DGRun` per arm of ``arms``
+    each stands for, and the number of jobs not finished; ``oracle``: also read the test domain's
+    ``out`` accuracy (:attr:`DGRun.oracle_acc`)."""
+    methods: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for arm in arms:
+        methods[(arm.algorithm, arm.hparams_json())].append(arm.method)
     runs, missing = [], 0
     for job in jobs:
         if job.state != "done":
@@ -102,6 +112,7 @@ def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
         val, test = _accuracies(records[-1], s["test_env"])
         hp = json.dumps(s["hparams"], sort_keys=True)
         d = records[-1].get("disagreement")
+        o = float(records[-1][f"env{s['test_env']}_out_acc"]) if oracle else None
         for method in methods[(s["algorithm"], hp)]:  # one run can stand for two arms
             runs.append(
                 DGRun(
@@ -114,15 +125,20 @@ def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
                     test,
                     job.output_dir,
                     None if d is None else float(d),
+                    o,
                 )
             )
     return runs, missing
 
 
-def select(runs: Sequence[DGRun]) -> dict[tuple[str, int, str], dict[int, DGRun]]:
-    """``{(dataset, test_env, method): {trial: selected run}}`` by training-domain validation."""
+def select(
+    runs: Sequence[DGRun], arms: Sequence[Arm] | None = None, by: str = "val_acc"
+) -> dict[tuple[str, int, str], dict[int, DGRun]]:
+    """``{(dataset, test_env, method): {trial: selected run}}`` by training-domain validation
+    (``by="oracle_acc"``: DomainBed's oracle, the test domain's ``out`` split). ``arms``: the
+    study's arms (default: the first study's), which say how many choices each method has."""
     choices = defaultdict(int)
-    for arm in _all_arms():
+    for arm in _all_arms() if arms is None else arms:
         choices[arm.method] += 1
     grouped: dict[tuple[str, int, str, int], list[DGRun]] = defaultdict(list)
     for r in runs:
@@ -131,7 +147,9 @@ def select(runs: Sequence[DGRun]) -> dict[tuple[str, int, str], dict[int, DGRun]
     for (dataset, env, method, trial), group in sorted(grouped.items(), key=lambda kv: kv[0]):
         if len(group) < choices[method]:
             continue  # some choice of this method is not finished in this trial
-        best = max(group, key=lambda r: r.val_acc)  # max keeps the first of equal values
+        if any(getattr(r, by) is None for r in group):
+            raise ValueError(f"{dataset} env {env} trial {trial} {method}: a run has no {by} to select by")
+        best = max(group, key=lambda r: getattr(r, by))  # max keeps the first of equal values
         out[(dataset, env, method)][trial] = best
     return dict(out)
 
@@ -168,11 +186,15 @@ def _holm_all(comparisons: dict[Any, Paired | None]) -> dict[Any, Paired | None]
 
 
 def cell_comparisons(
-    selected: dict[tuple[str, int, str], dict[int, DGRun]], dataset: str, test_env: int
+    selected: dict[tuple[str, int, str], dict[int, DGRun]],
+    dataset: str,
+    test_env: int,
+    arms: Sequence[Arm] | None = None,
 ) -> tuple[dict[str, dict[int, float]], dict[tuple[str, str], Paired | None]]:
     """One cell's selected test accuracies ``{method: {trial: acc}}`` and every method's paired
-    comparison with ERM and with SAM ``{(method, base): Paired}``, Holm-adjusted as one family."""
-    methods = list(dict.fromkeys(a.method for a in dg_arms()))
+    comparison with ERM and with SAM ``{(method, base): Paired}``, Holm-adjusted as one family.
+    ``arms``: the study's arms, in table order (default: the first study's)."""
+    methods = list(dict.fromkeys(a.method for a in (dg_arms() if arms is None else arms)))
     acc = {m: {t: r.test_acc for t, r in selected.get((dataset, test_env, m), {}).items()} for m in methods}
     comparisons: dict[tuple[str, str], Paired | None] = {}
     for m in methods:
@@ -189,12 +211,13 @@ def _cell_results(
     selected: dict[tuple[str, int, str], dict[int, DGRun]],
     cells: Sequence[tuple[str, int]],
     known: CellResults | None,
+    arms: Sequence[Arm] | None = None,
 ) -> CellResults:
     """:func:`cell_comparisons` for ``cells``, reusing those already in ``known`` (the bootstrap is
     the report's costliest step: :func:`torchsage.study.render.render_results` computes each cell
     once for all outputs)."""
     known = known or {}
-    return {c: known[c] if c in known else cell_comparisons(selected, *c) for c in cells}
+    return {c: known[c] if c in known else cell_comparisons(selected, *c, arms) for c in cells}
 
 
 def dg_table(
@@ -204,10 +227,14 @@ def dg_table(
     env_name: str,
     fmt: str = "markdown",
     results: CellResults | None = None,
+    arms: Sequence[Arm] | None = None,
+    caption: str | None = None,
 ) -> str:
     """One cell's table: test accuracy (mean, 95% t-interval) and the paired differences.
-    ``results``: cells' comparisons already computed (see :func:`_cell_results`)."""
-    acc, comparisons = _cell_results(selected, [(dataset, test_env)], results)[(dataset, test_env)]
+    ``results``: cells' comparisons already computed (see :func:`_cell_results`); ``arms``: the
+    study's arms (default: the first study's); ``caption``: instead of the default one."""
+    cell = (dataset, test_env)
+    acc, comparisons = _cell_results(selected, [cell], results, arms)[cell]
     rows = []
     for m, values in acc.items():
         if not values:
@@ -222,7 +249,7 @@ def dg_table(
             ]
         )
     header = ["Method", "trials", "test acc (%) [95% CI]", "Δ vs ERM [95% CI] p", "Δ vs SAM [95% CI] p"]
-    caption = f"{dataset}, test domain {env_name}: training-domain validation"
+    caption = caption or f"{dataset}, test domain {env_name}: training-domain validation"
     notes = [
         "Δ: mean paired difference in points (same trial seeds); interval: paired bootstrap; p: Wilcoxon "
         "signed-rank, Holm-adjusted over this table; * p < 0.05."
@@ -299,9 +326,11 @@ def gamma_measure_table(
     return "\n\n".join(sections) if sections else None
 
 
-def _cells_with_results(selected: dict[tuple[str, int, str], dict[int, DGRun]]) -> list[tuple[str, int]]:
-    """The cells with at least two finished trials of ERM (the fewest a paired comparison takes)."""
-    return [c for c in DG_CELLS if len(selected.get((*c, "ERM"), {})) >= 2]
+def _cells_with_results(
+    selected: dict[tuple[str, int, str], dict[int, DGRun]], cells: Sequence[tuple[str, int]] = DG_CELLS
+) -> list[tuple[str, int]]:
+    """The ``cells`` with at least two finished trials of ERM (the fewest a paired comparison takes)."""
+    return [c for c in cells if len(selected.get((*c, "ERM"), {})) >= 2]
 
 
 def summary_table(

@@ -1,0 +1,88 @@
+"""The pretrained regime's results (:mod:`torchsage.study.pretrained`): tables and figures, from its
+run directories or an exported records file, in their own document (``docs/study_pretrained_results.md``,
+written by ``python -m torchsage.study report`` next to the first study's, which stays as it was).
+
+Per cell (EmojiStyles with one design held out), two tables of every method against ERM and
+against SAM, paired by trial (bootstrap 95% intervals, Wilcoxon p Holm-adjusted over the table's
+comparisons), as the first study's :func:`torchsage.study.report.dg_table`:
+
+* **training-domain validation**: within each (cell, trial, method), the choice with the best
+  mean ``out`` accuracy of the training designs (the study's selection);
+* **oracle**: DomainBed's test-domain validation, the choice with the best ``out`` accuracy of the
+  held-out design. It peeks at the test domain, so it is an upper reference, not a result.
+
+Both report the held-out design's ``in`` accuracy of the selected choice, and in both a method
+counts in a trial only once every one of its choices finished there. Figures: the paired
+differences to ERM (``pretrained_differences.png``) and the test accuracy of SAM's and SAGE's
+grid choices against rho (``pretrained_sensitivity.png``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torchsage.study.figures import plot_differences, plot_sensitivity
+from torchsage.study.pretrained import PT_CELLS, pt_arms, pt_jobs
+from torchsage.study.report import DGRun, _cell_results, _cells_with_results, dg_table, load_jobs, select
+
+__all__ = ["NO_RUNS", "load_pt", "render_pretrained", "render_pretrained_runs"]
+
+#: what the document says before any run of the regime has finished
+NO_RUNS = "The pretrained regime (EmojiStyles, EfficientNet-Lite0) has no finished runs yet."
+
+
+def load_pt(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
+    """The finished runs of the pretrained regime under ``root`` (``job_options``: those of
+    :func:`torchsage.study.pretrained.pt_jobs`), with the test domain's ``out`` accuracy the oracle
+    selects by, and the number of its jobs not finished."""
+    return load_jobs(pt_jobs(str(root), **job_options), pt_arms(), oracle=True)
+
+
+def render_pretrained(root: str | Path, figures: str | Path) -> str:
+    """The pretrained regime's markdown from the runs under ``root``; figures go to ``figures``."""
+    return render_pretrained_runs(*load_pt(root), figures)
+
+
+def render_pretrained_runs(runs: Sequence[DGRun], missing: int | None, figures: str | Path) -> str:
+    """:func:`render_pretrained` from loaded runs (the run directories' or a records file's; runs
+    of other cells are left out). ``missing``: jobs not finished (``None``: not known)."""
+    from torchsage.dg.datasets import environment_names
+
+    runs = [r for r in runs if (r.dataset, r.test_env) in PT_CELLS]
+    if not runs:
+        return NO_RUNS + "\n"
+    figures = Path(figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    arms = pt_arms()
+    finished = len({(r.dataset, r.test_env, r.path.name) for r in runs})  # a run can stand for two arms
+    left = "not counted (records exported before the regime)" if missing is None else missing
+    parts = [f"Pretrained-regime runs finished: {finished}; not finished: {left}."]
+    selected = select(runs, arms)
+    oracle = select(runs, arms, by="oracle_acc")
+    cells = _cells_with_results(selected, PT_CELLS)
+    started = [c for c in PT_CELLS if c not in cells and any(k[:2] == c for k in selected)]
+    if started:
+        names = ", ".join(f"{d} {environment_names(d)[e]}" for d, e in started)
+        parts.append(f"Not shown until two trials of ERM have finished there: {names}.")
+    results = _cell_results(selected, cells, None, arms)
+    if cells:
+        plot_differences(selected, figures / "pretrained_differences.png", results, cells=cells, arms=arms)
+        parts.append("![paired differences to ERM, pretrained regime](figures/pretrained_differences.png)")
+    oracle_results = _cell_results(oracle, cells, None, arms)
+    for dataset, env in cells:
+        name = environment_names(dataset)[env]
+        parts.append(dg_table(selected, dataset, env, name, results=results, arms=arms))
+        caption = (
+            f"{dataset}, test domain {name}: oracle selection (the choice with the best accuracy on the "
+            "test domain's out split; it peeks at the test domain, an upper reference, not a result)"
+        )
+        parts.append(dg_table(oracle, dataset, env, name, results=oracle_results, arms=arms, caption=caption))
+    if cells and any(r.method == "SAGE" and (r.dataset, r.test_env) in cells for r in runs):
+        plot_sensitivity(runs, figures / "pretrained_sensitivity.png", cells, sam=True)
+        parts.append(
+            "![SAM's and SAGE's grids: test accuracy against rho, pretrained regime]"
+            "(figures/pretrained_sensitivity.png)"
+        )
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,241 @@
+"""The pretrained regime's report on synthetic run directories: accuracies chosen so that the
+selections (training-domain validation and oracle), the differences and the Holm family are known
+by hand; a half-finished trial left out; the figures written; the records file round trip."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from torchsage.harness.records import append_json_line, mark_done
+from torchsage.study import pretrained_report as ptr
+from torchsage.study import report as rep
+from torchsage.study.pretrained import PT_CELLS, pt_arms, pt_jobs
+
+SYMBOLA, NOTOCOLOR = PT_CELLS  # (EmojiStyles, 5), (EmojiStyles, 2)
+DEFAULT = {"rho_scaling": "global", "rho": 0.05, "gamma": 1e-3, "disagreement": "normalized_std"}
+
+
+def _finish(job, val, test, oracle):
+    """A fake finished EmojiStyles run: training designs' out accuracy ``val``, the held-out design's
+    in accuracy ``test`` and out accuracy ``oracle``."""
+    env = job.settings["test_env"]
+    record = {"step": 300, "args": {"test_envs": [env], "dataset": "EmojiStyles"}}
+    for i in range(6):
+        record[f"env{i}_in_acc"] = test if i == env else 0.5
+        record[f"env{i}_out_acc"] = oracle if i == env else val
+    job.output_dir.mkdir(parents=True)
+    append_json_line(job.output_dir / "results.jsonl", record)
+    mark_done(job.output_dir)
+
+
+def _accuracies(job):
+    """(val, test, oracle) of every run of the fake study, trial ``t``:
+
+    * ERM: test 0.60 + 0.01 t;
+    * SAM: rho 0.05 has the best training-domain validation and test 0.70 + 0.011 t (10 points and
+      0.1 t above ERM); rho 0.1 has the best test-domain out accuracy and test 0.50 + 0.02 t;
+    * SAGE's grid: (weight, 0.01) the best validation, test 0.65 + 0.01 t (ERM + 5); the default
+      (global, 0.05) the best oracle, test 0.75 + 0.01 t (ERM + 15); the rest test 0.55;
+    * every other arm: test 0.62 + 0.01 t (ERM + 2).
+    """
+    s, t = job.settings, job.settings["trial"]
+    hp, algorithm = s["hparams"], s["algorithm"]
+    if algorithm == "ERM":
+        return 0.9, 0.60 + 0.01 * t, 0.5
+    if algorithm == "SAM":
+        if hp["rho"] == 0.05:
+            return 0.95, 0.70 + 0.011 * t, 0.5
+        if hp["rho"] == 0.1:
+            return 0.90, 0.50 + 0.02 * t, 0.99
+        return 0.90, 0.55, 0.5
+    grid = {k: hp.get(k) for k in DEFAULT}
+    if algorithm == "SAGE" and grid == {**DEFAULT, "rho_scaling": "weight", "rho": 0.01}:
+        return 0.95, 0.65 + 0.01 * t, 0.5
+    if algorithm == "SAGE" and grid == DEFAULT and "optimizer" not in hp:
+        return 0.90, 0.75 + 0.01 * t, 0.99
+    if algorithm == "SAGE" and "optimizer" not in hp:
+        return 0.90, 0.55, 0.5
+    return 0.9, 0.62 + 0.01 * t, 0.5
+
+
+def _fake_study(root):
+    """Symbola: 10 trials, trial 9 half-finished for SAM (rho 0.01 and 0.1 only, the latter the
+    oracle's choice); Noto Color: trial 0 only. Returns the number of finished run directories."""
+    finished = 0
+    for job in pt_jobs(str(root), cells=(SYMBOLA,)) + pt_jobs(str(root), cells=(NOTOCOLOR,), n_trials=1):
+        s = job.settings
+        if s["trial"] == 9 and s["algorithm"] == "SAM" and s["hparams"]["rho"] in (0.02, 0.05):
+            continue
+        _finish(job, *_accuracies(job))
+        finished += 1
+    return finished
+
+
+def _holm(p):
+    """Holm's step-down adjustment, written out: the i-th smallest times (m - i), running maximum."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def _rows(table):
+    """``{method: [cells]}`` of a rendered markdown table."""
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("| ") and not line.startswith("| Method") and not line.startswith("| ---"):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            rows[cells[0]] = cells
+    return rows
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pt") / "runs"
+    finished = _fake_study(root)
+    runs, missing = ptr.load_pt(root)
+    return root, finished, runs, missing
+
+
+def test_loading_counts_runs_and_reads_the_oracle_accuracy(study):
+    root, finished, runs, missing = study
+    assert finished == 10 * 13 - 2 + 13
+    every = {j.output_dir for j in pt_jobs(str(root))}
+    assert missing == len(every) - finished == 2 * 130 - finished
+    # the default SAGE run stands for "SAGE" (its grid twin) and "SAGE (default)"
+    assert len(runs) == finished + 10 + 1
+    erm = next(r for r in runs if r.method == "ERM" and r.trial == 3 and r.test_env == 5)
+    assert (erm.val_acc, erm.test_acc, erm.oracle_acc) == (0.9, pytest.approx(0.63), 0.5)
+
+
+def test_selections_and_the_half_finished_trial(study):
+    _, _, runs, _ = study
+    arms = pt_arms()
+    selected, oracle = rep.select(runs, arms), rep.select(runs, arms, by="oracle_acc")
+    sam, sam_oracle = selected[(*SYMBOLA, "SAM")], oracle[(*SYMBOLA, "SAM")]
+    # trial 9 has two of SAM's four choices: SAM counts in trials 0-8 only, in both selections
+    assert sorted(sam) == sorted(sam_oracle) == list(range(9))
+    assert sorted(selected[(*SYMBOLA, "ERM")]) == list(range(10))
+    assert {r.hparams["rho"] for r in sam.values()} == {0.05}
+    assert {r.hparams["rho"] for r in sam_oracle.values()} == {0.1}
+    sage, sage_oracle = selected[(*SYMBOLA, "SAGE")], oracle[(*SYMBOLA, "SAGE")]
+    assert {(r.hparams["rho_scaling"], r.hparams["rho"]) for r in sage.values()} == {("weight", 0.01)}
+    assert {(r.hparams["rho_scaling"], r.hparams["rho"]) for r in sage_oracle.values()} == {("global", 0.05)}
+    assert sorted(selected[(*SYMBOLA, "SAGM")]) == list(range(10))
+    assert sorted(selected[(*NOTOCOLOR, "ERM")]) == [0]
+
+
+def test_tables_and_the_holm_family(study):
+    _, _, runs, _ = study
+    arms = pt_arms()
+    selected, oracle = rep.select(runs, arms), rep.select(runs, arms, by="oracle_acc")
+    _, comparisons = rep.cell_comparisons(selected, *SYMBOLA, arms)
+    # every method but ERM against ERM, every method but SAM against SAM: one family of 14
+    others = [
+        "SAGE",
+        "SAGE (default)",
+        "SAGE (authors-dg)",
+        "SAGE_CurvatureOnly",
+        "SAGE_AlignmentOnly",
+        "SAGM",
+    ]
+    expected = {(m, "ERM") for m in ["SAM", *others]} | {(m, "SAM") for m in ["ERM", *others]}
+    assert set(comparisons) == expected and len(expected) == 14
+    keys = sorted(comparisons)
+    adjusted = _holm([comparisons[k].p for k in keys])
+    assert [comparisons[k].p_adjusted for k in keys] == pytest.approx(adjusted, rel=1e-12)
+    # SAM - ERM = 0.10 + 0.001 t over trials 0-8: mean 10.4 points, nine distinct positive
+    # differences, exact Wilcoxon p = 2 / 2**9
+    # by hand: six comparisons over 10 trials of one sign (p = 2 / 2**10) and eight over 9 (p = 2 / 2**9);
+    # Holm over 14: the smallest six become 14 x 2 / 2**10, the rest 8 x 2 / 2**9 (the running maximum)
+    assert comparisons[("SAGE", "ERM")].p_adjusted == pytest.approx(14 * 2 / 2**10, rel=1e-9)
+    assert comparisons[("SAGM", "SAM")].p_adjusted == pytest.approx(8 * 2 / 2**9, rel=1e-9)
+    sam = comparisons[("SAM", "ERM")]
+    assert sam.n == 9 and sam.mean == pytest.approx(0.104, abs=1e-12)
+    assert sam.p == pytest.approx(2 / 2**9, rel=1e-9)
+    assert comparisons[("SAGE", "ERM")].mean == pytest.approx(0.05, abs=1e-12)
+    assert comparisons[("SAGE (default)", "ERM")].mean == pytest.approx(0.15, abs=1e-12)
+    assert comparisons[("SAGM", "ERM")].mean == pytest.approx(0.02, abs=1e-12)
+    table = rep.dg_table(selected, *SYMBOLA, "symbola", arms=arms)
+    rows = _rows(table)
+    assert list(rows) == ["ERM", "SAM", *others]
+    assert rows["SAM"][1] == "9" and rows["ERM"][1] == "10"
+    assert rows["SAM"][3].startswith("+10.4 [") and rows["SAGE"][3].startswith("+5.0 [+5.0, +5.0]")
+    assert rows["SAGM"][3].startswith("+2.0 [+2.0, +2.0]") and rows["ERM"][3] == "–"
+    assert "training-domain validation" in table
+    # the oracle: SAM rho 0.1, 0.50 + 0.02 t, against ERM -0.10 + 0.01 t over trials 0-8: mean -6;
+    # SAGE: its default, 15 points above ERM
+    o_acc, o_comparisons = rep.cell_comparisons(oracle, *SYMBOLA, arms)
+    assert o_comparisons[("SAM", "ERM")].mean == pytest.approx(-0.06, abs=1e-12)
+    assert o_comparisons[("SAGE", "ERM")].mean == pytest.approx(0.15, abs=1e-12)
+    assert o_acc["SAM"] == {t: pytest.approx(0.50 + 0.02 * t) for t in range(9)}
+    o_keys = sorted(o_comparisons)
+    assert len(o_keys) == 14
+    assert [o_comparisons[k].p_adjusted for k in o_keys] == pytest.approx(
+        _holm([o_comparisons[k].p for k in o_keys]), rel=1e-12
+    )
+
+
+def test_rendered_document_and_figures(study, tmp_path):
+    root, finished, _, missing = study
+    text = ptr.render_pretrained(root, tmp_path / "figures")
+    assert text.startswith(f"Pretrained-regime runs finished: {finished}; not finished: {missing}.")
+    assert "Not shown until two trials of ERM have finished there: EmojiStyles notocolor." in text
+    assert "test domain notocolor" not in text
+    captions = [part for part in text.split("\n\n") if part.startswith("**")]
+    assert captions == [
+        "**EmojiStyles, test domain symbola: training-domain validation**",
+        "**EmojiStyles, test domain symbola: oracle selection (the choice with the best accuracy on the "
+        "test domain's out split; it peeks at the test domain, an upper reference, not a result)**",
+    ]
+    start = [text.index(c) for c in captions]
+    validation, oracle = text[start[0] : start[1]], text[start[1] :]
+    assert _rows(validation)["SAM"][3].startswith("+10.4 [")
+    assert _rows(oracle)["SAM"][3].startswith("-6.0 [") and _rows(oracle)["SAM"][1] == "9"
+    assert _rows(oracle)["SAGE"][3].startswith("+15.0 [+15.0, +15.0]")
+    for name in ("pretrained_differences.png", "pretrained_sensitivity.png"):
+        assert f"figures/{name}" in text
+        assert (tmp_path / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_runs_yet_is_one_line_and_no_figure(tmp_path):
+    assert ptr.render_pretrained(tmp_path / "none", tmp_path / "figures") == ptr.NO_RUNS + "\n"
+    assert not (tmp_path / "figures").exists()
+
+
+def test_records_round_trip_and_old_lines(study, tmp_path):
+    from torchsage.study.records import export, load, load_pretrained
+    from torchsage.study.render import render, render_results
+
+    root, _, runs, missing = study
+    path = export(root, tmp_path / "records.jsonl")
+    pt_runs, pt_missing = load_pretrained(path)
+    assert pt_missing == missing and len(pt_runs) == len(runs)
+    assert {r.oracle_acc for r in pt_runs} == {0.5, 0.99}
+    from_dirs = ptr.render_pretrained(root, tmp_path / "f1")
+    assert ptr.render_pretrained_runs(pt_runs, pt_missing, tmp_path / "f2") == from_dirs
+    # the first study's document leaves the pretrained runs out
+    assert render_results(*load(path), tmp_path / "f3") == render(root, tmp_path / "f4")
+    assert "EmojiStyles" not in render(root, tmp_path / "f4")
+    # a file exported before the regime: no oracle_acc, no pt_missing
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all("oracle_acc" in line for line in lines if line["kind"] == "dg")
+    old = [{k: v for k, v in line.items() if k not in ("oracle_acc", "pt_missing")} for line in lines]
+    old_path = tmp_path / "old.jsonl"
+    old_path.write_text("".join(json.dumps(line) + "\n" for line in old))
+    old_runs, old_missing = load_pretrained(old_path)
+    assert old_missing is None and {r.oracle_acc for r in old_runs} == {None}
+    with pytest.raises(ValueError, match="no oracle_acc to select by"):
+        ptr.render_pretrained_runs(old_runs, None, tmp_path / "f5")
+
+
+def test_committed_pretrained_results_render_from_the_committed_records(tmp_path):
+    from torchsage.study.__main__ import PT_TITLE
+    from torchsage.study.records import load_pretrained
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    text = ptr.render_pretrained_runs(*load_pretrained(docs / "study_records.jsonl"), tmp_path)
+    assert (docs / "study_pretrained_results.md").read_text() == PT_TITLE + text
