@@ -239,3 +239,17 @@ def test_committed_pretrained_results_render_from_the_committed_records(tmp_path
     docs = Path(__file__).resolve().parents[2] / "docs"
     text = ptr.render_pretrained_runs(*load_pretrained(docs / "study_records.jsonl"), tmp_path)
     assert (docs / "study_pretrained_results.md").read_text() == PT_TITLE + text
+
+
+def test_one_report_command_writes_both_documents(study, tmp_path, capsys):
+    from torchsage.study.__main__ import PT_TITLE, main
+
+    root, finished, _, missing = study
+    out, pt_out = tmp_path / "results.md", tmp_path / "pt.md"
+    argv = ["report", "--root", str(root), "--output", str(out), "--figures", str(tmp_path / "figures")]
+    assert main([*argv, "--pretrained-output", str(pt_out)]) == 0
+    assert f"wrote {out} and {pt_out}" in capsys.readouterr().out
+    first = f"Pretrained-regime runs finished: {finished}; not finished: {missing}."
+    assert pt_out.read_text().startswith(PT_TITLE + first)
+    assert "EmojiStyles" not in out.read_text()
+    assert (tmp_path / "figures" / "pretrained_sensitivity.png").exists()
