@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchsage.optim import SharpnessAware, StepInfo
+from torchsage.optim import MicroBatches, SharpnessAware, StepInfo
 
 __all__ = ["AMP_DTYPES", "LossScaledOptimizer", "autocast", "scaled_step"]
 
@@ -148,8 +148,12 @@ def scaled_step(
     handles = [p.register_hook(lambda g: g * inverse) for p in params]
     saved_policy = optimizer.on_nonfinite
     optimizer.on_nonfinite = "skip"  # an overflow is the scaler's business: skip, never raise
+    if isinstance(closure, MicroBatches):  # every micro-batch's losses scaled, still one at a time
+        scaled: Any = closure.map(lambda losses: _scaled(losses, scale))
+    else:
+        scaled = lambda: _scaled(closure(), scale)  # noqa: E731
     try:
-        info = optimizer.step(lambda: _scaled(closure(), scale))
+        info = optimizer.step(scaled)
     finally:
         optimizer.on_nonfinite = saved_policy
         for handle in handles:

@@ -362,6 +362,8 @@ class DataParallel:
         self.equal_counts = True
         #: some process found a non-finite loss in the last pass (this one may not have)
         self.remote_problem = False
+        #: the current step's closure is a MicroBatches (several backward passes per pass)
+        self.micro = False
         self._clean = False
 
     # -- construction ------------------------------------------------------------------------
@@ -417,8 +419,9 @@ class DataParallel:
     def perturbed_pass(self) -> Iterator[None]:
         """With DistributedDataParallel the perturbed pass is synced by it (its reduction overlaps
         the backward) when its plain average is the right one: no solver, and the same number of
-        distributions on every process. Otherwise it runs under ``no_sync`` and this module reduces."""
-        self.synced = self.ddp and self.solver is None and self.equal_counts
+        distributions on every process, whole batches (with micro-batches DDP would all-reduce after
+        every micro-batch's backward). Otherwise it runs under ``no_sync`` and this module reduces."""
+        self.synced = self.ddp and self.solver is None and self.equal_counts and not self.micro
         with contextlib.nullcontext() if self.synced else self._no_sync():
             yield
         self.synced = False
