@@ -2,7 +2,7 @@
 
 from torchsage import amp
 from torchsage.disagreement import GradientStatistics, disagreement
-from torchsage.groups import group_counts, group_losses
+from torchsage.groups import group_counts, group_losses, group_sizes
 from torchsage.optim import (
     ASAM,
     GSAM,
@@ -39,6 +39,7 @@ __all__ = [
     "frozen_bn_stats",
     "group_counts",
     "group_losses",
+    "group_sizes",
     "polar_factor",
     "preset",
 ]

@@ -94,7 +94,7 @@ def test_micro_batches_take_the_whole_batch_step(cls, cuts):
     assert (
         max(float((p - q).detach().abs().max()) for p, q in zip(whole.parameters(), start.parameters()))
         > 1e-2
-    )  # noqa: E501
+    )
 
 
 def test_disagreement_is_the_whole_batches_not_a_micro_batches():
@@ -116,19 +116,20 @@ def test_weights_and_distributions_absent_from_a_micro_batch():
 
     def micro(model, data):
         (x0, y0), (x1, y1), (x2, y2) = data
-        first = (
-            lambda: {  # noqa: E731
+
+        def first():
+            return {
                 "a": F.cross_entropy(model(x0[:5]), y0[:5]),
                 "b": F.cross_entropy(model(x1[:2]), y1[:2]),
             }
-        )
-        second = (
-            lambda: {  # noqa: E731
+
+        def second():
+            return {
                 "a": F.cross_entropy(model(x0[5:]), y0[5:]),
                 "b": F.cross_entropy(model(x1[2:]), y1[2:]),
                 "c": F.cross_entropy(model(x2), y2),
             }
-        )
+
         sizes = [{"a": 5, "b": 2}, {"a": N - 5, "b": N - 2, "c": N}]
         return torchsage.MicroBatches([first, second], sizes=sizes)
 
