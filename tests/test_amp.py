@@ -285,3 +285,28 @@ def test_loss_scaled_optimizer_steps_and_updates_the_scaler():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="wraps torchsage's two-pass optimizers, got SGD"):
         LossScaledOptimizer(torch.optim.SGD(plain_model.parameters(), lr=0.1), scaler)
+
+
+def test_clipping_comes_after_unscaling():
+    # max_grad_norm clips the descent gradient the optimizer sees, which is already unscaled: the
+    # scaled step clips exactly as the plain one (a clip of the scaled gradient would shrink the
+    # step by the scale, 4096-fold here)
+    data = batches()
+    plain_model, scaled_model = make_model(), make_model()
+
+    def build(model):
+        return torchsage.SAGE(
+            model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, max_grad_norm=0.05, seed=1
+        )
+
+    plain, scaled = build(plain_model), build(scaled_model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for _ in range(3):
+        expected = plain.step(lambda: [F.cross_entropy(plain_model(x), y) for x, y in data])
+        got = scaled_step(scaled, lambda: [F.cross_entropy(scaled_model(x), y) for x, y in data], scaler)
+        scaler.update()
+        assert expected.grad_norm > 0.05  # the clip is active
+        assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
+    # as in test_finite_scaled_run_equals_the_unscaled_run: a few ulp per step through 3 steps
+    for a, b in zip(plain_model.parameters(), scaled_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
