@@ -153,6 +153,8 @@ class Passes:
         self.model = model
         self.statistics = statistics
         self.scope = scope
+        #: the parameters are FSDP2 shards: a search pass would run collectives on some processes only
+        self.sharded = False
 
     def communication(self, clean: bool) -> contextlib.AbstractContextManager[Any]:
         """Data-parallel: the context of a clean or perturbed pass (DDP's no_sync and so on)."""
@@ -379,6 +381,8 @@ class Passes:
             if len(bad):
                 return f"non-finite gradient in distribution {names[int(bad[0, 0])]} {where}"
         if not torch.isfinite(grad_norm):
+            if self.sharded:
+                return f"non-finite gradient {where} (FSDP2: the distribution is not searched)"
             name = self.locate_nonfinite(closure, params)
             if name is None and self.parallel is not None:
                 return f"non-finite gradient on another process {where}"

@@ -34,7 +34,7 @@ from torchsage.disagreement import GradientStatistics, global_norm
 from torchsage.optim import _checks
 from torchsage.optim._closure import Closure, Pass, Passes, frozen_bn_stats
 from torchsage.optim._descent import make_descent
-from torchsage.optim._distributed import make_data_parallel
+from torchsage.optim._distributed import check_sharded, make_data_parallel
 from torchsage.optim._solver import check_solver
 from torchsage.optim._step_info import StepInfo
 from torchsage.optim._weights import mean_loss, step_weights
@@ -154,12 +154,15 @@ class SharpnessAware(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         for group in self.param_groups:
             self._check_group(group)
-        self._parallel = make_data_parallel(process_group, layout, model, self.solver)
+        # FSDP2 shards reduce their gradients themselves (reduce-scatter after each backward)
+        sharded = check_sharded(self._all_params(), type(self).__name__, self.supports_sharded_parameters)
+        self._parallel = None if sharded else make_data_parallel(process_group, layout, model, self.solver)
         if self._parallel is not None:
             self._parallel.broadcast_state(self._all_params())
         self.passes = Passes(
             type(self).__name__, self._parallel, model, self._statistics, self.disagreement_scope
         )
+        self.passes.sharded = sharded
         self.descent = make_descent(self.passes, self.solver, solver_update)
 
     # -- options -----------------------------------------------------------------------------
@@ -200,6 +203,10 @@ class SharpnessAware(Optimizer):
     #: keep the clean mean gradient for :meth:`_descent` (GSAM and SAGM combine it with the
     #: perturbed one); costs one gradient copy during the perturbed pass.
     needs_clean_gradient: bool = False
+
+    #: steps FSDP2 (``fully_shard``, DTensor) parameters: the ascent and descent need only global
+    #: norms and elementwise operations, which DTensors take as they are
+    supports_sharded_parameters: bool = False
 
     # GradScaler.step hands optimizers with this flag the scale instead of unscaling their stale
     # gradients itself; step() turns that call into a clear error (see torchsage.amp.scaled_step).
@@ -314,7 +321,7 @@ class SharpnessAware(Optimizer):
                 perturbed_loss = mean_loss(after.losses, weights)
             finally:
                 if moved:
-                    torch._foreach_copy_(moved, saved)
+                    torch._foreach_copy_(_local(moved), _local(saved))
             del saved
             if problem is not None:
                 return self._skip(params, clean, problem)
@@ -368,6 +375,11 @@ class SharpnessAware(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ascent={type(self.ascent).__name__}, base={self.base_optimizer!r})"
+
+
+def _local(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shards of sharded (DTensor) tensors, which share their storage; others as they are."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
 def shares_options(cls: type[SharpnessAware]) -> type[SharpnessAware]:

@@ -59,6 +59,8 @@ class SAM(SharpnessAware):
         0.05
     """
 
+    supports_sharded_parameters = True
+
     def __init__(
         self,
         params: Any,
@@ -152,6 +154,8 @@ class GSAM(SAM):
         0.06
     """
 
+    # its descent takes the inner product of two gradients: on shards each process would see its own part
+    supports_sharded_parameters = False
     needs_clean_gradient = True
 
     def __init__(
