@@ -23,7 +23,20 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "sagm": dict(opt="SAGM", kw=dict(rho=0.05, alpha=0.01)),
     "sam_micro": dict(opt="SAM", micro=True, kw=dict(rho=0.05)),
     "sam_nan": dict(opt="SAM", nan=True, kw=dict(rho=0.05, on_nonfinite="skip")),
-    "sage_refused": dict(opt="SAGE", refused=True, kw=dict(rho=0.05)),
+    # SAGE without noise: every rho scaling and disagreement measure, micro-batches too
+    "sage": dict(opt="SAGE", kw=dict(rho=0.05, gamma=0.0)),
+    "sage_weight_cosine": dict(
+        opt="SAGE", kw=dict(rho=0.01, gamma=0.0, rho_scaling="weight", disagreement="cosine")
+    ),
+    "sage_layer_micro_express": dict(
+        opt="SAGE",
+        micro=True,
+        kw=dict(rho=0.02, gamma=0.0, rho_scaling="layer", ns_steps=6, ns_coefficients="polar_express"),
+    ),
+    # the noise alone (rho 0), plain SGD with lr 1: the weights move by minus the gradient and the
+    # noise, so the one-process step without noise leaves the noise in the difference
+    "sage_noise": dict(opt="SAGE", noise=True, kw=dict(rho=0.0, gamma=5.0)),
+    "align_refused": dict(opt="SAGEAlign", refused=True, kw=dict(rho=0.05)),
     "gsam_refused": dict(opt="GSAM", refused=True, kw=dict(rho=0.05)),
 }
 
@@ -36,10 +49,10 @@ def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def build_model() -> nn.Module:
+def build_model(width: int = 8) -> nn.Module:
     torch.manual_seed(100)  # the same on every process: fully_shard keeps each process's own rows
     # 8 x 4 splits evenly over 2 processes, 3 x 8 and the 3-vector do not (2 rows and 1)
-    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3))
 
 
 def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
@@ -47,7 +60,8 @@ def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
     import torchsage
 
     config = SCENARIOS[name]
-    model = build_model()
+    noise = bool(config.get("noise"))
+    model = build_model(256 if noise else 8)
     if rank is not None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -59,10 +73,16 @@ def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
         batches = [
             (x[rank * size : (rank + 1) * size], y[rank * size : (rank + 1) * size]) for x, y in batches
         ]
-    cls = getattr(torchsage, config["opt"])
-    opt = cls(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **config["kw"])
+    cls = getattr(torchsage, config["opt"]) if config["opt"] != "SAGEAlign" else torchsage.optim.SAGEAlign
+    kw = dict(config["kw"])
+    if config["opt"].startswith("SAGE"):
+        kw["seed"] = 5
+    if noise and rank is None:
+        kw["gamma"] = 0.0  # the reference without noise
+    base = dict(lr=1.0) if noise else dict(lr=0.1, momentum=0.9)
+    opt = cls(model.parameters(), torch.optim.SGD, **base, **kw)
     infos = []
-    for step in range(STEPS):
+    for step in range(1 if noise else STEPS):
         poisoned = config.get("nan") and step == 1 and rank in (None, 1)
 
         def losses(rows=slice(None), poisoned=poisoned):

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchsage.disagreement import GradientStatistics
+from torchsage.disagreement import GradientStatistics, global_norm
 from torchsage.optim import _checks
 from torchsage.optim._distributed import DataParallel, LocalStream
 from torchsage.optim._micro import MicroBatches, accumulate_mean, accumulate_per_distribution
+from torchsage.optim._shards import ShardSums, as_sharded, local_shards, sharded_statistics
 from torchsage.optim._solver import TaskPass, task_pass
 from torchsage.optim._weights import check_count
 
@@ -153,8 +154,24 @@ class Passes:
         self.model = model
         self.statistics = statistics
         self.scope = scope
-        #: the parameters are FSDP2 shards: a search pass would run collectives on some processes only
-        self.sharded = False
+        #: FSDP2: the process group of the parameters' mesh (None: parameters are whole tensors)
+        self.shard_group: Any = None
+
+    @property
+    def sharded(self) -> bool:
+        """The parameters are FSDP2 shards: a search pass would run collectives on some processes
+        only, and sums over coordinates are summed over the shards."""
+        return self.shard_group is not None
+
+    def shard(self, group: Any) -> None:
+        """Works on FSDP2 shards of the parameters, over the mesh's process ``group``."""
+        self.shard_group = group
+
+    def norm(self, tensors: list[Tensor]) -> Tensor:
+        """The L2 norm of the concatenation of ``tensors`` (over every shard when sharded)."""
+        if not self.sharded:
+            return global_norm(tensors)
+        return ShardSums(self.shard_group)(local_shards(tensors)).sqrt()
 
     def communication(self, clean: bool) -> contextlib.AbstractContextManager[Any]:
         """Data-parallel: the context of a clean or perturbed pass (DDP's no_sync and so on)."""
@@ -233,7 +250,10 @@ class Passes:
         """
         for p in params:
             p.grad = None
-        stats = self.statistics(params)
+        if self.sharded:  # the statistics of this process's rows, their sums over every shard
+            stats = sharded_statistics(self.statistics(local_shards(params)), self.shard_group)
+        else:
+            stats = self.statistics(params)
         values, seen = [], [False] * len(params)
         self._note_micro(closure)
         with torch.enable_grad():
@@ -250,7 +270,7 @@ class Passes:
                 values.append(value)
                 if not any(g is not None for g in grads):
                     raise _checks.unreached_error(f"the loss of distribution {name}")
-                stream.add(grads, 1.0 if weights is None else weights[k])
+                stream.add(local_shards(grads), 1.0 if weights is None else weights[k])
                 for i, (p, g) in enumerate(zip(params, grads)):
                     seen[i] = seen[i] or g is not None
                     p.grad = None
@@ -263,6 +283,8 @@ class Passes:
         if self.parallel is not None:
             reported, seen = self.parallel.finish_stream(stats, reported, seen)
         for p, m, used in zip(params, stats.mean, seen):
+            if self.sharded and used:
+                m = as_sharded(m, p)
             p.grad = m if used else None  # parameters no loss reached keep no gradient
         names = names or [str(k) for k in range(len(values))]
         return Pass(names, reported, stats, torch.stack(norms))

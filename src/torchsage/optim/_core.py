@@ -35,6 +35,7 @@ from torchsage.optim import _checks
 from torchsage.optim._closure import Closure, Pass, Passes, frozen_bn_stats
 from torchsage.optim._descent import make_descent
 from torchsage.optim._distributed import check_sharded, make_data_parallel
+from torchsage.optim._shards import local_shards, shard_group
 from torchsage.optim._solver import check_solver
 from torchsage.optim._step_info import StepInfo
 from torchsage.optim._weights import mean_loss, step_weights
@@ -162,7 +163,9 @@ class SharpnessAware(Optimizer):
         self.passes = Passes(
             type(self).__name__, self._parallel, model, self._statistics, self.disagreement_scope
         )
-        self.passes.sharded = sharded
+        if sharded:
+            self.passes.shard(shard_group(self._all_params()))
+            self.ascent = self._sharded_ascent(self.passes.shard_group)
         self.descent = make_descent(self.passes, self.solver, solver_update)
 
     # -- options -----------------------------------------------------------------------------
@@ -211,6 +214,11 @@ class SharpnessAware(Optimizer):
     # GradScaler.step hands optimizers with this flag the scale instead of unscaling their stale
     # gradients itself; step() turns that call into a clear error (see torchsage.amp.scaled_step).
     _step_supports_amp_scaling: bool = True
+
+    def _sharded_ascent(self, group: Any) -> AscentRule:
+        """The ascent rule for FSDP2 shards (``group``: the mesh's process group); the rules of SAM,
+        ASAM and SAGM take DTensors as they are."""
+        return self.ascent
 
     def _descent(
         self,
@@ -308,9 +316,9 @@ class SharpnessAware(Optimizer):
             # The perturbed pass replaces p.grad, so a reference keeps the clean gradient alive.
             clean_grads = {p: p.grad for p in moved} if self.needs_clean_gradient else None
             saved = [p.detach().clone() for p in moved]  # restored bit for bit below
-            perturbation_norm = float(global_norm(perturbation))
+            perturbation_norm = float(self.passes.norm(perturbation))
             if moved:
-                torch._foreach_add_(moved, perturbation)
+                torch._foreach_add_(local_shards(moved), local_shards(perturbation))
             del perturbation
             try:
                 bn = contextlib.nullcontext() if self.update_bn_on_perturbed else frozen_bn_stats(self.model)
@@ -321,7 +329,7 @@ class SharpnessAware(Optimizer):
                 perturbed_loss = mean_loss(after.losses, weights)
             finally:
                 if moved:
-                    torch._foreach_copy_(_local(moved), _local(saved))
+                    torch._foreach_copy_(local_shards(moved), local_shards(saved))
             del saved
             if problem is not None:
                 return self._skip(params, clean, problem)
@@ -336,7 +344,7 @@ class SharpnessAware(Optimizer):
             grads = [p.grad for _, ps in groups for p in ps]
             if grads:
                 factor = (self.max_grad_norm / (grad_norm + 1e-12)).clamp(max=1.0)
-                torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+                torch._foreach_mul_(local_shards(grads), factor.to(grads[0].dtype))
         extra = self._descent(groups, measured, clean_grads)
         self.base_optimizer.step()
         self.descent.after_step(closure, before, None if after is None else after.losses)
@@ -375,11 +383,6 @@ class SharpnessAware(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ascent={type(self.ascent).__name__}, base={self.base_optimizer!r})"
-
-
-def _local(tensors: list[Tensor]) -> list[Tensor]:
-    """The local shards of sharded (DTensor) tensors, which share their storage; others as they are."""
-    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
 def shares_options(cls: type[SharpnessAware]) -> type[SharpnessAware]:
