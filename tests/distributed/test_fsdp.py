@@ -39,6 +39,9 @@ def test_sharded_steps_equal_the_one_process_steps(results, name):
         for mine, ref in zip(rank["infos"], reference["infos"]):
             assert mine["skipped"] == ref["skipped"]
             if not ref["skipped"]:
+                # the losses of the whole batches (the shards' means averaged): a few float32 ulp
+                assert mine["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+                assert mine["perturbed_loss"] == pytest.approx(ref["perturbed_loss"], rel=1e-6)
                 assert mine["perturbation_norm"] == pytest.approx(ref["perturbation_norm"], rel=1e-5)
                 assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
                 if not math.isnan(ref["disagreement"]):

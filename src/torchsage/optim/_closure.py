@@ -194,7 +194,15 @@ class Passes:
 
     def _share_mean(self, params: list[Tensor], losses: Tensor) -> Tensor:
         """Data-parallel: averages the mean gradient over the processes; the losses to report."""
+        if self.sharded:
+            return self._mean_over_shards(losses)
         return losses if self.parallel is None else self.parallel.mean_gradient(params, losses)
+
+    def _mean_over_shards(self, losses: Tensor) -> Tensor:
+        """FSDP2 (each process holds a shard of every batch): the losses of the whole batches."""
+        total = losses.detach().to(torch.float64).clone()
+        torch.distributed.all_reduce(total, group=self.shard_group)
+        return (total / torch.distributed.get_world_size(self.shard_group)).to(losses.dtype)
 
     def mean(self, closure: Closure, params: list[Tensor], weights: list[float] | None = None) -> Pass:
         """Evaluates the closure and leaves the gradient of the (weighted) mean loss in ``p.grad``."""
@@ -280,6 +288,8 @@ class Passes:
             check_count(weights, len(values))
         norms = stream.finish()
         reported = torch.stack(values)
+        if self.sharded:
+            reported = self._mean_over_shards(reported)
         if self.parallel is not None:
             reported, seen = self.parallel.finish_stream(stats, reported, seen)
         for p, m, used in zip(params, stats.mean, seen):
