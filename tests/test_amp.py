@@ -34,6 +34,9 @@ OPTIMIZERS = {
     "SAGE": lambda ps: torchsage.SAGE(ps, torch.optim.Adam, rho=0.05, gamma=0.01, seed=3, lr=0.01),
     "SAM": lambda ps: torchsage.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9),
     "SAGM": lambda ps: torchsage.SAGM(ps, torch.optim.SGD, rho=0.05, alpha=0.01, lr=0.1),
+    "ASAM": lambda ps: torchsage.ASAM(ps, torch.optim.SGD, rho=0.5, lr=0.1),
+    "GSAM": lambda ps: torchsage.GSAM(ps, torch.optim.SGD, rho=0.05, alpha=0.1, lr=0.1),
+    "SAGEAlign": lambda ps: torchsage.SAGEAlign(ps, torch.optim.SGD, rho=0.05, lr=0.1),
 }
 
 

@@ -38,6 +38,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "sage_noise": dict(opt="SAGE", noise=True, kw=dict(rho=0.0, gamma=5.0)),
     "align_refused": dict(opt="SAGEAlign", refused=True, kw=dict(rho=0.05)),
     "gsam_refused": dict(opt="GSAM", refused=True, kw=dict(rho=0.05)),
+    "solver_refused": dict(opt="SAGE", refused=True, kw=dict(rho=0.05, solver="mean")),
 }
 
 

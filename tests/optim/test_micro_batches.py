@@ -78,7 +78,10 @@ def _brute_force_disagreement(model, data):
     return float((g - mean).square().sum(1).mean().sqrt() / mean.norm())
 
 
-@pytest.mark.parametrize("cls", [torchsage.SAGE, torchsage.SAM, torchsage.SAGEAlign, torchsage.GSAM])
+ALL = [torchsage.SAGE, torchsage.SAM, torchsage.ASAM, torchsage.SAGM, torchsage.GSAM, torchsage.SAGEAlign]
+
+
+@pytest.mark.parametrize("cls", ALL)
 @pytest.mark.parametrize("cuts", [(0, 6, 12), (0, 1, 5, 12)])  # equal halves; unequal thirds
 def test_micro_batches_take_the_whole_batch_step(cls, cuts):
     whole, whole_infos = _run(cls, _whole)

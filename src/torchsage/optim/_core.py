@@ -156,7 +156,9 @@ class SharpnessAware(Optimizer):
         for group in self.param_groups:
             self._check_group(group)
         # FSDP2 shards reduce their gradients themselves (reduce-scatter after each backward)
-        sharded = check_sharded(self._all_params(), type(self).__name__, self.supports_sharded_parameters)
+        sharded = check_sharded(
+            self._all_params(), type(self).__name__, self.supports_sharded_parameters and self.solver is None
+        )
         self._parallel = None if sharded else make_data_parallel(process_group, layout, model, self.solver)
         if self._parallel is not None:
             self._parallel.broadcast_state(self._all_params())

@@ -356,9 +356,9 @@ def check_sharded(params: Sequence[Tensor], owner: str, supported: bool) -> bool
         return False
     if not supported:
         raise ValueError(
-            f"{owner} does not take FSDP2 (fully_shard, DTensor) parameters yet: its per-distribution "
-            "statistics, polar factors or gradient products would be taken on each process's shard "
-            "alone; use SAM, ASAM or SAGM on the sharded model, or "
+            f"{owner} does not take FSDP2 (fully_shard, DTensor) parameters yet with these options: its "
+            "per-coordinate spread, gradient products or task Jacobian would be taken on each "
+            "process's shard alone; use SAM, ASAM, SAGM or SAGE (without solver=) on the sharded model, or "
             f"{owner} on a DistributedDataParallel model (model=ddp) with torchsage.MicroBatches to "
             "bound the memory"
         )
