@@ -9,7 +9,9 @@ peak resident set (``ru_maxrss``) from just before the model is built, so it cou
 its gradients, the optimizer's state and buffers, the activations and the communication buffers
 (and whatever the allocator keeps, and the library code pages first touched: run the same with
 ``--width 16`` and subtract, as docs/benchmarks.md does); on a GPU
-``torch.cuda.max_memory_allocated``. Rank 0 prints one JSON line with every rank's figures.
+``torch.cuda.max_memory_allocated``. Besides, what each process keeps between steps is counted
+(its parameters, gradients and optimizer state: the local shards under FSDP2). Rank 0 prints one
+JSON line with every rank's figures.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/fsdp_vs_ddp.py --mode fsdp
     torchrun --standalone --nproc-per-node 2 benchmarks/fsdp_vs_ddp.py --mode ddp
@@ -91,7 +93,14 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    mine = torch.tensor([statistics.median(times), peak], dtype=torch.float64, device=device)
+    # what the process keeps between steps, counted: its parameters, their gradients and the
+    # optimizer's state (momentum), each the local shard under FSDP2
+    kept = [p for p in model.parameters()]
+    kept += [p.grad for p in model.parameters() if p.grad is not None]
+    kept += [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in kept]
+    state = sum(t.numel() * t.element_size() for t in local) / 2**20
+    mine = torch.tensor([statistics.median(times), peak, state], dtype=torch.float64, device=device)
     every = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(every, mine)
     if rank == 0:
@@ -107,6 +116,7 @@ def main() -> None:
                     "batch_per_process": args.batch,
                     "median_step_s": [round(float(t[0]), 3) for t in every],
                     "peak_mib": [round(float(t[1]), 1) for t in every],
+                    "kept_mib": [round(float(t[2]), 1) for t in every],
                 }
             )
         )
