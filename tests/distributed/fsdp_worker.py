@@ -21,6 +21,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "sam": dict(opt="SAM", kw=dict(rho=0.05)),
     "asam": dict(opt="ASAM", kw=dict(rho=0.5)),
     "sagm": dict(opt="SAGM", kw=dict(rho=0.05, alpha=0.01)),
+    "gsam": dict(opt="GSAM", kw=dict(rho=0.05, alpha=0.3)),
     "sam_micro": dict(opt="SAM", micro=True, kw=dict(rho=0.05)),
     "sam_nan": dict(opt="SAM", nan=True, kw=dict(rho=0.05, on_nonfinite="skip")),
     # SAGE without noise: every rho scaling and disagreement measure, micro-batches too
@@ -37,7 +38,6 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # noise, so the one-process step without noise leaves the noise in the difference
     "sage_noise": dict(opt="SAGE", noise=True, kw=dict(rho=0.0, gamma=5.0)),
     "align_refused": dict(opt="SAGEAlign", refused=True, kw=dict(rho=0.05)),
-    "gsam_refused": dict(opt="GSAM", refused=True, kw=dict(rho=0.05)),
     "solver_refused": dict(opt="SAGE", refused=True, kw=dict(rho=0.05, solver="mean")),
 }
 

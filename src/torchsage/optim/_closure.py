@@ -167,6 +167,16 @@ class Passes:
         """Works on FSDP2 shards of the parameters, over the mesh's process ``group``."""
         self.shard_group = group
 
+    def inner(self, x: list[Tensor], y: list[Tensor]) -> Tensor:
+        """The inner product of two gradients given as lists of tensors (over every shard when
+        sharded, in float64 there)."""
+        if not self.sharded:
+            return sum(torch.sum(a * b) for a, b in zip(x, y))  # type: ignore[return-value]
+        local = [torch.sum(a * b, dtype=torch.float64) for a, b in zip(local_shards(x), local_shards(y))]
+        total = torch.stack(local).sum() if local else torch.zeros((), dtype=torch.float64)
+        torch.distributed.all_reduce(total, group=self.shard_group)
+        return total
+
     def norm(self, tensors: list[Tensor]) -> Tensor:
         """The L2 norm of the concatenation of ``tensors`` (over every shard when sharded)."""
         if not self.sharded:

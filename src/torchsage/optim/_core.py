@@ -34,8 +34,8 @@ from torchsage.disagreement import GradientStatistics, global_norm
 from torchsage.optim import _checks
 from torchsage.optim._closure import Closure, Pass, Passes, frozen_bn_stats
 from torchsage.optim._descent import make_descent
-from torchsage.optim._distributed import check_sharded, make_data_parallel
-from torchsage.optim._shards import local_shards, shard_group
+from torchsage.optim._distributed import make_data_parallel
+from torchsage.optim._shards import check_sharded, local_shards, shard_group
 from torchsage.optim._solver import check_solver
 from torchsage.optim._step_info import StepInfo
 from torchsage.optim._weights import mean_loss, step_weights

@@ -59,9 +59,7 @@ __all__ = [
     "FlatBuffers",
     "average_gradients",
     "check_counts",
-    "check_sharded",
     "control",
-    "is_sharded",
     "join_torchrun",
     "make_data_parallel",
     "merge_statistics",
@@ -338,31 +336,6 @@ def reduce_task_pass(comm: Communicator, tp: Any) -> None:
     tp.jacobian = views[: len(tp.jacobian)]
     tp.owned = [(p, k, g) for (p, k, _), g in zip(tp.owned, views[len(tp.jacobian) : -1])]
     tp.losses = views[-1]
-
-
-def is_sharded(tensor: Any) -> bool:
-    """Whether ``tensor`` is a DTensor (an FSDP2 ``fully_shard`` parameter or its gradient)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(tensor, DTensor)
-
-
-def check_sharded(params: Sequence[Tensor], owner: str, supported: bool) -> bool:
-    """True when the parameters are FSDP2 shards (DTensors); a ValueError naming what to use
-    instead when ``owner`` cannot step them."""
-    if not any(is_sharded(p) for p in params):
-        return False
-    if not supported:
-        raise ValueError(
-            f"{owner} does not take FSDP2 (fully_shard, DTensor) parameters yet with these options: its "
-            "per-coordinate spread, gradient products or task Jacobian would be taken on each "
-            "process's shard alone; use SAM, ASAM, SAGM or SAGE (without solver=) on the sharded model, or "
-            f"{owner} on a DistributedDataParallel model (model=ddp) with torchsage.MicroBatches to "
-            "bound the memory"
-        )
-    return True
 
 
 def _is_ddp(model: Any) -> bool:

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torchsage.disagreement import global_norm
 from torchsage.optim._ascent import AdaptiveGradientAscent, GradientAscent, GradientMatchingAscent
 from torchsage.optim._checks import check_nonnegative
 from torchsage.optim._core import SharpnessAware, shares_options
@@ -154,8 +153,6 @@ class GSAM(SAM):
         0.06
     """
 
-    # its descent takes the inner product of two gradients: on shards each process would see its own part
-    supports_sharded_parameters = False
     needs_clean_gradient = True
 
     def __init__(
@@ -202,8 +199,8 @@ class GSAM(SAM):
         params = [p for _, ps in groups for p in ps if p in clean]
         perturbed = [p.grad for p in params]
         original = [clean[p] for p in params]
-        dot = sum(torch.sum(a * b) for a, b in zip(original, perturbed))
-        coefficient = float(dot / global_norm(perturbed).square().clamp_min(1e-24))
+        dot = self.passes.inner(original, perturbed)
+        coefficient = float(dot / self.passes.norm(perturbed).square().clamp_min(1e-24))
         # g_orth = g - coefficient * g_p, so g_p - alpha g_orth = (1 + alpha c) g_p - alpha g
         torch._foreach_mul_(perturbed, 1.0 + self.alpha * coefficient)
         torch._foreach_add_(perturbed, original, alpha=-self.alpha)

@@ -12,7 +12,40 @@ from torch import Tensor
 
 from torchsage.disagreement import GradientStatistics, sum_of_squares
 
-__all__ = ["ShardSums", "as_sharded", "local_shards", "shard_group", "sharded_statistics"]
+__all__ = [
+    "ShardSums",
+    "as_sharded",
+    "check_sharded",
+    "is_sharded",
+    "local_shards",
+    "shard_group",
+    "sharded_statistics",
+]
+
+
+def is_sharded(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 ``fully_shard`` parameter or its gradient)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def check_sharded(params: Sequence[Tensor], owner: str, supported: bool) -> bool:
+    """True when the parameters are FSDP2 shards (DTensors); a ValueError naming what to use
+    instead when ``owner`` cannot step them (with its options)."""
+    if not any(is_sharded(p) for p in params):
+        return False
+    if not supported:
+        raise ValueError(
+            f"{owner} does not take FSDP2 (fully_shard, DTensor) parameters yet with these options: "
+            "its per-coordinate spread or task Jacobian would be taken on each process's shard "
+            "alone; use SAM, ASAM, GSAM, SAGM or SAGE (without solver=) on the sharded model, or "
+            f"{owner} on a DistributedDataParallel model (model=ddp) with torchsage.MicroBatches to "
+            "bound the memory"
+        )
+    return True
 
 
 def local_shards(tensors: Sequence[Any]) -> list[Any]:
