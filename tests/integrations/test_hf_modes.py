@@ -130,3 +130,12 @@ def test_fp16_overflow_skips_the_whole_step(tmp_path):
     assert all(torch.equal(g.get_state(), fresh.get_state()) for g in sage._generators.values())
     assert trainer.accelerator.scaler.get_scale() == 2.0**15  # backed off once
     assert trainer.lr_scheduler.last_epoch == 0  # the scheduler did not step on the skipped step
+
+
+def test_bf16_trains(tmp_path):
+    # bf16=True: accelerate runs the forward passes under CPU bfloat16 autocast; no scaler
+    trainer = _train(tmp_path, bf16=True, max_steps=2)
+    assert trainer.accelerator.scaler is None and trainer.state.global_step == 2
+    info = trainer.last_step_info
+    assert not info.skipped and info.disagreement > 0
+    assert float((flat(trainer.model) - flat(tiny_bert(0))).abs().max()) > 1e-4
