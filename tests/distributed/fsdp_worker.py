@@ -37,7 +37,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     # the noise alone (rho 0), plain SGD with lr 1: the weights move by minus the gradient and the
     # noise, so the one-process step without noise leaves the noise in the difference
     "sage_noise": dict(opt="SAGE", noise=True, kw=dict(rho=0.0, gamma=5.0)),
-    "align_refused": dict(opt="SAGEAlign", refused=True, kw=dict(rho=0.05)),
+    "align": dict(opt="SAGEAlign", kw=dict(rho=0.05, lambda_max=0.8)),
+    "align_vectors_unmixed": dict(
+        opt="SAGEAlign", kw=dict(rho=0.05, mix_vectors=False, rho_scaling="weight")
+    ),
     "solver_refused": dict(opt="SAGE", refused=True, kw=dict(rho=0.05, solver="mean")),
 }
 

@@ -270,6 +270,7 @@ class Passes:
             p.grad = None
         if self.sharded:  # the statistics of this process's rows, their sums over every shard
             stats = sharded_statistics(self.statistics(local_shards(params)), self.shard_group)
+            stats.params = params  # the ascent finds a parameter's statistics by the parameter
         else:
             stats = self.statistics(params)
         values, seen = [], [False] * len(params)

@@ -156,9 +156,7 @@ class SharpnessAware(Optimizer):
         for group in self.param_groups:
             self._check_group(group)
         # FSDP2 shards reduce their gradients themselves (reduce-scatter after each backward)
-        sharded = check_sharded(
-            self._all_params(), type(self).__name__, self.supports_sharded_parameters and self.solver is None
-        )
+        sharded = check_sharded(self._all_params(), type(self).__name__, self._unsharded_reason())
         self._parallel = None if sharded else make_data_parallel(process_group, layout, model, self.solver)
         if self._parallel is not None:
             self._parallel.broadcast_state(self._all_params())
@@ -216,6 +214,20 @@ class SharpnessAware(Optimizer):
     # GradScaler.step hands optimizers with this flag the scale instead of unscaling their stale
     # gradients itself; step() turns that call into a clear error (see torchsage.amp.scaled_step).
     _step_supports_amp_scaling: bool = True
+
+    def _unsharded_reason(self) -> str | None:
+        """Why this optimizer cannot step FSDP2 shards (None: it can)."""
+        if self.solver is not None:
+            return (
+                "a multi-task solver's task Jacobian would be taken on each process's shard alone: "
+                "drop solver= on the sharded model"
+            )
+        if not self.supports_sharded_parameters:
+            return (
+                f"{type(self).__name__} does not declare supports_sharded_parameters (its ascent or "
+                "descent may sum over one process's shard only): use SAM, SAGE or their variants"
+            )
+        return None
 
     def _sharded_ascent(self, group: Any) -> AscentRule:
         """The ascent rule for FSDP2 shards (``group``: the mesh's process group); the rules of SAM,

@@ -288,9 +288,6 @@ class SAGEAlign(SAGE):
         0.05
     """
 
-    # its ascent needs the per-coordinate spread of the gradients, not kept on FSDP2 shards yet
-    supports_sharded_parameters = False
-
     def __init__(
         self,
         params: Any,
@@ -311,3 +308,10 @@ class SAGEAlign(SAGE):
 
     def _make_ascent(self, **kwargs: Any) -> AscentRule:
         return AlignedPolarAscent(lambda_max=self.lambda_max, mix_vectors=self.mix_vectors, **kwargs)
+
+    def _sharded_ascent(self, group: Any) -> AscentRule:
+        from torchsage.optim._sharded import ShardedAlignedAscent
+
+        return ShardedAlignedAscent(
+            group, lambda_max=self.lambda_max, mix_vectors=self.mix_vectors, **self._ascent_options
+        )

@@ -37,7 +37,7 @@ from torchsage.optim._core import AscentRule
 from torchsage.optim._shards import ShardSums
 from torchsage.polar import newton_schulz_coefficients
 
-__all__ = ["ShardedPolarAscent", "sharded_polar_factor"]
+__all__ = ["ShardedAlignedAscent", "ShardedPolarAscent", "sharded_polar_factor"]
 
 
 def sharded_polar_factor(
@@ -108,7 +108,11 @@ class ShardedPolarAscent(AscentRule):
     def perturbation(
         self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]], stats: Any
     ) -> list[list[Tensor]]:
-        directions = [[self._direction(p.grad.to_local()) for p in ps] for _, ps in groups]
+        return self._scale(groups, [[self._direction(p.grad.to_local()) for p in ps] for _, ps in groups])
+
+    def _scale(
+        self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]], directions: list[list[Tensor]]
+    ) -> list[list[Tensor]]:
         if self.scaling == "global":
             norm = float(self.sums([d for ds in directions for d in ds]).sqrt())
             return [
@@ -123,3 +127,38 @@ class ShardedPolarAscent(AscentRule):
                 scaled.append(d.mul_(g["rho"] * size))
             out.append(scaled)
         return out
+
+
+class ShardedAlignedAscent(ShardedPolarAscent):
+    """SAGEAlign's ascent on FSDP2 shards: ``(1 - lam) polar(g_bar) + lam polar(std_k(g_k) * sign(g_bar))``
+    with the per-coordinate spread kept on each process's rows and the mixing weight from the mean
+    cosine (whose sums run over every shard); see :class:`torchsage.optim.AlignedPolarAscent`."""
+
+    needs_statistics = True
+    cosine = True
+    elementwise = True
+
+    def __init__(self, group: Any, lambda_max: float = 0.8, mix_vectors: bool = True, **options: Any) -> None:
+        super().__init__(group, **options)
+        self.lambda_max = lambda_max
+        self.mix_vectors = mix_vectors
+        self.last_lambda = 0.0
+
+    def perturbation(
+        self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]], stats: Any
+    ) -> list[list[Tensor]]:
+        lam = float((self.lambda_max * (1.0 - stats.mean_cosine())).clamp(0.0, self.lambda_max))
+        self.last_lambda = lam
+        out = []
+        variance = dict(zip(map(id, stats.params), stats.elementwise_variance())) if lam > 0 else {}
+        for _, ps in groups:
+            mixed = []
+            for p in ps:
+                g = p.grad.to_local()
+                direction = self._direction(g)
+                if lam > 0 and (self.mix_vectors or g.ndim >= 2):
+                    spread = self._direction(variance[id(p)].sqrt().mul_(torch.sign(g)))
+                    direction = direction.mul_(1.0 - lam).add_(spread, alpha=lam)
+                mixed.append(direction)
+            out.append(mixed)
+        return self._scale(groups, out)

@@ -32,18 +32,16 @@ def is_sharded(tensor: Any) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def check_sharded(params: Sequence[Tensor], owner: str, supported: bool) -> bool:
-    """True when the parameters are FSDP2 shards (DTensors); a ValueError naming what to use
-    instead when ``owner`` cannot step them (with its options)."""
+def check_sharded(params: Sequence[Tensor], owner: str, reason: str | None) -> bool:
+    """True when the parameters are FSDP2 shards (DTensors); with a ``reason`` why ``owner`` cannot
+    step them, a ValueError that says so and names what to use instead."""
     if not any(is_sharded(p) for p in params):
         return False
-    if not supported:
+    if reason is not None:
         raise ValueError(
-            f"{owner} does not take FSDP2 (fully_shard, DTensor) parameters yet with these options: "
-            "its per-coordinate spread or task Jacobian would be taken on each process's shard "
-            "alone; use SAM, ASAM, GSAM, SAGM or SAGE (without solver=) on the sharded model, or "
-            f"{owner} on a DistributedDataParallel model (model=ddp) with torchsage.MicroBatches to "
-            "bound the memory"
+            f"{owner} does not take FSDP2 (fully_shard, DTensor) parameters with these options: "
+            f"{reason}; or use {owner} on a DistributedDataParallel model (model=ddp) with "
+            "torchsage.MicroBatches to bound the memory"
         )
     return True
 
