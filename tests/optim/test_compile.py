@@ -41,7 +41,7 @@ def _run(model, net, cls, steps=3):
 
 
 @pytest.mark.parametrize("bn", [False, True], ids=["mlp", "batchnorm"])
-@pytest.mark.parametrize("cls", [torchsage.SAGE, torchsage.SAM])
+@pytest.mark.parametrize("cls", [torchsage.SAGE, torchsage.SAM, torchsage.GSAM, torchsage.SAGEAlign])
 def test_compiled_model_takes_the_eager_steps(bn, cls):
     eager = _model(bn)
     eager_infos = _run(eager, eager, cls)
