@@ -48,6 +48,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         opt="SAGE", layout="shards", ddp=True, micro=True, kw=dict(rho=0.05, gamma=0.05)
     ),
     "sam_shards_micro": dict(opt="SAM", layout="shards", micro=True, kw=dict(rho=0.05)),
+    "gsam_shards_ddp": dict(opt="GSAM", layout="shards", ddp=True, kw=dict(rho=0.05, alpha=0.3)),
+    "align_shards_ddp": dict(opt="SAGEAlign", layout="shards", ddp=True, kw=dict(rho=0.05, lambda_max=0.8)),
+    "sage_upgrad_shards_ddp": dict(
+        opt="SAGE", layout="shards", ddp=True, solver="upgrad", kw=dict(rho=0.05, gamma=0.05)
+    ),
     "sage_shards_nan": dict(opt="SAGE", layout="shards", nan=True, kw=dict(rho=0.05, gamma=0.05)),
     "sage_domains_nan": dict(opt="SAGE", layout="domains", nan=True, kw=dict(rho=0.05, gamma=0.05)),
     "sage_upgrad_shards": dict(opt="SAGE", layout="shards", solver="upgrad", kw=dict(rho=0.05, gamma=0.05)),
@@ -189,7 +194,7 @@ def run(name: str, rank: int | None, world: int, seed_offset: int = 0) -> dict[s
         net = nn.parallel.DistributedDataParallel(model)
     cls = getattr(torchsage, config["opt"]) if config["opt"] != "SAGEAlign" else torchsage.optim.SAGEAlign
     kw = dict(config["kw"])
-    if config["opt"] != "SAM":
+    if config["opt"].startswith("SAGE"):
         kw["seed"] = None if rank is not None else 100  # rank 0's torch.initial_seed()
     if config.get("nan"):
         kw["on_nonfinite"] = "skip"
