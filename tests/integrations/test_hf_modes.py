@@ -139,3 +139,15 @@ def test_bf16_trains(tmp_path):
     info = trainer.last_step_info
     assert not info.skipped and info.disagreement > 0
     assert float((flat(trainer.model) - flat(tiny_bert(0))).abs().max()) > 1e-4
+
+
+def test_torch_compile_takes_the_eager_steps(tmp_path):
+    # torch_compile=True: the Trainer compiles the model (aot_eager: TorchDynamo and AOTAutograd
+    # without code generation, which takes minutes on a loaded CPU)
+    eager = _train(tmp_path / "eager", max_steps=2)
+    compiled = _train(
+        tmp_path / "compiled", max_steps=2, torch_compile=True, torch_compile_backend="aot_eager"
+    )
+    # the same operations, decompositions aside (a few float32 ulp), through two Adam steps
+    torch.testing.assert_close(flat(compiled.model), flat(eager.model), rtol=1e-5, atol=1e-6)
+    assert compiled.last_step_info.disagreement == pytest.approx(eager.last_step_info.disagreement, rel=1e-4)

@@ -152,3 +152,33 @@ def test_accumulation_refusals():
 
     with pytest.raises(ValueError, match="different weights= within one accumulation window"):
         fit(Varying(), 8, epochs=1, accumulate_grad_batches=2)
+
+
+class Compiled(Classifier):
+    """The same classifier with its network under torch.compile (aot_eager: TorchDynamo and
+    AOTAutograd without code generation, see tests/optim/test_compile.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.compile(self.net, backend="aot_eager")
+
+
+def test_compiled_network_takes_the_eager_steps():
+    eager = Classifier()
+    fit(eager, 8, epochs=1)
+    # the closure's per-group losses share one forward graph, which SAGE differentiates once per
+    # group: torch.compile's donated buffers allow one backward pass per graph, so they are off
+    with torch._functorch.config.patch(donated_buffer=False):
+        torch._dynamo.reset()  # no graph cached by another test
+        compiled = Compiled()
+        fit(compiled, 8, epochs=1)
+    # the traced graph runs the same operations; decompositions may reassociate a float32 sum (a
+    # few ulp) that six SGD steps with momentum carry into the weights: 1e-5 relative, 1e-6 absolute
+    torch.testing.assert_close(flat(compiled), flat(eager), rtol=1e-5, atol=1e-6)
+    assert [i.names for i in compiled.infos] == [i.names for i in eager.infos]
+
+
+def test_compiled_shared_graph_with_donated_buffers_is_named():
+    torch._dynamo.reset()  # compile afresh, with donated buffers (the default)
+    with pytest.raises(ValueError, match="donated buffers allow one backward pass only"):
+        fit(Compiled(), 8, epochs=1)

@@ -64,3 +64,28 @@ def test_compiled_model_takes_the_eager_steps(bn, cls):
     assert graphs == (2 if bn else 1)
     _run(model, compiled, cls, steps=2)
     assert dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompilation per step
+
+
+def test_shared_graph_needs_donated_buffers_off_or_a_generator():
+    # SAGE differentiates each distribution's loss on its own. Losses cut from one forward pass
+    # share its graph, and a compiled graph's donated buffers allow one backward pass: the error
+    # says what to do. One forward per distribution, yielded one at a time, needs nothing.
+    data = _data()
+    x = torch.cat([x for x, _ in data])
+    y = torch.cat([y for _, y in data])
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torchsage.SAGE(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    dynamo.reset()
+    # dynamic shapes (what a second batch size turns on by itself) give the graph donated buffers
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+
+    def shared():
+        per_sample = F.cross_entropy(compiled(x), y, reduction="none")
+        return list(per_sample.view(3, 16).mean(1))
+
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="donated buffers allow one backward pass only"):
+        opt.step(shared)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and not opt.state
+    info = opt.step(lambda: (F.cross_entropy(compiled(a), b) for a, b in data))
+    assert info.disagreement > 0
