@@ -151,3 +151,15 @@ def test_torch_compile_takes_the_eager_steps(tmp_path):
     # the same operations, decompositions aside (a few float32 ulp), through two Adam steps
     torch.testing.assert_close(flat(compiled.model), flat(eager.model), rtol=1e-5, atol=1e-6)
     assert compiled.last_step_info.disagreement == pytest.approx(eager.last_step_info.disagreement, rel=1e-4)
+
+
+def test_fp16_with_accumulation_equals_the_larger_batch(tmp_path):
+    whole = _fp16_trainer(tmp_path / "whole", 2.0**16, max_steps=3, per_device_train_batch_size=16)
+    whole.train()
+    accumulated = _fp16_trainer(
+        tmp_path / "acc", 2.0**16, max_steps=3, per_device_train_batch_size=8, gradient_accumulation_steps=2
+    )
+    accumulated.train()
+    assert not accumulated.last_step_info.skipped
+    # the scale is a power of two (exact); the rest as in test_accumulation_equals_the_larger_batch
+    torch.testing.assert_close(flat(accumulated.model), flat(whole.model), rtol=1e-5, atol=1e-6)
