@@ -17,7 +17,10 @@ Sections (each one runs even if an earlier one failed; its error is printed and 
 4. **dg_train**: ``torchsage dg train --device`` end to end on a generated image folder with
    ResNet-18 (``benchmarks/dg_device_check.py``): every batch, parameter, buffer, optimizer state
    and SAGE's noise generator on the device, then the documented command for ERM and SAGE with
-   its seconds per step.
+   its seconds per step;
+5. **fsdp_vs_ddp**: ``benchmarks/fsdp_vs_ddp.py`` under torchrun with FSDP2 and with DDP (SAGE on a
+   784-4096-4096-4096-10 MLP): step time and peak memory per process, at 2 processes when two
+   GPUs are visible, else at 1.
 
 It prints markdown tables headed by the card's name and writes everything as JSON to
 ``$OUT/gpu_check.json`` when ``OUT`` is set (and to ``--json PATH`` if given), written whole.
@@ -226,6 +229,24 @@ def step_table(rows: list[dict]) -> str:
 # -- main --------------------------------------------------------------------------------------------
 
 
+def run_fsdp_vs_ddp(mode: str, world: int, quick: bool) -> dict:
+    """benchmarks/fsdp_vs_ddp.py under torchrun: its JSON line (step time, peak memory per process)."""
+    import json
+    import subprocess
+
+    width = "256" if quick else "4096"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
+    cmd += [str(HERE / "fsdp_vs_ddp.py"), "--mode", mode, "--width", width, "--steps", "3" if quick else "10"]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{mode} at {world} process(es) failed: {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -309,6 +330,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dg_device_check.run(device, args.quick, args.dg_backbone, workers=min(4, os.cpu_count() or 1))
 
     section("dg_train", results, dg_train)
+
+    def fsdp_vs_ddp() -> list[dict]:
+        # two processes need two devices (NCCL takes one GPU per process); with one GPU the FSDP2
+        # step still runs, in one process, and the comparison is left to a machine with two
+        gpus = torch.cuda.device_count() if device.startswith("cuda") else 2
+        world = min(2, gpus)
+        rows = [run_fsdp_vs_ddp(mode, world, args.quick) for mode in ("fsdp", "ddp")]
+        print(f"\n## FSDP2 against DDP under SAGE, {world} process(es) on {card}\n")
+        for row in rows:
+            print(f"- {row}")
+        return rows
+
+    section("fsdp_vs_ddp", results, fsdp_vs_ddp)
 
     targets = [Path(args.json)] if args.json else []
     if os.environ.get("OUT"):

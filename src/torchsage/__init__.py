@@ -2,13 +2,14 @@
 
 from torchsage import amp
 from torchsage.disagreement import GradientStatistics, disagreement
-from torchsage.groups import group_counts, group_losses
+from torchsage.groups import group_counts, group_losses, group_sizes
 from torchsage.optim import (
     ASAM,
     GSAM,
     SAGE,
     SAGM,
     SAM,
+    MicroBatches,
     SAGEAlign,
     SAGEAlignmentOnly,
     SAGECurvatureOnly,
@@ -28,6 +29,7 @@ __all__ = [
     "SAGM",
     "SAM",
     "GradientStatistics",
+    "MicroBatches",
     "SAGEAlign",
     "SAGEAlignmentOnly",
     "SAGECurvatureOnly",
@@ -37,6 +39,7 @@ __all__ = [
     "frozen_bn_stats",
     "group_counts",
     "group_losses",
+    "group_sizes",
     "polar_factor",
     "preset",
 ]

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchsage.optim import SharpnessAware, StepInfo
+from torchsage.optim import MicroBatches, SharpnessAware, StepInfo
 
 __all__ = ["AMP_DTYPES", "LossScaledOptimizer", "autocast", "scaled_step"]
 
@@ -95,7 +95,12 @@ def _optimizer_state(scaler: torch.amp.GradScaler, optimizer: SharpnessAware) ->
 
 
 def scaled_step(
-    optimizer: SharpnessAware, closure: Callable[[], Any], scaler: torch.amp.GradScaler
+    optimizer: SharpnessAware,
+    closure: Callable[[], Any] | MicroBatches,
+    scaler: torch.amp.GradScaler,
+    *,
+    weights: Any = None,
+    scaler_steps: bool = False,
 ) -> StepInfo:
     """One step of a torchsage two-pass optimizer with float16 loss scaling.
 
@@ -107,6 +112,12 @@ def scaled_step(
         optimizer: a :class:`torchsage.optim.SharpnessAware` (SAM, ASAM, GSAM, SAGM, SAGE, ...).
         closure: as for ``optimizer.step``: returns the per-distribution losses, unscaled.
         scaler: a :class:`torch.amp.GradScaler`; a disabled one gives a plain ``step``.
+        weights: the per-distribution weights of ``optimizer.step``.
+        scaler_steps: for a framework that calls ``scaler.step(optimizer)`` and
+            ``scaler.update()`` itself after the training step (the Hugging Face Trainer, through
+            accelerate): the step's inf check is recorded as an ``unscale_``, so that
+            ``scaler.step`` takes it instead of checking again, and calls ``optimizer.step()``,
+            which the framework must make a no-op; ``scaler.update()`` then reads the inf check.
 
     Returns:
         The :class:`~torchsage.optim.StepInfo` with unscaled losses; ``skipped`` is True when an
@@ -124,7 +135,7 @@ def scaled_step(
     if not isinstance(scaler, torch.amp.GradScaler):
         raise ValueError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     if not scaler.is_enabled():
-        return optimizer.step(closure)
+        return optimizer.step(closure, weights=weights)
     state = _optimizer_state(scaler, optimizer)
     stage = getattr(state.get("stage"), "name", None)
     if stage == "UNSCALED":
@@ -148,8 +159,12 @@ def scaled_step(
     handles = [p.register_hook(lambda g: g * inverse) for p in params]
     saved_policy = optimizer.on_nonfinite
     optimizer.on_nonfinite = "skip"  # an overflow is the scaler's business: skip, never raise
+    if isinstance(closure, MicroBatches):  # every micro-batch's losses scaled, still one at a time
+        scaled: Any = closure.map(lambda losses: _scaled(losses, scale))
+    else:
+        scaled = lambda: _scaled(closure(), scale)  # noqa: E731
     try:
-        info = optimizer.step(lambda: _scaled(closure(), scale))
+        info = optimizer.step(scaled, weights=weights)
     finally:
         optimizer.on_nonfinite = saved_policy
         for handle in handles:
@@ -160,7 +175,8 @@ def scaled_step(
     if scaler._scale is None:  # scale() initialises the scale and growth tracker on first use
         scaler.scale(torch.zeros((), device=device))
     state["found_inf_per_device"] = {found_inf.device: found_inf}
-    state["stage"] = type(state["stage"]).STEPPED
+    stages = type(state["stage"])
+    state["stage"] = stages.UNSCALED if scaler_steps else stages.STEPPED
     return _unscaled(info, scale)
 
 

@@ -141,11 +141,14 @@ class GradientStatistics:
             raise ValueError(f"expected {len(self.mean)} gradient tensors, got {len(grads)}")
         return [torch.zeros_like(m) if g is None else g for g, m in zip(grads, self.mean)]
 
-    @staticmethod
-    def _welford(mean: list[Tensor], delta: list[Tensor], weight: float, total: float) -> Tensor:
+    #: the squared norm of a gradient given as a list of tensors; statistics kept on shards of the
+    #: gradients (FSDP2) replace it with one that also sums over the shards
+    _sum_of_squares: Callable[[Sequence[Tensor]], Tensor] = staticmethod(sum_of_squares)
+
+    def _welford(self, mean: list[Tensor], delta: list[Tensor], weight: float, total: float) -> Tensor:
         """Folds ``delta = x - mean`` with ``weight`` into ``mean`` (``total`` weights including
         this one); returns the increment of the weighted sum of squares (West, 1979)."""
-        increment = sum_of_squares(delta) * (weight * (total - weight) / total)
+        increment = self._sum_of_squares(delta) * (weight * (total - weight) / total)
         torch._foreach_add_(mean, delta, alpha=weight / total)
         return increment
 
@@ -163,7 +166,7 @@ class GradientStatistics:
         self.count += 1
         self.total += weight
         k = self.count
-        norm = sum_of_squares(grads).sqrt()
+        norm = self._sum_of_squares(grads).sqrt()
         if self._unit_mean is not None:
             nonzero = norm > 0
             inv = torch.where(nonzero, 1.0 / torch.where(nonzero, norm, 1.0), 0.0)
@@ -220,7 +223,7 @@ class GradientStatistics:
         return self._m2 / self.total if self.total > 0 else self._m2
 
     def mean_norm(self) -> Tensor:
-        return sum_of_squares(self.mean).sqrt()
+        return self._sum_of_squares(self.mean).sqrt()
 
     def mean_cosine(self) -> Tensor:
         """Mean pairwise cosine similarity of the gradients (1 for K = 1)."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["group_counts", "group_losses"]
+__all__ = ["group_counts", "group_losses", "group_sizes"]
 
 WEIGHTINGS = ("uniform", "count")
 ABSENT = ("skip", "error")
@@ -213,7 +213,25 @@ def group_counts(
         >>> torchsage.group_counts(torch.tensor([2, 0, 2, 2]), [0, 1, 2])
         [1, 3]
     """
+    return list(group_sizes(group_ids, groups, absent=absent).values())
+
+
+def group_sizes(
+    group_ids: Tensor | Sequence[Hashable],
+    groups: Sequence[Hashable] | Mapping[Hashable, Any] | None = None,
+    *,
+    absent: str = "skip",
+) -> dict[str, int]:
+    """Each group present in the batch -> its number of samples, named and ordered as
+    :func:`group_losses` names its losses: the ``sizes`` of one micro-batch for
+    :class:`torchsage.MicroBatches`. Same arguments and errors as :func:`group_losses`.
+
+    Example:
+        >>> import torch, torchsage
+        >>> torchsage.group_sizes(torch.tensor([2, 0, 2, 2]), {0: "photo", 2: "sketch"})
+        {'photo': 1, 'sketch': 3}
+    """
     n = group_ids.numel() if isinstance(group_ids, Tensor) else len(group_ids)
     named, labels, _, counts = _grouping(group_ids, groups, n, torch.device("cpu"), absent)
     position = {g: i for i, g in enumerate(labels)}
-    return [counts[position[g]] for g in named if g in position]
+    return {name: counts[position[g]] for g, name in named.items() if g in position}

@@ -36,6 +36,23 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "sam_domains": dict(opt="SAM", layout="domains", kw=dict(rho=0.05)),
     "sage_shards_ddp": dict(opt="SAGE", layout="shards", ddp=True, kw=dict(rho=0.05, gamma=0.05)),
     "sam_domains_ddp": dict(opt="SAM", layout="domains", ddp=True, kw=dict(rho=0.05)),
+    # DDP without find_unused_parameters on a model with a parameter no loss reaches, activation
+    # checkpointing inside the model, and each shard given in two micro-batches
+    "sage_shards_ddp_unused": dict(
+        opt="SAGE", layout="shards", ddp=True, unused=True, kw=dict(rho=0.05, gamma=0.05)
+    ),
+    "sage_shards_ddp_checkpoint": dict(
+        opt="SAGE", layout="shards", ddp=True, checkpoint=True, kw=dict(rho=0.05, gamma=0.05)
+    ),
+    "sage_shards_ddp_micro": dict(
+        opt="SAGE", layout="shards", ddp=True, micro=True, kw=dict(rho=0.05, gamma=0.05)
+    ),
+    "sam_shards_micro": dict(opt="SAM", layout="shards", micro=True, kw=dict(rho=0.05)),
+    "gsam_shards_ddp": dict(opt="GSAM", layout="shards", ddp=True, kw=dict(rho=0.05, alpha=0.3)),
+    "align_shards_ddp": dict(opt="SAGEAlign", layout="shards", ddp=True, kw=dict(rho=0.05, lambda_max=0.8)),
+    "sage_upgrad_shards_ddp": dict(
+        opt="SAGE", layout="shards", ddp=True, solver="upgrad", kw=dict(rho=0.05, gamma=0.05)
+    ),
     "sage_shards_nan": dict(opt="SAGE", layout="shards", nan=True, kw=dict(rho=0.05, gamma=0.05)),
     "sage_domains_nan": dict(opt="SAGE", layout="domains", nan=True, kw=dict(rho=0.05, gamma=0.05)),
     "sage_upgrad_shards": dict(opt="SAGE", layout="shards", solver="upgrad", kw=dict(rho=0.05, gamma=0.05)),
@@ -78,9 +95,27 @@ class TwoHeads(nn.Module):
         return [head(h) for head in self.heads]
 
 
+class Checkpointed(nn.Module):
+    """The usual network with its hidden layer under activation checkpointing (recomputed in the
+    backward pass instead of stored)."""
+
+    def __init__(self, unused: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+        self.head = nn.Linear(8, 3)
+        self.spare = nn.Linear(8, 3) if unused else None  # reached by no loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spare is not None:
+            return self.head(self.body(x))
+        return self.head(torch.utils.checkpoint.checkpoint(self.body, x, use_reentrant=False))
+
+
 def build_model(config: dict[str, Any]) -> nn.Module:
     if config.get("solver"):
         return TwoHeads()
+    if config.get("checkpoint") or config.get("unused"):
+        return Checkpointed(unused=bool(config.get("unused")))
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
@@ -116,6 +151,20 @@ def make_closure(config, net, batches, step, rank):
             return {"a": F.cross_entropy(net(x0)[0], y0), "b": F.cross_entropy(net(x1)[1], y1 % 2)}
 
         return closure
+    if config.get("micro") and rank is not None:  # this shard in two micro-batches
+        import torchsage
+
+        def half(part: int):
+            def closure():
+                out = []
+                for x, y in batches.values():
+                    rows = slice(0, len(x) // 2) if part == 0 else slice(len(x) // 2, len(x))
+                    out.append(F.cross_entropy(net(x[rows]), y[rows]))
+                return out
+
+            return closure
+
+        return torchsage.MicroBatches([half(0), half(1)])
     if config.get("lazy"):
 
         def closure():
@@ -145,7 +194,7 @@ def run(name: str, rank: int | None, world: int, seed_offset: int = 0) -> dict[s
         net = nn.parallel.DistributedDataParallel(model)
     cls = getattr(torchsage, config["opt"]) if config["opt"] != "SAGEAlign" else torchsage.optim.SAGEAlign
     kw = dict(config["kw"])
-    if config["opt"] != "SAM":
+    if config["opt"].startswith("SAGE"):
         kw["seed"] = None if rank is not None else 100  # rank 0's torch.initial_seed()
     if config.get("nan"):
         kw["on_nonfinite"] = "skip"

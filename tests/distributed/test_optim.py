@@ -90,7 +90,7 @@ def test_matches_single_process_on_the_union(results, name):
 def test_replicas_are_bit_identical(results, name):
     r0, r1 = results[name]
     assert all(torch.equal(p, q) for p, q in zip(r0["params"], r1["params"]))
-    if worker.SCENARIOS[name]["opt"] != "SAM":
+    if worker.SCENARIOS[name]["opt"].startswith("SAGE"):
         # seed=None: rank 1 started from torch.initial_seed() = 101; rank 0's 100 wins
         assert r0["seed"] == r1["seed"] == 100
     if worker.SCENARIOS[name]["kw"].get("gamma", 0) > 0:
@@ -175,3 +175,27 @@ def test_arguments_are_checked():
     # no initialized group: 'auto' and None both mean a plain single-process optimizer
     assert make_data_parallel("auto", "domains", None, None) is None
     assert torchsage.SAM(params, torch.optim.SGD, lr=0.1, process_group=None)._parallel is None
+
+
+def test_micro_batches_add_no_collective(results):
+    # each shard in two micro-batches: the gradients are accumulated locally and reduced once per
+    # pass, so the payload is the whole-batch run's; under DDP the perturbed pass is reduced by the
+    # optimizer (inside no_sync) instead of after every micro-batch's backward
+    for name in ("sage_shards_ddp_micro", "sam_shards_micro"):
+        whole = "sage_shards" if name.startswith("sage") else "sam_shards"
+        for rank in results[name]:
+            assert rank["bytes"] == results[whole][0]["bytes"]
+            assert rank["calls"] == results[whole][0]["calls"]
+
+
+def test_ddp_needs_no_find_unused_parameters(results):
+    # a parameter no loss reaches: DDP without find_unused_parameters would wait for its gradient
+    # (and fail on the next forward); the optimizer saw it missing at the clean pass and reduced the
+    # perturbed pass itself. The parameter is left as it was.
+    torch.manual_seed(100)
+    start = worker.build_model(worker.SCENARIOS["sage_shards_ddp_unused"])
+    for rank in results["sage_shards_ddp_unused"]:
+        spare = rank["params"][-2:]
+        assert torch.equal(spare[0], start.spare.weight.detach()) and torch.equal(
+            spare[1], start.spare.bias.detach()
+        )

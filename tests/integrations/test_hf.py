@@ -186,8 +186,6 @@ def test_count_weighting_and_bad_configurations(tmp_path):
     assert trainer.last_step_info.names == tuple(
         sorted(trainer.last_step_info.names)
     )  # groups=None: sorted ids
-    with pytest.raises(ValueError, match="gradient_accumulation_steps must be 1"):
-        SAGETrainer(model=tiny_bert(0), args=arguments(tmp_path, gradient_accumulation_steps=2))
     missing = SAGETrainer(
         model=tiny_bert(0), args=arguments(tmp_path, max_steps=1), train_dataset=Rows(), group_column="source"
     )

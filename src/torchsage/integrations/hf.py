@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from torchsage.groups import check_options, group_counts, group_losses
+from torchsage.amp import scaled_step
+from torchsage.groups import check_options, group_counts, group_losses, group_sizes
 from torchsage.integrations import step_info_metrics
-from torchsage.optim import SAGE, SharpnessAware
+from torchsage.optim import SAGE, MicroBatches, SharpnessAware
 
 __all__ = ["SAGETrainer", "per_sample_loss"]  # noqa: F822 (SAGETrainer is built on first use)
 
@@ -68,7 +69,13 @@ def per_sample_loss(logits: Tensor, labels: Tensor, shift: bool = False) -> Tens
 def _deferred_step(self: Any, closure: Any = None, **kwargs: Any) -> Any:
     """The optimizer's ``step`` as the Trainer sees it: a no-op right after SAGETrainer's
     training_step took the step, the real step when given a closure."""
-    if closure is None and self.__dict__.pop("_torchsage_stepped", False):
+    if closure is None and "_torchsage_stepped" in self.__dict__:
+        info = self.__dict__.pop("_torchsage_stepped")
+        outer = self.__dict__.pop("_torchsage_outer", None)
+        if info.skipped and hasattr(outer, "_accelerate_step_called"):
+            # accelerate marks the step as taken when its scaler calls this no-op: an overflow
+            # skipped it, so the Trainer must not step the learning-rate scheduler either
+            outer._accelerate_step_called = False
         return None
     return type(self).step(self, closure, **kwargs)
 
@@ -119,8 +126,13 @@ def _build() -> type:
             optimizer_class: the torchsage optimizer wrapped around the base optimizer.
             optimizer_kwargs: its own options (``rho``, ``gamma``, ``seed``, ...).
 
-        Gradient accumulation is not supported (each step is the optimizer's two passes on one
-        batch); mixed precision works with bf16 (``bf16=True``), not with fp16's gradient scaler.
+        Gradient accumulation (``gradient_accumulation_steps=G``): the ``G`` batches of an
+        accumulation window are kept and the step is taken on the last one, over all ``G`` as
+        :class:`torchsage.MicroBatches` (each group's loss and gradient are those of its samples in
+        the whole window, one batch's graph alive at a time): the step of one batch ``G`` times as
+        large. Mixed precision: ``bf16=True``, or ``fp16=True`` with the Trainer's gradient scaler
+        driving :func:`torchsage.amp.scaled_step` (an overflow skips the step and lowers the
+        scale; the learning-rate scheduler then does not step, as in the plain Trainer).
         """
 
         def __init__(
@@ -143,14 +155,8 @@ def _build() -> type:
             self.optimizer_kwargs = dict(optimizer_kwargs or {})
             self.last_step_info = None
             self._sage_metrics: list[dict[str, float]] = []
+            self._sage_window: list[tuple[dict[str, Any], Any]] = []
             super().__init__(*args, **kwargs)
-            if self.args.gradient_accumulation_steps != 1:
-                raise ValueError(
-                    f"SAGETrainer takes one two-pass step per batch: gradient_accumulation_steps must be 1, "
-                    f"got {self.args.gradient_accumulation_steps} (raise the batch size instead)"
-                )
-            if self.args.fp16:
-                raise ValueError("fp16's gradient scaler cannot drive a two-pass step: use bf16=True or fp32")
 
         def _set_signature_columns_if_needed(self) -> None:
             super()._set_signature_columns_if_needed()
@@ -206,22 +212,65 @@ def _build() -> type:
                     f"the batch has no {self.group_column!r} column (keys: {sorted(inputs)}): give "
                     "SAGETrainer(group_column=...) the column naming each sample's group"
                 )
-            ids = inputs.pop(self.group_column)
-
-            def closure() -> dict[str, Tensor]:
-                with self.compute_loss_context_manager():
-                    losses = self.per_sample_loss(model, inputs)
-                return group_losses(losses, ids, self.groups, absent=self.absent)
-
+            self._sage_window.append((inputs, inputs.pop(self.group_column)))
+            if not self.accelerator.sync_gradients:  # not the last batch of the accumulation window
+                return torch.zeros((), device=self.args.device)
+            window, self._sage_window = self._sage_window, []
+            closure, weights = self._sage_closure(model, window)
             optimizer = _sharpness_aware(self.optimizer)
-            weights = group_counts(ids, self.groups) if self.weighting == "count" else None
-            info = type(optimizer).step(
-                optimizer, closure, **({} if weights is None else {"weights": weights})
-            )
-            optimizer.__dict__["_torchsage_stepped"] = True  # the Trainer's optimizer.step() is a no-op
+            kwargs = {} if weights is None else {"weights": weights}
+            optimizer.__dict__["_torchsage_outer"] = self.optimizer
+            if self.args.fp16 and self.accelerator.scaler is not None:
+                # the Trainer's optimizer.step() then runs scaler.step and scaler.update on this
+                # step's inf check (see _deferred_step)
+                info = scaled_step(optimizer, closure, self.accelerator.scaler, scaler_steps=True, **kwargs)
+            else:
+                info = type(optimizer).step(optimizer, closure, **kwargs)
+            optimizer.__dict__["_torchsage_stepped"] = info  # the Trainer's optimizer.step() is a no-op
             self.last_step_info = info
             self._sage_metrics.append(step_info_metrics(info))
             return torch.tensor(info.loss, device=self.args.device)
+
+        def _sage_closure(self, model: torch.nn.Module, window: list[tuple[dict[str, Any], Any]]) -> Any:
+            """The step's closure (one batch) or MicroBatches (an accumulation window), and the
+            per-group weights (``weighting="count"``) or None."""
+
+            def closure_of(inputs: dict[str, Any], ids: Any, absent: str) -> Any:
+                def closure() -> dict[str, Tensor]:
+                    with self.compute_loss_context_manager():
+                        losses = self.per_sample_loss(model, inputs)
+                    return group_losses(losses, ids, self.groups, absent=absent)
+
+                return closure
+
+            if len(window) == 1:
+                inputs, ids = window[0]
+                weights = group_counts(ids, self.groups) if self.weighting == "count" else None
+                return closure_of(inputs, ids, self.absent), weights
+            parts = [ids for _, ids in window]
+            if all(isinstance(ids, Tensor) for ids in parts):
+                everything: Any = torch.cat([ids.reshape(-1) for ids in parts])
+            else:
+                everything = [i for ids in parts for i in (ids.tolist() if isinstance(ids, Tensor) else ids)]
+            group_sizes(everything, self.groups, absent=self.absent)  # a group absent from the window
+            batches = MicroBatches(
+                [closure_of(inputs, ids, "skip") for inputs, ids in window],
+                sizes=[group_sizes(ids, self.groups) for _, ids in window],
+            )
+            totals = batches.totals()
+            weights = [totals[n] for n in batches.names] if self.weighting == "count" else None  # type: ignore[index, union-attr]
+            return batches, weights
+
+        def _clip_grad_norm(self, model: Any) -> Any:
+            # the optimizer clipped the descent gradient (max_grad_norm); the norm is the step's
+            return self._sage_grad_norm()
+
+        def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+            return self._sage_grad_norm() if grad_norm is None else grad_norm
+
+        def _sage_grad_norm(self) -> float | None:
+            info = self.last_step_info
+            return None if info is None or info.skipped else info.grad_norm
 
         def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             inputs = {k: v for k, v in inputs.items() if k != self.group_column}

@@ -12,11 +12,14 @@ is mixed into (``pip install "torchsage[lightning]"``).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
+from torchsage.amp import scaled_step
 from torchsage.integrations import step_info_metrics
-from torchsage.optim import Closure, StepInfo
+from torchsage.optim import Closure, MicroBatches, SharpnessAware, StepInfo
 
 __all__ = ["SAGEMixin", "step_info_metrics"]
 
@@ -40,11 +43,22 @@ class SAGEMixin:
     - **Checkpoints**: Lightning saves and restores the optimizer's ``state_dict``, which holds
       SAGE's noise generator, so a run resumed from a checkpoint continues as the uninterrupted
       run would (with a ``seed`` and a deterministic data order).
-    - **Precision**: 32-bit and ``"bf16-mixed"`` work; ``"16-mixed"``'s gradient scaler cannot
-      drive a two-pass step and is refused. Gradient clipping by the Trainer is not available in
-      manual optimization: use the optimizer's ``max_grad_norm``.
+    - **Precision**: 32-bit, ``"bf16-mixed"`` and ``"16-mixed"``: with the latter the step is
+      :func:`torchsage.amp.scaled_step` on the precision plugin's gradient scaler (an overflow
+      skips the whole step and lowers the scale; the step still counts in ``global_step``).
+      Gradient clipping by the Trainer is not available in manual optimization: use the
+      optimizer's ``max_grad_norm`` (it clips the descent gradient, after unscaling).
+    - **Gradient accumulation**: ``Trainer(accumulate_grad_batches=N)``, which Lightning refuses
+      in manual optimization, is taken over by the mixin when the trainer is attached (the
+      trainer's own value is set to 1): :meth:`sage_step` keeps the closures of ``N`` batches and
+      steps on the ``N``-th (or the epoch's last batch) over all of them as
+      :class:`torchsage.MicroBatches`, so the step is that of one batch ``N`` times as large;
+      :meth:`sage_step` returns None on the batches in between. Pass ``sizes=`` (e.g.
+      ``torchsage.group_sizes(domain, groups)``) when the distributions' shares differ between
+      batches. ``global_step`` counts optimizer steps, as with automatic accumulation.
     - Lightning's ``on_before_optimizer_step`` hook runs after each call of the closure (twice per
-      step), before the optimizer's backward passes: gradients are not there yet.
+      step), before the optimizer's backward passes: gradients are not there yet (with
+      ``"16-mixed"`` or accumulation it runs once, after the whole step).
 
     Example (``lightning`` installed)::
 
@@ -68,6 +82,23 @@ class SAGEMixin:
 
     sage_log: bool = True
     sage_log_prefix: str = "sage/"
+    #: batches per step, taken over from ``Trainer(accumulate_grad_batches=...)``
+    sage_accumulate: int = 1
+
+    @property
+    def trainer(self) -> Any:
+        return super().trainer  # type: ignore[misc]
+
+    @trainer.setter
+    def trainer(self, trainer: Any) -> None:
+        factor = getattr(trainer, "accumulate_grad_batches", 1)
+        if isinstance(factor, int) and factor > 1:
+            # Lightning refuses accumulation in manual optimization before any hook runs; the
+            # mixin accumulates itself (sage_step), so the trainer's own loop must not
+            self.sage_accumulate = factor
+            trainer.accumulate_grad_batches = 1
+        parent = super(SAGEMixin, type(self)).trainer  # type: ignore[misc]
+        parent.fset(self, trainer)
 
     @property
     def automatic_optimization(self) -> bool:
@@ -81,25 +112,26 @@ class SAGEMixin:
                 "remove automatic_optimization = True, or drop SAGEMixin"
             )
 
-    def sage_step(self, closure: Closure, *, weights: Any = None, optimizer: Any = None) -> StepInfo:
+    def sage_step(
+        self, closure: Closure, *, weights: Any = None, optimizer: Any = None, sizes: Any = None
+    ) -> StepInfo | None:
         """One optimizer step on ``closure``'s losses, then the due scheduler steps and the logging.
 
         Args:
             closure: runs the forward pass and returns one loss per distribution (no backward).
-            weights: passed to the optimizer's ``step`` (e.g. :func:`torchsage.group_counts`).
+            weights: passed to the optimizer's ``step`` (e.g. :func:`torchsage.group_counts`);
+                with accumulation, the same on every batch of a window.
             optimizer: the optimizer to step when ``configure_optimizers`` returns several
                 (``self.optimizers()[i]``); by default the only one.
+            sizes: with accumulation, this batch's sample count per distribution (a dict name ->
+                count or a list, see :class:`torchsage.MicroBatches`); ``None``: equal shares.
 
         Returns:
-            The optimizer's :class:`~torchsage.StepInfo`.
+            The optimizer's :class:`~torchsage.StepInfo`, or None on a batch that only joins an
+            accumulation window.
         """
         module: Any = self
         trainer = module.trainer
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
-                f"precision={trainer.precision!r} steps through a GradScaler, which cannot drive a "
-                "two-pass step: use precision='bf16-mixed' or 32"
-            )
         if optimizer is None:
             optimizer = module.optimizers()
             if isinstance(optimizer, list):
@@ -107,11 +139,35 @@ class SAGEMixin:
                     f"configure_optimizers returned {len(optimizer)} optimizers: pass the one to step, "
                     "sage_step(closure, optimizer=self.optimizers()[i])"
                 )
-        info = optimizer.step(closure, **({} if weights is None else {"weights": weights}))
-        if not isinstance(info, StepInfo):
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not isinstance(inner, SharpnessAware):
             raise ValueError(
-                f"sage_step needs a torchsage optimizer (SAGE, SAM, ...), got {type(optimizer).__name__}"
+                f"sage_step needs a torchsage optimizer (SAGE, SAM, ...), got {type(inner).__name__}"
             )
+        target: Any = closure
+        if self.sage_accumulate > 1:
+            window = self.__dict__.setdefault("_sage_window", [])
+            window.append((closure, sizes, weights))
+            if len(window) < self.sage_accumulate and not trainer.is_last_batch:
+                return None
+            self.__dict__["_sage_window"] = []
+            if any(w != window[0][2] for _, _, w in window):
+                raise ValueError(
+                    "sage_step got different weights= within one accumulation window: weights weigh "
+                    "the distributions of the whole window (give each batch's counts as sizes=)"
+                )
+            given = [s for _, s, _ in window]
+            if any(s is None for s in given) and any(s is not None for s in given):
+                raise ValueError(
+                    "sage_step got sizes= for some batches of a window only: give them for every batch"
+                )
+            target = MicroBatches([c for c, _, _ in window], None if given[0] is None else given)
+        kwargs = {} if weights is None else {"weights": weights}
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None and not isinstance(target, MicroBatches):
+            info = optimizer.step(closure, **kwargs)
+        else:
+            info = self._sage_step_whole(optimizer, inner, target, kwargs, scaler)
         self._sage_schedulers(trainer)
         if self.sage_log:
             metrics = step_info_metrics(info, self.sage_log_prefix)
@@ -126,6 +182,28 @@ class SAGEMixin:
             )
         return info
 
+    @staticmethod
+    def _sage_step_whole(
+        optimizer: Any, inner: SharpnessAware, target: Any, kwargs: dict[str, Any], scaler: Any
+    ) -> StepInfo:
+        """The step as one closure of the Lightning optimizer, which counts it in ``global_step``
+        and runs the precision plugin: that closure takes the whole step (MicroBatches, or the
+        loss-scaled step on the plugin's scaler) and the optimizer's own ``step`` that the plugin
+        calls then only runs the closure it is given (the scaler's call has none)."""
+        taken: list[StepInfo] = []
+
+        with _closure_only_step(inner) as inside:
+
+            def whole_step() -> None:
+                with inside():
+                    if scaler is None:
+                        taken.append(inner.step(target, **kwargs))
+                    else:  # the plugin's scaler.step and scaler.update read this step's inf check
+                        taken.append(scaled_step(inner, target, scaler, scaler_steps=True, **kwargs))
+
+            optimizer.step(closure=whole_step)
+        return taken[0]
+
     def _sage_schedulers(self, trainer: Any) -> None:
         """Steps the schedulers of ``configure_optimizers`` whose interval ends with this step."""
         for config in trainer.lr_scheduler_configs:
@@ -138,3 +216,35 @@ class SAGEMixin:
                 due = trainer.is_last_batch and (trainer.current_epoch + 1) % frequency == 0
             if due:
                 config.scheduler.step()
+
+
+@contextlib.contextmanager
+def _closure_only_step(optimizer: SharpnessAware) -> Iterator[Any]:
+    """For the body, ``optimizer.step`` only runs the closure it is given (the whole step is inside
+    it), except inside the context the body gets, where it is the real ``step`` (with the wrapper
+    an LR scheduler put on the instance, which counts the call)."""
+    saved = optimizer.__dict__.get("step")
+    original = optimizer.step
+    depth = [0]
+
+    @contextlib.contextmanager
+    def inside() -> Iterator[None]:
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    def step(closure: Any = None, **kwargs: Any) -> Any:
+        if depth[0]:
+            return original(closure, **kwargs)
+        return None if closure is None else closure()
+
+    optimizer.__dict__["step"] = step
+    try:
+        yield inside
+    finally:
+        if saved is None:
+            del optimizer.__dict__["step"]
+        else:
+            optimizer.__dict__["step"] = saved

@@ -21,6 +21,7 @@ from torchsage.optim._distributed import (
     make_data_parallel,
     torchrun_session,
 )
+from torchsage.optim._micro import MicroBatches
 from torchsage.optim._sage import SAGE, SAGEAlign, SAGEAlignmentOnly, SAGECurvatureOnly
 from torchsage.optim._sam import ASAM, GSAM, SAGM, SAM
 
@@ -39,6 +40,7 @@ __all__ = [
     "Communicator",
     "GradientAscent",
     "GradientMatchingAscent",
+    "MicroBatches",
     "PolarAscent",
     "SAGEAlign",
     "SAGEAlignmentOnly",

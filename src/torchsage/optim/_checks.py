@@ -160,6 +160,13 @@ def closure_errors(owner: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:
+        if "donated buffers" in str(error):
+            raise ValueError(
+                f"{owner} differentiates each distribution's loss on its own, and the losses share one "
+                "forward graph compiled by torch.compile, whose donated buffers allow one backward "
+                "pass only: set torch._functorch.config.donated_buffer = False before compiling, or "
+                "have the closure yield one loss at a time from its own forward pass (a generator)"
+            ) from error
         if "second time" in str(error):
             raise ValueError(
                 closure_backward_message(owner)

@@ -6,6 +6,8 @@
   the number of distributions; the mean gradient is left in ``p.grad``;
 * :meth:`Passes.tasks`: multi-task learning: the Jacobian of the task losses on the shared
   parameters and each head's own gradient (a :class:`~torchsage.optim._solver.TaskPass`);
+* any of them on :class:`~torchsage.optim._micro.MicroBatches`: the closures of a batch's
+  micro-batches, called one at a time, their gradients accumulated into the whole batch's;
 * :meth:`Passes.problem`: the non-finite search: the first non-finite loss or gradient of a pass,
   named by its distribution (one more pass when only the mean gradient shows it).
 
@@ -24,9 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchsage.disagreement import GradientStatistics
+from torchsage.disagreement import GradientStatistics, global_norm
 from torchsage.optim import _checks
 from torchsage.optim._distributed import DataParallel, LocalStream
+from torchsage.optim._micro import MicroBatches, accumulate_mean, accumulate_per_distribution
+from torchsage.optim._shards import ShardSums, as_sharded, local_shards, sharded_statistics
 from torchsage.optim._solver import TaskPass, task_pass
 from torchsage.optim._weights import check_count
 
@@ -150,6 +154,34 @@ class Passes:
         self.model = model
         self.statistics = statistics
         self.scope = scope
+        #: FSDP2: the process group of the parameters' mesh (None: parameters are whole tensors)
+        self.shard_group: Any = None
+
+    @property
+    def sharded(self) -> bool:
+        """The parameters are FSDP2 shards: a search pass would run collectives on some processes
+        only, and sums over coordinates are summed over the shards."""
+        return self.shard_group is not None
+
+    def shard(self, group: Any) -> None:
+        """Works on FSDP2 shards of the parameters, over the mesh's process ``group``."""
+        self.shard_group = group
+
+    def inner(self, x: list[Tensor], y: list[Tensor]) -> Tensor:
+        """The inner product of two gradients given as lists of tensors (over every shard when
+        sharded, in float64 there)."""
+        if not self.sharded:
+            return sum(torch.sum(a * b) for a, b in zip(x, y))  # type: ignore[return-value]
+        local = [torch.sum(a * b, dtype=torch.float64) for a, b in zip(local_shards(x), local_shards(y))]
+        total = torch.stack(local).sum() if local else torch.zeros((), dtype=torch.float64)
+        torch.distributed.all_reduce(total, group=self.shard_group)
+        return total
+
+    def norm(self, tensors: list[Tensor]) -> Tensor:
+        """The L2 norm of the concatenation of ``tensors`` (over every shard when sharded)."""
+        if not self.sharded:
+            return global_norm(tensors)
+        return ShardSums(self.shard_group)(local_shards(tensors)).sqrt()
 
     def communication(self, clean: bool) -> contextlib.AbstractContextManager[Any]:
         """Data-parallel: the context of a clean or perturbed pass (DDP's no_sync and so on)."""
@@ -172,12 +204,28 @@ class Passes:
 
     def _share_mean(self, params: list[Tensor], losses: Tensor) -> Tensor:
         """Data-parallel: averages the mean gradient over the processes; the losses to report."""
+        if self.sharded:
+            return self._mean_over_shards(losses)
         return losses if self.parallel is None else self.parallel.mean_gradient(params, losses)
+
+    def _mean_over_shards(self, losses: Tensor) -> Tensor:
+        """FSDP2 (each process holds a shard of every batch): the losses of the whole batches."""
+        total = losses.detach().to(torch.float64).clone()
+        torch.distributed.all_reduce(total, group=self.shard_group)
+        return (total / torch.distributed.get_world_size(self.shard_group)).to(losses.dtype)
 
     def mean(self, closure: Closure, params: list[Tensor], weights: list[float] | None = None) -> Pass:
         """Evaluates the closure and leaves the gradient of the (weighted) mean loss in ``p.grad``."""
         for p in params:
             p.grad = None
+        self._note_micro(closure)
+        if isinstance(closure, MicroBatches):
+            with torch.enable_grad():
+                names, values = accumulate_mean(
+                    closure, params, weights, lambda c: self._call(c, params), _check_loss
+                )
+            self._check_reached(params, "none of the closure's losses")
+            return Pass(names, self._share_mean(params, values))
         with torch.enable_grad():
             names, losses, lazy = _named_losses(self._call(closure, params))
             if not lazy:
@@ -220,24 +268,30 @@ class Passes:
         """
         for p in params:
             p.grad = None
-        stats = self.statistics(params)
+        if self.sharded:  # the statistics of this process's rows, their sums over every shard
+            stats = sharded_statistics(self.statistics(local_shards(params)), self.shard_group)
+            stats.params = params  # the ascent finds a parameter's statistics by the parameter
+        else:
+            stats = self.statistics(params)
         values, seen = [], [False] * len(params)
+        self._note_micro(closure)
         with torch.enable_grad():
-            names, losses, lazy = _named_losses(self._call(closure, params))
-            count = None if lazy else len(losses)  # type: ignore[arg-type]
+            if isinstance(closure, MicroBatches):
+                names, count, items = self._micro_items(closure, params)
+            else:
+                names, losses, lazy = _named_losses(self._call(closure, params))
+                count = None if lazy else len(losses)  # type: ignore[arg-type]
+                items = self._loss_items(names, losses, count, params)
             stream = LocalStream(stats) if self.parallel is None else self.parallel.stream(stats, count)
-            for k, loss in enumerate(losses):
-                name = names[k] if names else str(k)
-                loss = _check_loss(loss, name)
+            for k, (name, value, grads) in enumerate(items):
                 if weights is not None:
                     check_count(weights, count if count is not None else k + 1, partial=count is None)
-                values.append(loss.detach())
-                # A list may share one forward graph across distributions: keep it until the last.
-                loss.backward(retain_graph=count is not None and k < count - 1)
-                self._check_reached(params, f"the loss of distribution {name}")
-                stream.add([p.grad for p in params], 1.0 if weights is None else weights[k])
-                for i, p in enumerate(params):
-                    seen[i] = seen[i] or p.grad is not None
+                values.append(value)
+                if not any(g is not None for g in grads):
+                    raise _checks.unreached_error(f"the loss of distribution {name}")
+                stream.add(local_shards(grads), 1.0 if weights is None else weights[k])
+                for i, (p, g) in enumerate(zip(params, grads)):
+                    seen[i] = seen[i] or g is not None
                     p.grad = None
         if not values:
             raise ValueError("the closure returned no loss")
@@ -245,17 +299,57 @@ class Passes:
             check_count(weights, len(values))
         norms = stream.finish()
         reported = torch.stack(values)
+        if self.sharded:
+            reported = self._mean_over_shards(reported)
         if self.parallel is not None:
             reported, seen = self.parallel.finish_stream(stats, reported, seen)
         for p, m, used in zip(params, stats.mean, seen):
+            if self.sharded and used:
+                m = as_sharded(m, p)
             p.grad = m if used else None  # parameters no loss reached keep no gradient
         names = names or [str(k) for k in range(len(values))]
         return Pass(names, reported, stats, torch.stack(norms))
+
+    def _note_micro(self, closure: Any) -> None:
+        """Data-parallel: a micro-batched step reduces its passes itself (see ``perturbed_pass``)."""
+        if self.parallel is not None:
+            self.parallel.micro = isinstance(closure, MicroBatches)
+
+    @staticmethod
+    def _loss_items(
+        names: list[str] | None, losses: Iterable[Tensor], count: int | None, params: list[Tensor]
+    ) -> Iterator[tuple[str, Tensor, list[Tensor | None]]]:
+        """(name, loss, gradient) of each distribution, one backward per loss as it is asked for."""
+        for k, loss in enumerate(losses):
+            name = names[k] if names else str(k)
+            loss = _check_loss(loss, name)
+            # A list may share one forward graph across distributions: keep it until the last.
+            loss.backward(retain_graph=count is not None and k < count - 1)
+            yield name, loss.detach(), [p.grad for p in params]
+
+    def _micro_items(
+        self, batches: MicroBatches, params: list[Tensor]
+    ) -> tuple[list[str], int, Iterator[tuple[str, Tensor, list[Tensor | None]]]]:
+        """Every distribution's whole-batch gradient, accumulated over the micro-batches first."""
+        names, values, grads = accumulate_per_distribution(
+            batches, params, lambda c: self._call(c, params), _check_loss
+        )
+
+        def items() -> Iterator[tuple[str, Tensor, list[Tensor | None]]]:
+            for name in names:
+                yield name, values[name], grads.pop(name)  # each buffer freed once streamed
+
+        return names, len(names), items()
 
     def tasks(self, closure: Closure, params: list[Tensor], statistics: bool, mean: bool = True) -> Pass:
         """Multi-task pass: the task losses' Jacobian on the shared parameters, each head's own
         gradient, the statistics of the tasks' gradients (when asked; on the parameters
         ``scope`` says) and, with ``mean``, the mean gradient in ``p.grad``."""
+        if isinstance(closure, MicroBatches):
+            raise ValueError(
+                f"{self.owner} with a solver takes whole batches, not MicroBatches (the solver needs "
+                "the task Jacobian of the whole batch): use a smaller batch, or solver=None"
+            )
         for p in params:
             p.grad = None
         with torch.enable_grad():
@@ -294,6 +388,13 @@ class Passes:
         This extra pass leaves BatchNorm running statistics alone when ``model`` is known."""
         local = contextlib.nullcontext() if self.parallel is None else self.parallel.no_sync()
         with torch.enable_grad(), frozen_bn_stats(self.model), local:
+            if isinstance(closure, MicroBatches):
+                names, _, grads = accumulate_per_distribution(closure, params, lambda c: c(), _check_loss)
+                for name in names:
+                    present = [g for g in grads[name] if g is not None]
+                    if present and not all(torch.isfinite(n) for n in torch._foreach_norm(present)):
+                        return name
+                return None
             names, items = _checked_losses(closure())
             for k, (name, loss) in enumerate(zip(names, items)):
                 for p in params:
@@ -323,6 +424,8 @@ class Passes:
             if len(bad):
                 return f"non-finite gradient in distribution {names[int(bad[0, 0])]} {where}"
         if not torch.isfinite(grad_norm):
+            if self.sharded:
+                return f"non-finite gradient {where} (FSDP2: the distribution is not searched)"
             name = self.locate_nonfinite(closure, params)
             if name is None and self.parallel is not None:
                 return f"non-finite gradient on another process {where}"

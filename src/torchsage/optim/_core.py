@@ -35,6 +35,7 @@ from torchsage.optim import _checks
 from torchsage.optim._closure import Closure, Pass, Passes, frozen_bn_stats
 from torchsage.optim._descent import make_descent
 from torchsage.optim._distributed import make_data_parallel
+from torchsage.optim._shards import check_sharded, local_shards, shard_group
 from torchsage.optim._solver import check_solver
 from torchsage.optim._step_info import StepInfo
 from torchsage.optim._weights import mean_loss, step_weights
@@ -154,12 +155,17 @@ class SharpnessAware(Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         for group in self.param_groups:
             self._check_group(group)
-        self._parallel = make_data_parallel(process_group, layout, model, self.solver)
+        # FSDP2 shards reduce their gradients themselves (reduce-scatter after each backward)
+        sharded = check_sharded(self._all_params(), type(self).__name__, self._unsharded_reason())
+        self._parallel = None if sharded else make_data_parallel(process_group, layout, model, self.solver)
         if self._parallel is not None:
             self._parallel.broadcast_state(self._all_params())
         self.passes = Passes(
             type(self).__name__, self._parallel, model, self._statistics, self.disagreement_scope
         )
+        if sharded:
+            self.passes.shard(shard_group(self._all_params()))
+            self.ascent = self._sharded_ascent(self.passes.shard_group)
         self.descent = make_descent(self.passes, self.solver, solver_update)
 
     # -- options -----------------------------------------------------------------------------
@@ -201,9 +207,32 @@ class SharpnessAware(Optimizer):
     #: perturbed one); costs one gradient copy during the perturbed pass.
     needs_clean_gradient: bool = False
 
+    #: steps FSDP2 (``fully_shard``, DTensor) parameters: the ascent and descent need only global
+    #: norms and elementwise operations, which DTensors take as they are
+    supports_sharded_parameters: bool = False
+
     # GradScaler.step hands optimizers with this flag the scale instead of unscaling their stale
     # gradients itself; step() turns that call into a clear error (see torchsage.amp.scaled_step).
     _step_supports_amp_scaling: bool = True
+
+    def _unsharded_reason(self) -> str | None:
+        """Why this optimizer cannot step FSDP2 shards (None: it can)."""
+        if self.solver is not None:
+            return (
+                "a multi-task solver's task Jacobian would be taken on each process's shard alone: "
+                "drop solver= on the sharded model"
+            )
+        if not self.supports_sharded_parameters:
+            return (
+                f"{type(self).__name__} does not declare supports_sharded_parameters (its ascent or "
+                "descent may sum over one process's shard only): use SAM, SAGE or their variants"
+            )
+        return None
+
+    def _sharded_ascent(self, group: Any) -> AscentRule:
+        """The ascent rule for FSDP2 shards (``group``: the mesh's process group); the rules of SAM,
+        ASAM and SAGM take DTensors as they are."""
+        return self.ascent
 
     def _descent(
         self,
@@ -301,9 +330,9 @@ class SharpnessAware(Optimizer):
             # The perturbed pass replaces p.grad, so a reference keeps the clean gradient alive.
             clean_grads = {p: p.grad for p in moved} if self.needs_clean_gradient else None
             saved = [p.detach().clone() for p in moved]  # restored bit for bit below
-            perturbation_norm = float(global_norm(perturbation))
+            perturbation_norm = float(self.passes.norm(perturbation))
             if moved:
-                torch._foreach_add_(moved, perturbation)
+                torch._foreach_add_(local_shards(moved), local_shards(perturbation))
             del perturbation
             try:
                 bn = contextlib.nullcontext() if self.update_bn_on_perturbed else frozen_bn_stats(self.model)
@@ -314,7 +343,7 @@ class SharpnessAware(Optimizer):
                 perturbed_loss = mean_loss(after.losses, weights)
             finally:
                 if moved:
-                    torch._foreach_copy_(moved, saved)
+                    torch._foreach_copy_(local_shards(moved), local_shards(saved))
             del saved
             if problem is not None:
                 return self._skip(params, clean, problem)
@@ -329,7 +358,7 @@ class SharpnessAware(Optimizer):
             grads = [p.grad for _, ps in groups for p in ps]
             if grads:
                 factor = (self.max_grad_norm / (grad_norm + 1e-12)).clamp(max=1.0)
-                torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+                torch._foreach_mul_(local_shards(grads), factor.to(grads[0].dtype))
         extra = self._descent(groups, measured, clean_grads)
         self.base_optimizer.step()
         self.descent.after_step(closure, before, None if after is None else after.losses)

@@ -362,6 +362,10 @@ class DataParallel:
         self.equal_counts = True
         #: some process found a non-finite loss in the last pass (this one may not have)
         self.remote_problem = False
+        #: the current step's closure is a MicroBatches (several backward passes per pass)
+        self.micro = False
+        #: every parameter had a gradient on some process at the last clean pass
+        self.all_present = True
         self._clean = False
 
     # -- construction ------------------------------------------------------------------------
@@ -417,8 +421,13 @@ class DataParallel:
     def perturbed_pass(self) -> Iterator[None]:
         """With DistributedDataParallel the perturbed pass is synced by it (its reduction overlaps
         the backward) when its plain average is the right one: no solver, and the same number of
-        distributions on every process. Otherwise it runs under ``no_sync`` and this module reduces."""
-        self.synced = self.ddp and self.solver is None and self.equal_counts
+        distributions on every process, whole batches (with micro-batches DDP would all-reduce after
+        every micro-batch's backward), and every parameter reached (DDP without
+        ``find_unused_parameters`` waits for a gradient of each). Otherwise it runs under
+        ``no_sync`` and this module reduces."""
+        self.synced = (
+            self.ddp and self.solver is None and self.equal_counts and not self.micro and self.all_present
+        )
         with contextlib.nullcontext() if self.synced else self._no_sync():
             yield
         self.synced = False
@@ -439,6 +448,7 @@ class DataParallel:
         statistics (domains). Returns the losses to report and which parameters have a gradient."""
         ctl = self._control(losses, seen)
         self.equal_counts = ctl.equal_counts
+        self.all_present = all(ctl.present)
         if self.layout == "domains":
             merge_statistics(self.comm, stats, ctl.count)
         return ctl.losses, ctl.present
@@ -452,6 +462,7 @@ class DataParallel:
         ctl = self._control(losses, [p.grad is not None for p in params], reduce_losses=not together)
         if self._clean:
             self.equal_counts = ctl.equal_counts
+            self.all_present = all(ctl.present)
         if together:
             world = float(self.comm.world_size)
             (reduced,) = average_gradients(self.comm, params, ctl.present, 1.0, world, extra=[losses])

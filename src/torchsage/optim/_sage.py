@@ -143,7 +143,7 @@ class SAGE(SharpnessAware):
         self.max_disagreement = max_disagreement
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
-        ascent = self._make_ascent(
+        self._ascent_options = dict(
             scaling=rho_scaling,
             steps=ns_steps,
             coefficients=ns_coefficients,
@@ -151,6 +151,9 @@ class SAGE(SharpnessAware):
             dtype=ns_dtype,
             compile=ns_compile,
         )
+        #: added to the seed of the noise generators (FSDP2: one stream per process)
+        self._noise_stream = 0
+        ascent = self._make_ascent(**self._ascent_options)
         super().__init__(params, base_optimizer, ascent, dict(rho=rho, gamma=gamma), **options)
         if self._parallel is not None:  # one noise stream for all replicas
             params = self._all_params()
@@ -158,6 +161,16 @@ class SAGE(SharpnessAware):
             self.seed = self._parallel.agree_seed(self.seed, device)
 
     group_options = ("rho", "gamma")
+    supports_sharded_parameters = True
+
+    def _sharded_ascent(self, group: Any) -> AscentRule:
+        from torch.distributed import get_rank
+
+        from torchsage.optim._sharded import ShardedPolarAscent
+
+        # each process draws the noise of its own rows: independent streams, not copies
+        self._noise_stream = 1_000_003 * get_rank(group)
+        return ShardedPolarAscent(group, **self._ascent_options)
 
     def _make_ascent(self, **kwargs: Any) -> AscentRule:
         return PolarAscent(**kwargs)
@@ -183,7 +196,7 @@ class SAGE(SharpnessAware):
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed + self._noise_stream)
         return self._generators[key]
 
     def _descent(
@@ -199,8 +212,9 @@ class SAGE(SharpnessAware):
                 continue
             # One draw per (device, dtype): fewer kernel launches than one per parameter.
             buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = defaultdict(list)
-            for p in ps:
-                buckets[(p.grad.device, p.grad.dtype)].append(p.grad)
+            for p in ps:  # an FSDP2 shard gets noise on its own rows
+                grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                buckets[(grad.device, grad.dtype)].append(grad)
             for (device, dtype), grads in buckets.items():
                 total = sum(g.numel() for g in grads)
                 noise = torch.randn(total, generator=self._generator(device), device=device, dtype=dtype)
@@ -306,3 +320,10 @@ class SAGEAlign(SAGE):
 
     def _make_ascent(self, **kwargs: Any) -> AscentRule:
         return AlignedPolarAscent(lambda_max=self.lambda_max, mix_vectors=self.mix_vectors, **kwargs)
+
+    def _sharded_ascent(self, group: Any) -> AscentRule:
+        from torchsage.optim._sharded import ShardedAlignedAscent
+
+        return ShardedAlignedAscent(
+            group, lambda_max=self.lambda_max, mix_vectors=self.mix_vectors, **self._ascent_options
+        )

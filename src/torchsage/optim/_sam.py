@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from torchsage.disagreement import global_norm
 from torchsage.optim._ascent import AdaptiveGradientAscent, GradientAscent, GradientMatchingAscent
 from torchsage.optim._checks import check_nonnegative
 from torchsage.optim._core import SharpnessAware, shares_options
@@ -61,6 +60,8 @@ class SAM(SharpnessAware):
         >>> round(info.perturbation_norm, 6)
         0.05
     """
+
+    supports_sharded_parameters = True
 
     def __init__(
         self,
@@ -209,8 +210,8 @@ class GSAM(SAM):
         params = [p for _, ps in groups for p in ps if p in clean]
         perturbed = [p.grad for p in params]
         original = [clean[p] for p in params]
-        dot = sum(torch.sum(a * b) for a, b in zip(original, perturbed))
-        coefficient = float(dot / global_norm(perturbed).square().clamp_min(1e-24))
+        dot = self.passes.inner(original, perturbed)
+        coefficient = float(dot / self.passes.norm(perturbed).square().clamp_min(1e-24))
         # g_orth = g - coefficient * g_p, so g_p - alpha g_orth = (1 + alpha c) g_p - alpha g
         torch._foreach_mul_(perturbed, 1.0 + self.alpha * coefficient)
         torch._foreach_add_(perturbed, original, alpha=-self.alpha)

@@ -1,0 +1,126 @@
+"""Scenarios for the FSDP2 tests: run under torchrun by test_fsdp.py (2 processes, gloo, CPU), each
+on a model sharded with ``fully_shard``, and replayed in one process on the union of the shards.
+
+Usage: ``python -m torch.distributed.run --standalone --nproc-per-node 2 fsdp_worker.py OUTDIR``.
+Each rank writes ``OUTDIR/<scenario>.rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+K, BATCH, STEPS = 3, 8, 3
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "sam": dict(opt="SAM", kw=dict(rho=0.05)),
+    "asam": dict(opt="ASAM", kw=dict(rho=0.5)),
+    "sagm": dict(opt="SAGM", kw=dict(rho=0.05, alpha=0.01)),
+    "gsam": dict(opt="GSAM", kw=dict(rho=0.05, alpha=0.3)),
+    "sam_micro": dict(opt="SAM", micro=True, kw=dict(rho=0.05)),
+    "sam_nan": dict(opt="SAM", nan=True, kw=dict(rho=0.05, on_nonfinite="skip")),
+    # SAGE without noise: every rho scaling and disagreement measure, micro-batches too
+    "sage": dict(opt="SAGE", kw=dict(rho=0.05, gamma=0.0)),
+    "sage_weight_cosine": dict(
+        opt="SAGE", kw=dict(rho=0.01, gamma=0.0, rho_scaling="weight", disagreement="cosine")
+    ),
+    "sage_layer_micro_express": dict(
+        opt="SAGE",
+        micro=True,
+        kw=dict(rho=0.02, gamma=0.0, rho_scaling="layer", ns_steps=6, ns_coefficients="polar_express"),
+    ),
+    # the noise alone (rho 0), plain SGD with lr 1: the weights move by minus the gradient and the
+    # noise, so the one-process step without noise leaves the noise in the difference
+    "sage_noise": dict(opt="SAGE", noise=True, kw=dict(rho=0.0, gamma=5.0)),
+    "align": dict(opt="SAGEAlign", kw=dict(rho=0.05, lambda_max=0.8)),
+    "align_vectors_unmixed": dict(
+        opt="SAGEAlign", kw=dict(rho=0.05, mix_vectors=False, rho_scaling="weight")
+    ),
+    "solver_refused": dict(opt="SAGE", refused=True, kw=dict(rho=0.05, solver="mean")),
+}
+
+
+def data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(BATCH, 4, generator=gen) * (1 + k) + k, torch.randint(0, 3, (BATCH,), generator=gen))
+        for k in range(K)
+    ]
+
+
+def build_model(width: int = 8) -> nn.Module:
+    torch.manual_seed(100)  # the same on every process: fully_shard keeps each process's own rows
+    # 8 x 4 splits evenly over 2 processes, 3 x 8 and the 3-vector do not (2 rows and 1)
+    return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3))
+
+
+def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
+    """STEPS steps of a scenario; rank None: the one-process reference on the union."""
+    import torchsage
+
+    config = SCENARIOS[name]
+    noise = bool(config.get("noise"))
+    model = build_model(256 if noise else 8)
+    if rank is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    batches = data()
+    if rank is not None:
+        size = BATCH // world
+        batches = [
+            (x[rank * size : (rank + 1) * size], y[rank * size : (rank + 1) * size]) for x, y in batches
+        ]
+    cls = getattr(torchsage, config["opt"]) if config["opt"] != "SAGEAlign" else torchsage.optim.SAGEAlign
+    kw = dict(config["kw"])
+    if config["opt"].startswith("SAGE"):
+        kw["seed"] = 5
+    if noise and rank is None:
+        kw["gamma"] = 0.0  # the reference without noise
+    base = dict(lr=1.0) if noise else dict(lr=0.1, momentum=0.9)
+    opt = cls(model.parameters(), torch.optim.SGD, **base, **kw)
+    infos = []
+    for step in range(1 if noise else STEPS):
+        poisoned = config.get("nan") and step == 1 and rank in (None, 1)
+
+        def losses(rows=slice(None), poisoned=poisoned):
+            out = [F.cross_entropy(model(x[rows]), y[rows]) for x, y in batches]
+            return [*out[:2], out[2] * float("nan")] if poisoned else out
+
+        if config.get("micro"):
+            half = len(batches[0][0]) // 2
+            closure: Any = torchsage.MicroBatches(
+                [lambda h=half: losses(slice(0, h)), lambda h=half: losses(slice(h, None))]
+            )
+        else:
+            closure = losses
+        infos.append(opt.step(closure).as_dict())
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
+    return {"params": [p.detach().clone() for p in params], "infos": infos, "state": len(opt.state)}
+
+
+def main(out: str) -> None:
+    import torch.distributed as dist
+
+    from torchsage.optim import torchrun_session
+
+    torch.set_num_threads(1)
+    with torchrun_session():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for name in SCENARIOS:
+            print(f"rank {rank}: scenario {name}", file=sys.stderr, flush=True)
+            try:
+                result = run(name, rank, world)
+            except ValueError as error:  # recorded: the test expects it on every process
+                result = {"error": str(error)}
+            torch.save(result, os.path.join(out, f"{name}.rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
