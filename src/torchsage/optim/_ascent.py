@@ -118,7 +118,8 @@ class PolarAscent(AscentRule):
     Args:
         scaling: one of :data:`RHO_SCALINGS`.
         steps, coefficients, method, dtype, compile: passed to :func:`torchsage.polar_factor`
-            (``compile=True`` runs the Newton-Schulz iterations through ``torch.compile``).
+            (``compile=True`` runs the Newton-Schulz iterations through ``torch.compile``;
+            ``method="auto"`` iterates on the Gram matrix where that was measured faster).
     """
 
     def __init__(
@@ -126,15 +127,17 @@ class PolarAscent(AscentRule):
         scaling: str = "global",
         steps: int = 5,
         coefficients: Any = "muon",
-        method: str = "newton_schulz",
+        method: str = "auto",
         dtype: torch.dtype = torch.float32,
         eps: float = 1e-12,
         compile: bool = False,
     ) -> None:
         if scaling not in RHO_SCALINGS:
             raise ValueError(f"unknown rho scaling {scaling!r}: use one of {', '.join(RHO_SCALINGS)}")
-        if method not in ("newton_schulz", "svd"):
-            raise ValueError(f"unknown polar method {method!r}: use 'newton_schulz' or 'svd'")
+        if method not in kernels.POLAR_METHODS:
+            raise ValueError(
+                f"unknown polar method {method!r}: use one of {', '.join(map(repr, kernels.POLAR_METHODS))}"
+            )
         newton_schulz_coefficients(steps, coefficients)  # validates steps and coefficients
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")

@@ -45,7 +45,10 @@ class SAGE(SharpnessAware):
             or ``"raw_var"`` (see :mod:`torchsage.disagreement`).
         ns_steps, ns_coefficients: Newton-Schulz iterations and schedule (``"muon"`` or
             ``"polar_express"``).
-        polar_method: ``"newton_schulz"`` or ``"svd"`` (exact, slow).
+        polar_method: ``"auto"`` (default: the Newton-Schulz polynomial, iterated on the small Gram
+            matrix of a matrix at least twice as wide as tall, where that was measured faster, else
+            on the matrix itself), ``"newton_schulz"``, ``"gram_newton_schulz"`` or ``"svd"``
+            (exact, slow); see :func:`torchsage.polar_factor`.
         seed: seeds the noise generator, whose state is part of :meth:`state_dict`; ``None``
             takes ``torch.initial_seed()`` (the last ``torch.manual_seed``) without drawing from
             the global generator, so building SAGE does not shift the random numbers after it.
@@ -114,7 +117,7 @@ class SAGE(SharpnessAware):
         disagreement: str = "normalized_std",
         ns_steps: int = 5,
         ns_coefficients: Any = "muon",
-        polar_method: str = "newton_schulz",
+        polar_method: str = "auto",
         seed: int | None = None,
         rho_scaling: str = "global",
         max_disagreement: float | None = None,
