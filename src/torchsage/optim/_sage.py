@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from torchsage.disagreement import GradientStatistics, check_measure
-from torchsage.optim._ascent import AlignedPolarAscent, PolarAscent
+from torchsage.optim._ascent import AlignedPolarAscent, PolarAscent, check_direction
 from torchsage.optim._core import AscentRule, SharpnessAware, shares_options
 
 __all__ = ["SAGE", "SAGEAlign", "SAGEAlignmentOnly", "SAGECurvatureOnly"]
@@ -74,6 +74,13 @@ class SAGE(SharpnessAware):
         process_group, layout: data-parallel training over ``torch.distributed`` (see
             :class:`torchsage.optim.SharpnessAware` and docs/distributed.md); the noise seed is
             rank 0's, so every process draws the same noise.
+        ascent: the ascent direction of every parameter group that does not set its own
+            ``"ascent"`` key: ``"polar"`` (default, the paper's "polar factor of each layer's
+            gradient matrix"; vectors along ``g / ||g||``), ``"gradient"`` (every tensor along
+            ``g / ||g||``, SAM's direction per tensor) or ``"none"`` (not perturbed). A group
+            such as ``{"params": model.embeddings.parameters(), "ascent": "gradient"}`` chooses
+            its own; the choice is saved in :meth:`state_dict` with the groups (see
+            docs/usage.md for what the choice costs and saves on a transformer).
 
     **The defaults are not the authors'.** Their public code scales ``rho`` per matrix by
     ``||W||_F`` (``rho_scaling="weight"``), uses the cosine disagreement with ``gamma = 1.0`` and
@@ -124,9 +131,11 @@ class SAGE(SharpnessAware):
         ns_dtype: torch.dtype = torch.float32,
         ns_compile: bool = False,
         disagreement_scope: str | None = None,
+        ascent: str = "polar",
         **options: Any,
     ) -> None:
         self.measure = check_measure(disagreement)
+        check_direction(ascent)
         if disagreement_scope is not None:
             if disagreement_scope not in ("all", "shared"):
                 raise ValueError(f"disagreement_scope must be 'all' or 'shared', got {disagreement_scope!r}")
@@ -146,7 +155,7 @@ class SAGE(SharpnessAware):
         self.max_disagreement = max_disagreement
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
-        ascent = self._make_ascent(
+        rule = self._make_ascent(
             scaling=rho_scaling,
             steps=ns_steps,
             coefficients=ns_coefficients,
@@ -154,13 +163,18 @@ class SAGE(SharpnessAware):
             dtype=ns_dtype,
             compile=ns_compile,
         )
-        super().__init__(params, base_optimizer, ascent, dict(rho=rho, gamma=gamma), **options)
+        super().__init__(params, base_optimizer, rule, dict(rho=rho, gamma=gamma, ascent=ascent), **options)
         if self._parallel is not None:  # one noise stream for all replicas
             params = self._all_params()
             device = params[0].device if params else torch.device("cpu")
             self.seed = self._parallel.agree_seed(self.seed, device)
 
     group_options = ("rho", "gamma")
+    measures = ("squared_grad_norm", "disagreement")
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_direction(group["ascent"])
 
     def _make_ascent(self, **kwargs: Any) -> AscentRule:
         return PolarAscent(**kwargs)
