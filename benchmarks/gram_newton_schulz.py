@@ -46,18 +46,26 @@ def flop_ratio(m: int, n: int) -> float:
     return (8 * m * m * n + 28 * m**3) / (20 * m * m * n + 10 * m**3)
 
 
-def time_pair(G: torch.Tensor, rounds: int) -> tuple[float, float]:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_pair(G: torch.Tensor, rounds: int, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    device = str(G.device)
     calls = {
-        "plain": lambda: polar_factor(G, method="newton_schulz"),
-        "gram": lambda: polar_factor(G, method="gram_newton_schulz"),
+        "plain": lambda: polar_factor(G, method="newton_schulz", dtype=dtype),
+        "gram": lambda: polar_factor(G, method="gram_newton_schulz", dtype=dtype),
     }
     for call in calls.values():  # warm-up
         call()
     times: dict[str, list[float]] = {k: [] for k in calls}
     for r in range(rounds):
         for name in ("plain", "gram") if r % 2 == 0 else ("gram", "plain"):
+            sync(device)
             start = time.perf_counter()
             calls[name]()
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return statistics.median(times["plain"]), statistics.median(times["gram"])
 
@@ -65,6 +73,45 @@ def time_pair(G: torch.Tensor, rounds: int) -> tuple[float, float]:
 def distance_to_exact(Q: torch.Tensor, G: torch.Tensor) -> float:
     U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     return float(torch.linalg.matrix_norm(Q.double() - U @ Vh) / math.sqrt(min(G.shape)))
+
+
+def measure(shapes, rounds: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[dict]:
+    """One row per shape: median times of both forms, their ratio, the flop ratio, and accuracy."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for m, n in shapes:
+        G = torch.randn(m, n, generator=gen).to(device)
+        plain, gram = time_pair(G, rounds, dtype)
+        Qp = polar_factor(G, dtype=dtype)
+        Qg = polar_factor(G, method="gram_newton_schulz", dtype=dtype)
+        rows.append(
+            dict(
+                m=m,
+                n=n,
+                plain_ms=plain * 1e3,
+                gram_ms=gram * 1e3,
+                flop_ratio=flop_ratio(m, n),
+                max_abs_diff=float((Qp - Qg).abs().max()),
+                dist_plain=distance_to_exact(Qp.cpu(), G.cpu()),
+                dist_gram=distance_to_exact(Qg.cpu(), G.cpu()),
+            )
+        )
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| m x n | n/m | plain (ms) | Gram (ms) | Gram/plain | flop ratio | max abs diff | dist plain "
+        "| dist Gram |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['m']} x {r['n']} | {r['n'] / r['m']:.2g} | {r['plain_ms']:.2f} | {r['gram_ms']:.2f} | "
+            f"{r['gram_ms'] / r['plain_ms']:.2f} | {r['flop_ratio']:.2f} | {r['max_abs_diff']:.1e} | "
+            f"{r['dist_plain']:.3f} | {r['dist_gram']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -80,22 +127,7 @@ def main() -> None:
     shapes, rounds = (QUICK_SHAPES, 3) if args.quick else (SHAPES, args.rounds)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, float32, 5 Muon steps, {rounds} rounds")
-    print(
-        "| m x n | n/m | plain (ms) | Gram (ms) | Gram/plain | flop ratio | max abs diff "
-        "| dist plain | dist Gram |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    gen = torch.Generator().manual_seed(0)
-    for m, n in shapes:
-        G = torch.randn(m, n, generator=gen)
-        plain, gram = time_pair(G, rounds)
-        Qp, Qg = polar_factor(G), polar_factor(G, method="gram_newton_schulz")
-        print(
-            f"| {m} x {n} | {n / m:.2g} | {plain * 1e3:.2f} | {gram * 1e3:.2f} | {gram / plain:.2f} | "
-            f"{flop_ratio(m, n):.2f} | {float((Qp - Qg).abs().max()):.1e} | "
-            f"{distance_to_exact(Qp, G):.3f} | {distance_to_exact(Qg, G):.3f} |",
-            flush=True,
-        )
+    print(table(measure(shapes, rounds)))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,21 @@ __all__ = ["AscentSchedule", "EveryK", "EveryStep", "Triggered"]
 
 
 class AscentSchedule:
-    """Base class: decides, step by step, whether the ascent (and the second pass) runs."""
+    """Base class: decides, step by step, whether the ascent (and the second pass) runs.
+
+    A subclass overrides :meth:`decide` (and :meth:`planned` when it knows before the clean pass),
+    and saves what it counts in :meth:`state_dict`.
+
+    Example:
+        >>> class OddSteps(AscentSchedule):  # the ascent at steps 1, 3, 5, ...
+        ...     count = 0
+        ...     def decide(self, measured):
+        ...         self.count += 1
+        ...         return self.count % 2 == 0
+        >>> schedule = OddSteps()
+        >>> [schedule.decide({"squared_grad_norm": 1.0}) for _ in range(4)]
+        [False, True, False, True]
+    """
 
     def check(self, optimizer: Any) -> None:
         """Raises ValueError when ``optimizer`` cannot follow this schedule."""
@@ -55,7 +69,14 @@ class AscentSchedule:
 
 
 class EveryStep(AscentSchedule):
-    """The ascent at every step, as in the paper (the default)."""
+    """The ascent at every step, as in the paper (the default).
+
+    Example:
+        >>> import torch, torchsage
+        >>> opt = torchsage.SAGE(torch.nn.Linear(3, 2).parameters(), torch.optim.SGD, lr=0.1)
+        >>> opt.schedule
+        EveryStep()
+    """
 
 
 class EveryK(AscentSchedule):
