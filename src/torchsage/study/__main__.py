@@ -8,7 +8,8 @@
 * ``export``: writes the finished runs' results to one small records file, committed with the
   repository (:mod:`torchsage.study.records`);
 * ``report``: renders the tables and figures from the run directories, or with ``--records``
-  from an exported file (what a fresh clone has).
+  from an exported file (what a fresh clone has);
+* ``schedules``: the table of the ascent-schedules part (:mod:`torchsage.study.schedules`).
 
 Errors are one line on stderr and exit code 2.
 """
@@ -50,6 +51,10 @@ def _parser() -> Parser:
     export = sub.add_parser("export", help="write the finished runs' results to one records file")
     export.add_argument("--root", default=DEFAULT_ROOT)
     export.add_argument("--output", default=DEFAULT_RECORDS)
+    schedules = sub.add_parser(
+        "schedules", help="the table of the dg-schedules part, from its run directories"
+    )
+    schedules.add_argument("--root", default=DEFAULT_ROOT)
     report = sub.add_parser("report", help="render the tables and figures")
     source = report.add_mutually_exclusive_group()
     source.add_argument("--root", default=DEFAULT_ROOT, help="read the run directories under ROOT")
@@ -117,6 +122,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         if waiting:
             print(f"cells not finished, sampled once they are: {', '.join(waiting)}")
         print(f"measured {measured} run(s) now; {sampled} in the sample")
+        return 0
+    if args.command == "schedules":
+        from torchsage.study.schedules import load_schedule_runs, schedule_table
+
+        runs, missing = load_schedule_runs(args.root)
+        print(schedule_table(runs) + (f"\n{missing} run(s) of the part not finished\n" if missing else ""))
         return 0
     if args.command == "export":
         from torchsage.study.records import export
