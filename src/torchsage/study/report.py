@@ -88,6 +88,13 @@ def _all_arms() -> list[Arm]:
     return dg_arms() + gamma_measure_arms()
 
 
+def last_records(jobs: Sequence[Any]) -> tuple[list[tuple[Any, dict[str, Any]]], int]:
+    """Each finished job with the last line of its results.jsonl, and how many are not finished."""
+    finished = [job for job in jobs if job.state == "done"]
+    last = [read_json_lines(job.output_dir / "results.jsonl")[0][-1] for job in finished]
+    return list(zip(finished, last)), len(jobs) - len(finished)
+
+
 def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     """The finished runs of the DG study under ``root`` (found through the specification's jobs,
     the follow-up's included unless ``job_options`` restrict them); returns them and the number of
@@ -99,16 +106,13 @@ def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     if not job_options:  # the follow-up's runs; the default's is already among the main jobs
         known = {job.output_dir for job in jobs}
         jobs += [job for job in part_jobs(root, "dg-gamma-measure") if job.output_dir not in known]
-    runs, missing = [], 0
-    for job in jobs:
-        if job.state != "done":
-            missing += 1
-            continue
-        records, _ = read_json_lines(job.output_dir / "results.jsonl")
+    runs = []
+    finished, missing = last_records(jobs)
+    for job, last in finished:
         s = job.settings
-        val, test = _accuracies(records[-1], s["test_env"])
+        val, test = _accuracies(last, s["test_env"])
         hp = json.dumps(s["hparams"], sort_keys=True)
-        d = records[-1].get("disagreement")
+        d = last.get("disagreement")
         for method in methods[(s["algorithm"], hp)]:  # one run can stand for two arms
             runs.append(
                 DGRun(

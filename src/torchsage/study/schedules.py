@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from torchsage.harness.records import read_json_lines
-from torchsage.study.report import _accuracies, _ci, _diff, _holm_all, compare
+from torchsage.study.report import _accuracies, _ci, _diff, _holm_all, compare, last_records
 from torchsage.study.spec import FOLLOWUP_CELLS, part_jobs, schedule_arms
 
 __all__ = ["load_schedule_runs", "schedule_table"]
@@ -31,16 +30,12 @@ def load_schedule_runs(root: str | Path) -> tuple[ScheduleRuns, int]:
     """The finished runs of the part under ``root``, and how many are not finished."""
     methods = {(a.algorithm, a.hparams_json()): a.method for a in schedule_arms()}
     out: ScheduleRuns = defaultdict(dict)
-    missing = 0
-    for job in part_jobs(root, "dg-schedules"):
-        if job.state != "done":
-            missing += 1
-            continue
-        records, _ = read_json_lines(job.output_dir / "results.jsonl")
+    finished, missing = last_records(part_jobs(root, "dg-schedules"))
+    for job, last in finished:
         s = job.settings
-        val, test = _accuracies(records[-1], s["test_env"])
+        val, test = _accuracies(last, s["test_env"])
         method = methods[(s["algorithm"], json.dumps(s["hparams"], sort_keys=True))]
-        step_time = float(records[-1].get("step_time", float("nan")))
+        step_time = float(last.get("step_time", float("nan")))
         out[(s["dataset"], s["test_env"], method)][s["trial"]] = dict(
             test_acc=test, val_acc=val, step_time=step_time
         )
