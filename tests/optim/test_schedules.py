@@ -50,6 +50,17 @@ def test_every_k_with_a_solver_still_runs_one_pass():
     assert len(calls) == 4 + 2
 
 
+def test_a_trigger_with_a_solver_skips_to_one_pass_after_the_clean_pass():
+    torch.manual_seed(0)
+    params, _, _, closure = quadratic_problem()
+    closure, calls = counted(closure)
+    schedule = Triggered("disagreement", threshold=100.0, warmup=1)  # only the warm-up step ascends
+    opt = torchsage.SAGE(params, torch.optim.SGD, lr=0.1, solver="mean", ascent_schedule=schedule)
+    infos = [opt.step(closure) for _ in range(4)]
+    assert [took_ascent(i) for i in infos] == [True, False, False, False]
+    assert len(calls) == 4 + 1  # the decision, taken after the clean pass, costs no extra pass
+
+
 def test_a_skipped_step_is_the_clean_gradient_step_with_the_clean_noise():
     torch.manual_seed(2)
     params, targets, mean_targets, closure = quadratic_problem()
