@@ -24,7 +24,8 @@ class AscentSchedule:
     """Base class: decides, step by step, whether the ascent (and the second pass) runs.
 
     A subclass overrides :meth:`decide` (and :meth:`planned` when it knows before the clean pass),
-    and saves what it counts in :meth:`state_dict`.
+    and saves what it counts in :meth:`state_dict`. A schedule counts steps: give each optimizer
+    its own.
 
     Example:
         >>> class OddSteps(AscentSchedule):  # the ascent at steps 1, 3, 5, ...
