@@ -5,7 +5,8 @@ import json
 import pytest
 
 from torchsage.harness.records import append_json_line, mark_done
-from torchsage.study.schedules import load_schedule_runs, schedule_table
+from torchsage.study.__main__ import main
+from torchsage.study.schedules import load_schedule_records, load_schedule_runs, schedule_table
 from torchsage.study.spec import N_TRIALS, PARTS, SAGE_DEFAULTS, part_jobs, schedule_arms
 
 
@@ -53,3 +54,15 @@ def test_table_from_run_directories(tmp_path):
     assert json.dumps(sorted(runs)) == json.dumps(
         sorted([("ColoredDigits", 2, a.method) for a in schedule_arms()])
     )
+    records = tmp_path / "records.jsonl"
+    assert main(["schedules", "--root", str(tmp_path), "--export", str(records)]) == 0
+    assert load_schedule_records(records) == runs  # the table renders the same from the records
+
+
+def test_committed_records_render_the_documented_table():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    runs = load_schedule_records(root / "docs" / "study_schedules_records.jsonl")
+    assert sum(len(trials) for trials in runs.values()) == 60
+    assert schedule_table(runs) in (root / "docs" / "study.md").read_text()

@@ -24,6 +24,7 @@ from torchsage.cli.common import Parser, add_no_progress, positive_int
 
 DEFAULT_ROOT = "runs/study"
 DEFAULT_RECORDS = "docs/study_records.jsonl"
+SCHEDULE_RECORDS = "docs/study_schedules_records.jsonl"
 
 
 def _parser() -> Parser:
@@ -54,7 +55,10 @@ def _parser() -> Parser:
     schedules = sub.add_parser(
         "schedules", help="the table of the dg-schedules part, from its run directories"
     )
-    schedules.add_argument("--root", default=DEFAULT_ROOT)
+    source = schedules.add_mutually_exclusive_group()
+    source.add_argument("--root", default=DEFAULT_ROOT, help="read the run directories under ROOT")
+    source.add_argument("--records", default=None, help=f"read a records file instead ({SCHEDULE_RECORDS})")
+    schedules.add_argument("--export", default=None, help="also write the runs' records to this file")
     report = sub.add_parser("report", help="render the tables and figures")
     source = report.add_mutually_exclusive_group()
     source.add_argument("--root", default=DEFAULT_ROOT, help="read the run directories under ROOT")
@@ -124,10 +128,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"measured {measured} run(s) now; {sampled} in the sample")
         return 0
     if args.command == "schedules":
-        from torchsage.study.schedules import load_schedule_runs, schedule_table
+        from torchsage.study import schedules as part
 
-        runs, missing = load_schedule_runs(args.root)
-        print(schedule_table(runs) + (f"\n{missing} run(s) of the part not finished\n" if missing else ""))
+        if args.records is not None:
+            runs, missing = part.load_schedule_records(args.records), 0
+        else:
+            runs, missing = part.load_schedule_runs(args.root)
+        if args.export is not None:
+            print(f"wrote {part.write_schedule_records(runs, args.export)}")
+        print(
+            part.schedule_table(runs) + (f"\n{missing} run(s) of the part not finished\n" if missing else "")
+        )
         return 0
     if args.command == "export":
         from torchsage.study.records import export

@@ -20,7 +20,7 @@ from typing import Any
 from torchsage.study.report import _accuracies, _ci, _diff, _holm_all, compare, last_records
 from torchsage.study.spec import FOLLOWUP_CELLS, part_jobs, schedule_arms
 
-__all__ = ["load_schedule_runs", "schedule_table"]
+__all__ = ["load_schedule_records", "load_schedule_runs", "schedule_table", "write_schedule_records"]
 
 #: ``{(dataset, test_env, method): {trial: {"test_acc", "val_acc", "step_time"}}}``
 ScheduleRuns = dict[tuple[str, int, str], dict[int, dict[str, float]]]
@@ -93,3 +93,28 @@ def schedule_table(runs: ScheduleRuns, cells: Sequence[tuple[str, int]] = FOLLOW
             lines.append("| " + " | ".join(cells_) + " |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def write_schedule_records(runs: ScheduleRuns, path: str | Path) -> Path:
+    """Writes ``runs`` as one JSON line per run (atomically): what :func:`schedule_table` needs
+    without the run directories (a fresh clone renders the table from it)."""
+    from torchsage.harness.records import atomic_write_text
+
+    lines = [
+        {"dataset": d, "test_env": e, "method": m, "trial": t, **values}
+        for (d, e, m), trials in sorted(runs.items())
+        for t, values in sorted(trials.items())
+    ]
+    atomic_write_text(path, "".join(json.dumps(x, sort_keys=True) + "\n" for x in lines))
+    return Path(path)
+
+
+def load_schedule_records(path: str | Path) -> ScheduleRuns:
+    """The runs written by :func:`write_schedule_records`."""
+    out: ScheduleRuns = defaultdict(dict)
+    for line in Path(path).read_text().splitlines():
+        x = json.loads(line)
+        out[(x["dataset"], int(x["test_env"]), x["method"])][int(x["trial"])] = {
+            k: float(x[k]) for k in ("test_acc", "val_acc", "step_time")
+        }
+    return dict(out)
