@@ -179,6 +179,10 @@ def test_state_of_another_schedule_is_refused():
         torchsage.SAGE(
             model.parameters(), torch.optim.SGD, lr=0.1, ascent_schedule=EveryK(4)
         ).load_state_dict(saved)
+    moved = torchsage.SAGE(model.parameters(), torch.optim.SGD, lr=0.5)
+    with pytest.raises(ValueError, match="saved with the ascent schedule EveryK"):
+        moved.load_state_dict(saved)
+    assert moved.param_groups[0]["lr"] == 0.5  # refused before the base optimizer's state was loaded
     old = copy.deepcopy(saved)
     del old["torchsage"]["schedule"]  # a state saved before schedules existed
     fresh = torchsage.SAGE(model.parameters(), torch.optim.SGD, lr=0.1, ascent_schedule=EveryK(3))

@@ -21,6 +21,7 @@ options every optimizer shares are declared once, on :class:`SharpnessAware`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -375,11 +376,13 @@ class SharpnessAware(Optimizer):
         for key in owner:
             extra.pop(key, None)
         schedule = extra.pop("schedule", None)
-        if schedule is not None:
-            self.schedule.load_state_dict(schedule)
+        if schedule is not None:  # refused before anything is loaded, if it is another schedule's
+            copy.deepcopy(self.schedule).load_state_dict(schedule)
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        if schedule is not None:
+            self.schedule.load_state_dict(schedule)
         self._load_noise_generators_state(extra)
 
     def __repr__(self) -> str:
