@@ -21,6 +21,12 @@ Sections (each one runs even if an earlier one failed; its error is printed and 
 5. **fsdp_vs_ddp**: ``benchmarks/fsdp_vs_ddp.py`` under torchrun with FSDP2 and with DDP (SAGE on a
    784-4096-4096-4096-10 MLP): step time and peak memory per process, at 2 processes when two
    GPUs are visible, else at 1.
+6. **gram_speed**: Newton-Schulz on the Gram matrix against the plain iteration, per shape, in
+   float32 and bfloat16 (``benchmarks/gram_newton_schulz.py``): where ``polar_method="auto"``
+   should take the Gram form on this device (it keeps the plain one off the CPU until measured);
+7. **finetune_step**: SAM, SAGE and their one-pass steps on ResNet-50, BERT-base and ViT-S at 2
+   distributions x 32 examples (``benchmarks/finetune_step.py``): SAGE/SAM, the Newton-Schulz
+   share, per-shape times and the mean step of ``EveryK(k)``.
 
 It prints markdown tables headed by the card's name and writes everything as JSON to
 ``$OUT/gpu_check.json`` when ``OUT`` is set (and to ``--json PATH`` if given), written whole.
@@ -53,6 +59,8 @@ except ImportError:  # a checkout that is not installed: use its sources
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import finetune_step  # noqa: E402
+import gram_newton_schulz  # noqa: E402
 import newton_schulz as ns  # noqa: E402
 from _models import build_step, count_parameters, make_batches, make_model  # noqa: E402
 
@@ -343,6 +351,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rows
 
     section("fsdp_vs_ddp", results, fsdp_vs_ddp)
+
+    def gram_speed() -> dict:
+        shapes = gram_newton_schulz.QUICK_SHAPES if args.quick else gram_newton_schulz.SHAPES
+        out = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            rows = gram_newton_schulz.measure(shapes, rounds, device, dtype)
+            print(f"\n## Gram against plain Newton-Schulz, {dtype}, on {card} (median of {rounds})\n")
+            print(gram_newton_schulz.table(rows))
+            out[str(dtype)] = rows
+        return out
+
+    section("gram_speed", results, gram_speed)
+
+    def finetune() -> list[dict]:
+        names = ("vit-s",) if args.quick else tuple(finetune_step.fm.BUILDERS)
+        batch, finetune_rounds = (2, 1) if args.quick else (32, 5)
+        rows = []
+        for name in names:
+            row = finetune_step.bench_model(
+                name, batch, 2, finetune_rounds, 1 if args.quick else None, device
+            )
+            row["summary"] = finetune_step.summarise(row, (2, 5, 10))
+            rows.append(row)
+        print(f"\n## Fine-tuning shapes on {card}: 2 distributions x {batch} examples\n")
+        print(finetune_step.report(rows, (2, 5, 10)))
+        return rows
+
+    section("finetune_step", results, finetune)
 
     targets = [Path(args.json)] if args.json else []
     if os.environ.get("OUT"):

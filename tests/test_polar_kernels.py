@@ -166,7 +166,7 @@ def test_compile_failure_names_the_backend_error(monkeypatch):
 
         return run
 
-    monkeypatch.setattr(polar, "_compiled_kernel", None)
+    monkeypatch.setattr(polar, "_compiled_kernels", {})
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.raises(
         RuntimeError, match=r"torch.compile of the Newton-Schulz kernel failed.*no C\+\+ compiler"
@@ -216,11 +216,14 @@ def test_sage_ns_compile_routes_through_the_compiled_kernel(monkeypatch):
 
     seen = []
 
-    def fake_compiled(X, table):  # stands in for the compiled kernel: records, then runs eagerly
-        seen.append(tuple(X.shape))
-        return polar._newton_schulz(X, table)
+    def fake_compiled(kernel):  # stands in for the compiled kernel: records, then runs eagerly
+        def run(X, *args):
+            seen.append(tuple(X.shape))
+            return kernel(X, *args)
 
-    monkeypatch.setattr(polar, "_compiled_newton_schulz", fake_compiled)
+        return run
+
+    monkeypatch.setattr(polar, "_compiled", fake_compiled)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
     data = [(torch.randn(10, 6), torch.randint(0, 3, (10,))) for _ in range(2)]

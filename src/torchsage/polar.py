@@ -29,8 +29,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "GRAM_MIN_ASPECT",
     "LOW_PRECISION_MARGIN",
     "MUON_COEFFICIENTS",
+    "POLAR_METHODS",
     "newton_schulz_coefficients",
     "polar_express_coefficients",
     "polar_factor",
@@ -163,7 +165,74 @@ def _newton_schulz(X: Tensor, table: tuple[tuple[float, float, float], ...]) -> 
     return X
 
 
-_compiled_kernel: Any = None
+def _gram_newton_schulz(
+    X: Tensor, table: tuple[tuple[float, float, float], ...], restarts: tuple[int, ...] = ()
+) -> Tensor:
+    """The same iterations on the small Gram matrix of a normalised, wide ``(m, n)`` matrix.
+
+    Every iterate is ``X_t = Q_t X_0`` with ``Q_t`` a polynomial in ``R_0 = X_0 X_0^T``, so the
+    ``m x m`` matrices ``Q_t`` and ``R_t = X_t X_t^T`` are updated instead of ``X_t``:
+    ``Z = b R + c R^2``, ``Q <- Q (a I + Z)``, ``R <- (a I + Z) R (a I + Z)`` (all commute), and
+    ``X_0`` is touched only at the start, at each restart and at the end. Per step this costs
+    ``O(m^3)`` instead of ``O(m^2 n)``. At each step index in ``restarts`` the product ``Q X`` is
+    formed and ``R`` recomputed from it, which stops the rounding errors of the ``R`` updates from
+    compounding (Zhang, Amsel, Chen and Dao, "Gram Newton-Schulz", 2026).
+    """
+    fused = torch.addmm if X.ndim == 2 else torch.baddbmm
+    R = X @ X.mT
+    Q = None
+    last = len(table) - 1
+    for i, (a, b, c) in enumerate(table):
+        if Q is not None and i in restarts:
+            X = Q @ X
+            R = X @ X.mT
+            Q = None
+        Z = fused(R, R, R, beta=b, alpha=c)
+        if Q is None:  # Q was the identity: Q (a I + Z) = Z + a I
+            Q = Z.clone()
+            Q.diagonal(dim1=-2, dim2=-1).add_(a)
+        else:
+            Q = fused(Q, Q, Z, beta=a)
+        if i < last and (i + 1) not in restarts:
+            RZ = fused(R, R, Z, beta=a)
+            R = fused(RZ, Z, RZ, beta=a)
+    return Q @ X
+
+
+#: step indices at which :func:`_gram_newton_schulz` rebuilds ``R`` from ``Q X``: one restart in
+#: every three steps (after step 2 for five steps, as the Gram Newton-Schulz authors recommend).
+def _gram_restarts(steps: int) -> tuple[int, ...]:
+    return tuple(range(2, steps, 3))
+
+
+#: ``method="auto"`` iterates on the Gram matrix of an ``m x n`` (``m <= n``) matrix on the CPU
+#: when ``n >= GRAM_MIN_ASPECT * m``: the aspect ratio above which it was measured faster than the
+#: plain iteration in float32 (benchmarks/gram_newton_schulz.py, docs/benchmarks.md). Other devices
+#: keep the plain iteration until a measurement there says otherwise.
+GRAM_MIN_ASPECT = 2.0
+
+
+def _use_gram(method: str, X: Tensor, dtype: torch.dtype) -> bool:
+    if method == "gram_newton_schulz":
+        return True
+    if method != "auto":
+        return False
+    m, n = X.shape[-2:]
+    return X.device.type == "cpu" and dtype in (torch.float32, torch.float64) and n >= GRAM_MIN_ASPECT * m
+
+
+def _nonzero_lines(G: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Indices of the rows and columns of ``G`` (of any matrix of the batch) that hold a non-zero
+    entry, or None when every row and column does (nothing to drop)."""
+    nonzero = G != 0
+    rows = nonzero.any(dim=-1).reshape(-1, G.shape[-2]).any(dim=0)
+    cols = nonzero.any(dim=-2).reshape(-1, G.shape[-1]).any(dim=0)
+    if bool(rows.all()) and bool(cols.all()):
+        return None
+    return rows.nonzero().squeeze(1), cols.nonzero().squeeze(1)
+
+
+_compiled_kernels: dict[Any, Any] = {}
 
 
 def _autocast_off(device_type: str) -> Any:
@@ -175,20 +244,59 @@ def _autocast_off(device_type: str) -> Any:
     return torch.autocast(device_type, enabled=False) if enabled else contextlib.nullcontext()
 
 
-def _compiled_newton_schulz(X: Tensor, table: tuple[tuple[float, float, float], ...]) -> Tensor:
-    """:func:`_newton_schulz` through ``torch.compile`` (built once, on first use)."""
-    global _compiled_kernel
-    if _compiled_kernel is None:
+def _compiled(kernel: Any) -> Any:
+    """``kernel`` through ``torch.compile`` (built once per kernel, on first use)."""
+    if kernel not in _compiled_kernels:
         # dynamic: one graph serves every layer shape instead of one recompilation per shape.
-        _compiled_kernel = torch.compile(_newton_schulz, dynamic=True, fullgraph=True)
-    try:
-        return _compiled_kernel(X, table)
-    except Exception as error:  # the backend's errors have no common base class
-        first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise RuntimeError(
-            f"torch.compile of the Newton-Schulz kernel failed on this build ({type(error).__name__}: "
-            f"{first.strip()}); use compile=False"
-        ) from error
+        _compiled_kernels[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
+    compiled = _compiled_kernels[kernel]
+
+    def run(*args: Any) -> Tensor:
+        try:
+            return compiled(*args)
+        except Exception as error:  # the backend's errors have no common base class
+            first = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise RuntimeError(
+                f"torch.compile of the Newton-Schulz kernel failed on this build ({type(error).__name__}: "
+                f"{first.strip()}); use compile=False"
+            ) from error
+
+    return run
+
+
+def _iterate(
+    G: Tensor, table: tuple[tuple[float, float, float], ...], method: str, dtype: torch.dtype, compile: bool
+) -> Tensor:
+    """Normalises ``G`` and runs the iterations (plain or on the Gram matrix) in ``dtype``."""
+    X = G.to(dtype)
+    transposed = X.shape[-2] > X.shape[-1]
+    if transposed:  # iterate on the wide orientation: the Gram matrix A is the small one
+        X = X.mT
+    # Two-stage normalisation: dividing by the largest entry first keeps the Frobenius norm of a
+    # tiny (even subnormal) matrix from underflowing to zero.
+    scale = X.abs().amax(dim=(-2, -1), keepdim=True)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    X = X / safe
+    # The norm in at least float32 (bf16 would round it to 3 digits), in float64 for a float64 run.
+    norm = torch.linalg.matrix_norm(X.to(torch.promote_types(dtype, torch.float32)), keepdim=True).to(dtype)
+    # X is a fresh tensor here: dividing in place saves one matrix-sized temporary.
+    X.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))  # a zero matrix stays zero
+    batch_shape = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:]) if X.ndim > 3 else X
+    if _use_gram(method, X, dtype):
+        kernel, args = _gram_newton_schulz, (table, _gram_restarts(len(table)))
+    else:
+        kernel, args = _newton_schulz, (table,)
+    with _autocast_off(X.device.type):  # ``dtype`` decides the precision, not an outer autocast
+        X = (_compiled(kernel) if compile else kernel)(X, *args)
+    X = X.reshape(*batch_shape, *X.shape[-2:])
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+#: the values of ``method`` that :func:`polar_factor` accepts
+POLAR_METHODS: tuple[str, ...] = ("newton_schulz", "gram_newton_schulz", "auto", "svd")
 
 
 def polar_factor(
@@ -207,7 +315,10 @@ def polar_factor(
         steps: Newton-Schulz iterations.
         coefficients: ``"muon"`` (default), ``"polar_express"`` or a table of ``(a, b, c)``
             triples (one row, or one row per step).
-        method: ``"newton_schulz"`` or ``"svd"`` (exact, float64; for tests and small layers).
+        method: ``"newton_schulz"`` (iterate on ``X``), ``"gram_newton_schulz"`` (the same
+            polynomial, iterated on the ``m x m`` Gram matrix: fewer flops when ``n`` is well above
+            ``m``), ``"auto"`` (the Gram form where it was measured faster: see
+            :data:`GRAM_MIN_ASPECT`) or ``"svd"`` (exact, float64; for tests and small layers).
         dtype: precision of the iteration: ``torch.float32`` (default), ``torch.bfloat16`` or
             ``torch.float64``. The result is returned in ``G``'s dtype.
         compile: run the iterations through ``torch.compile`` (compiled on first use, one graph
@@ -217,7 +328,10 @@ def polar_factor(
     Returns:
         A tensor of ``G``'s shape and dtype. A zero matrix gives zeros; tiny (even subnormal)
         matrices are rescaled before normalising, so no input gives NaN. Singular values far below
-        the Frobenius norm are not lifted to 1 by Newton-Schulz.
+        the Frobenius norm are not lifted to 1 by Newton-Schulz. Rows and columns that are zero
+        (in every matrix of a batch) are dropped before iterating and come back as zeros, which is
+        exact: ``polar([G_s; 0]) = [polar(G_s); 0]``. The gradient of a word embedding has non-zero
+        rows only for the batch's tokens, so its cost follows the batch, not the vocabulary.
 
     Example:
         >>> G = torch.randn(4, 6, dtype=torch.float64)
@@ -227,6 +341,10 @@ def polar_factor(
         >>> approx = polar_factor(G.float(), steps=8, coefficients="polar_express")
         >>> (approx.double() - Q).abs().max().item() < 1e-2
         True
+        >>> wide = torch.randn(8, 64)
+        >>> gram = polar_factor(wide, method="gram_newton_schulz")
+        >>> (gram - polar_factor(wide)).abs().max().item() < 1e-4
+        True
     """
     if not isinstance(G, Tensor) or G.ndim < 2:
         raise ValueError(f"G must be a tensor with at least 2 dimensions, got shape {tuple(G.shape)}")
@@ -234,32 +352,23 @@ def polar_factor(
         raise ValueError(f"G must be a floating-point tensor, got {G.dtype}")
     if method == "svd":
         return _svd_polar(G).to(G.dtype)
-    if method != "newton_schulz":
-        raise ValueError(f"unknown method {method!r}: use 'newton_schulz' or 'svd'")
+    if method not in POLAR_METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(map(repr, POLAR_METHODS))}")
     if dtype not in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     if not isinstance(compile, bool):
         raise ValueError(f"compile must be True or False, got {compile!r}")
     table = newton_schulz_coefficients(steps, coefficients, dtype)
-
-    X = G.to(dtype)
-    transposed = X.shape[-2] > X.shape[-1]
-    if transposed:  # iterate on the wide orientation: the Gram matrix A is the small one
-        X = X.mT
-    # Two-stage normalisation: dividing by the largest entry first keeps the Frobenius norm of a
-    # tiny (even subnormal) matrix from underflowing to zero.
-    scale = X.abs().amax(dim=(-2, -1), keepdim=True)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    X = X / safe
-    # The norm in at least float32 (bf16 would round it to 3 digits), in float64 for a float64 run.
-    norm = torch.linalg.matrix_norm(X.to(torch.promote_types(dtype, torch.float32)), keepdim=True).to(dtype)
-    # X is a fresh tensor here: dividing in place saves one matrix-sized temporary.
-    X.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))  # a zero matrix stays zero
-    batch_shape = X.shape[:-2]
-    X = X.reshape(-1, *X.shape[-2:]) if X.ndim > 3 else X
-    with _autocast_off(X.device.type):  # ``dtype`` decides the precision, not an outer autocast
-        X = (_compiled_newton_schulz if compile else _newton_schulz)(X, table)
-    X = X.reshape(*batch_shape, *X.shape[-2:])
-    if transposed:
-        X = X.mT
-    return X.to(G.dtype)
+    lines = _nonzero_lines(G)
+    if lines is None:
+        return _iterate(G, table, method, dtype, compile)
+    # polar([G_s 0; 0 0]) = [polar(G_s) 0; 0 0]: iterate on the rows and columns that hold entries.
+    rows, cols = lines
+    out = torch.zeros_like(G)
+    if rows.numel() == 0:
+        return out
+    Q = _iterate(G.index_select(-2, rows).index_select(-1, cols), table, method, dtype, compile)
+    if cols.numel() < G.shape[-1]:
+        Q = G.new_zeros(*G.shape[:-1], cols.numel()).index_copy_(-2, rows, Q)
+        return out.index_copy_(-1, cols, Q)
+    return out.index_copy_(-2, rows, Q)

@@ -31,6 +31,7 @@ from torchsage.optim import SAGEAlign, SAGEAlignmentOnly, SAGECurvatureOnly, Sha
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "ascent_schedule",
     "gaussian_mmd",
     "get_algorithm",
     "gsam_lr_min",
@@ -60,6 +61,7 @@ class _SharpnessAware(Algorithm):
     def make_optimizer(self) -> torch.optim.Optimizer:
         cls, options = self.base_optimizer()
         options.update({k: self.hparams[k] for k in self.optimizer_hparams})
+        options["ascent_schedule"] = ascent_schedule(self.hparams)
         # model=: BatchNorm statistics are updated on the clean pass only
         return self.optimizer_class(self.network.parameters(), cls, model=self.network, **options)
 
@@ -75,6 +77,27 @@ class _SharpnessAware(Algorithm):
             "noise_std": info.noise_std,
         }
         return {k: v for k, v in values.items() if math.isfinite(v)}  # NaN: not measured
+
+
+def ascent_schedule(hparams: dict[str, Any]) -> torchsage.optim.AscentSchedule | None:
+    """The schedule the hyperparameters ``ascent_every`` (k), ``ascent_trigger`` (``"none"``, or the
+    statistic of :class:`torchsage.optim.Triggered`) and ``ascent_threshold`` ask for (None: every
+    step, the default).
+
+    Example:
+        >>> ascent_schedule({"ascent_every": 5})
+        EveryK(5)
+        >>> ascent_schedule({"ascent_trigger": "disagreement", "ascent_threshold": 0.5})
+        Triggered('disagreement', threshold=0.5, decay=0.9, warmup=0)
+    """
+    every, trigger = hparams.get("ascent_every", 1), hparams.get("ascent_trigger", "none")
+    if trigger != "none":
+        if every != 1:
+            raise ValueError(
+                f"ascent_every={every} and ascent_trigger={trigger!r} exclude each other: set one of them"
+            )
+        return torchsage.optim.Triggered(trigger, threshold=hparams.get("ascent_threshold", 0.0))
+    return None if every == 1 else torchsage.optim.EveryK(every)
 
 
 class SAM(_SharpnessAware):

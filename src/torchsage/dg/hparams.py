@@ -106,6 +106,11 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
             lambda r: int(r.uniform(0, 500 if small else 5000)),
         )
         add("ema", 0.95, lambda r: float(r.uniform(0.90, 0.99)))
+    if algorithm in ("SAM", "SAGE"):
+        # ascent schedules (beyond the paper, off by default): every k-th step, or a trigger
+        add("ascent_every", 1)
+        add("ascent_trigger", "none")
+        add("ascent_threshold", 0.0)
     if algorithm.startswith("SAGE"):
         # the library's SAGE defaults; kept by the evidence study (docs/study.md, "The defaults")
         if algorithm == "SAGE_AlignmentOnly":

@@ -6,6 +6,7 @@ are exported here too, so nothing outside this package imports its private modul
 """
 
 from torchsage.optim._ascent import (
+    ASCENT_DIRECTIONS,
     RHO_SCALINGS,
     AdaptiveGradientAscent,
     AlignedPolarAscent,
@@ -24,9 +25,11 @@ from torchsage.optim._distributed import (
 from torchsage.optim._micro import MicroBatches
 from torchsage.optim._sage import SAGE, SAGEAlign, SAGEAlignmentOnly, SAGECurvatureOnly
 from torchsage.optim._sam import ASAM, GSAM, SAGM, SAM
+from torchsage.optim._schedule import AscentSchedule, EveryK, EveryStep, Triggered
 
 __all__ = [
     "ASAM",
+    "ASCENT_DIRECTIONS",
     "GSAM",
     "LAYOUTS",
     "RHO_SCALINGS",
@@ -36,8 +39,11 @@ __all__ = [
     "AdaptiveGradientAscent",
     "AlignedPolarAscent",
     "AscentRule",
+    "AscentSchedule",
     "Closure",
     "Communicator",
+    "EveryK",
+    "EveryStep",
     "GradientAscent",
     "GradientMatchingAscent",
     "MicroBatches",
@@ -47,6 +53,7 @@ __all__ = [
     "SAGECurvatureOnly",
     "SharpnessAware",
     "StepInfo",
+    "Triggered",
     "average_gradients",
     "frozen_bn_stats",
     "make_data_parallel",

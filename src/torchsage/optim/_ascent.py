@@ -25,12 +25,14 @@ from torchsage.optim._core import AscentRule
 from torchsage.polar import newton_schulz_coefficients
 
 __all__ = [
+    "ASCENT_DIRECTIONS",
     "RHO_SCALINGS",
     "AdaptiveGradientAscent",
     "AlignedPolarAscent",
     "GradientAscent",
     "GradientMatchingAscent",
     "PolarAscent",
+    "check_direction",
 ]
 
 #: ``"global"``: the whole perturbation has norm ``rho`` (as in SAM, so a SAM ``rho`` transfers);
@@ -38,6 +40,12 @@ __all__ = [
 #: ``"weight"``: every matrix moves by ``rho * ||W||_F * polar(G)``. Vectors move by
 #: ``rho * g / ||g||`` in the last two.
 RHO_SCALINGS: tuple[str, ...] = ("global", "layer", "weight")
+
+#: What a parameter group's ``"ascent"`` key may say in SAGE: ``"polar"`` (default, the paper's
+#: rule: the polar factor of each matrix's gradient, ``g / ||g||`` for vectors), ``"gradient"``
+#: (every tensor, matrices too, along ``g / ||g||``: SAM's direction, per tensor) or ``"none"``
+#: (the group is not perturbed and takes no share of a global ``rho``).
+ASCENT_DIRECTIONS: tuple[str, ...] = ("polar", "gradient", "none")
 
 Groups = Sequence[tuple[dict[str, Any], list[Tensor]]]
 
@@ -113,12 +121,14 @@ class PolarAscent(AscentRule):
 
     Matrices (parameters with 2 or more dimensions, conv kernels reshaped to ``(out, -1)``) of
     equal shape are stacked and orthogonalised in one call of :func:`torchsage.polar.polar_factor`
-    (looked up on its module at each call, so a test can count the calls).
+    (looked up on its module at each call, so a test can count the calls). A parameter group's
+    ``"ascent"`` key chooses the direction of its tensors (:data:`ASCENT_DIRECTIONS`).
 
     Args:
         scaling: one of :data:`RHO_SCALINGS`.
         steps, coefficients, method, dtype, compile: passed to :func:`torchsage.polar_factor`
-            (``compile=True`` runs the Newton-Schulz iterations through ``torch.compile``).
+            (``compile=True`` runs the Newton-Schulz iterations through ``torch.compile``;
+            ``method="auto"`` iterates on the Gram matrix where that was measured faster).
     """
 
     def __init__(
@@ -126,15 +136,17 @@ class PolarAscent(AscentRule):
         scaling: str = "global",
         steps: int = 5,
         coefficients: Any = "muon",
-        method: str = "newton_schulz",
+        method: str = "auto",
         dtype: torch.dtype = torch.float32,
         eps: float = 1e-12,
         compile: bool = False,
     ) -> None:
         if scaling not in RHO_SCALINGS:
             raise ValueError(f"unknown rho scaling {scaling!r}: use one of {', '.join(RHO_SCALINGS)}")
-        if method not in ("newton_schulz", "svd"):
-            raise ValueError(f"unknown polar method {method!r}: use 'newton_schulz' or 'svd'")
+        if method not in kernels.POLAR_METHODS:
+            raise ValueError(
+                f"unknown polar method {method!r}: use one of {', '.join(map(repr, kernels.POLAR_METHODS))}"
+            )
         newton_schulz_coefficients(steps, coefficients)  # validates steps and coefficients
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
@@ -144,12 +156,19 @@ class PolarAscent(AscentRule):
         )
         self.eps = eps
 
-    def directions(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """``polar(G)`` for each matrix, ``g / ||g||`` for each vector (zeros stay zeros)."""
+    def directions(self, tensors: Sequence[Tensor], kinds: Sequence[str] | None = None) -> list[Tensor]:
+        """``polar(G)`` for each matrix, ``g / ||g||`` for each vector (zeros stay zeros).
+
+        ``kinds`` gives each tensor's direction (see :data:`ASCENT_DIRECTIONS`); ``None`` means
+        ``"polar"`` for all.
+        """
         out: list[Tensor | None] = [None] * len(tensors)
         batches: dict[tuple, list[int]] = defaultdict(list)
         for i, t in enumerate(tensors):
-            if t.ndim >= 2:
+            kind = "polar" if kinds is None else kinds[i]
+            if kind == "none":
+                out[i] = torch.zeros_like(t)
+            elif t.ndim >= 2 and kind == "polar":
                 batches[(t.shape[0], t[0].numel(), t.dtype, t.device)].append(i)
             else:
                 norm = t.norm()
@@ -183,8 +202,22 @@ class PolarAscent(AscentRule):
         return out
 
     def perturbation(self, groups: Groups, stats: GradientStatistics | None) -> list[list[Tensor]]:
-        flat = self.directions([p.grad for _, ps in groups for p in ps])
+        flat = self.directions([p.grad for _, ps in groups for p in ps], _kinds(groups))
         return self._scale(groups, _regroup(groups, flat))
+
+
+def check_direction(value: Any) -> str:
+    """``value`` if it names an ascent direction of a parameter group, else a ValueError."""
+    if value not in ASCENT_DIRECTIONS:
+        raise ValueError(
+            f"unknown ascent direction {value!r} in a parameter group: use one of "
+            f"{', '.join(map(repr, ASCENT_DIRECTIONS))}"
+        )
+    return value
+
+
+def _kinds(groups: Groups) -> list[str]:
+    return [g.get("ascent", "polar") for g, ps in groups for _ in ps]
 
 
 def _regroup(groups: Groups, flat: list[Tensor]) -> list[list[Tensor]]:
@@ -225,12 +258,13 @@ class AlignedPolarAscent(PolarAscent):
         lam = float((self.lambda_max * (1.0 - stats.mean_cosine())).clamp(0.0, self.lambda_max))
         self.last_lambda = lam
         grads = [p.grad for _, ps in groups for p in ps]
-        mean_dirs = self.directions(grads)
+        kinds = _kinds(groups)
+        mean_dirs = self.directions(grads, kinds)
         if lam > 0:
             variance = dict(zip(map(id, stats.params), stats.elementwise_variance()))
             params = [p for _, ps in groups for p in ps]
             spread = [variance[id(p)].sqrt_().mul_(torch.sign(g)) for p, g in zip(params, grads)]
-            spread_dirs = self.directions(spread)
+            spread_dirs = self.directions(spread, kinds)
             mixed = torch._foreach_mul(mean_dirs, 1.0 - lam)
             torch._foreach_add_(mixed, spread_dirs, alpha=lam)
             if not self.mix_vectors:  # vectors keep g / ||g||

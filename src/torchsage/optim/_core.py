@@ -21,6 +21,7 @@ options every optimizer shares are declared once, on :class:`SharpnessAware`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from torchsage.optim import _checks
 from torchsage.optim._closure import Closure, Pass, Passes, frozen_bn_stats
 from torchsage.optim._descent import make_descent
 from torchsage.optim._distributed import make_data_parallel
+from torchsage.optim._schedule import check_schedule
 from torchsage.optim._shards import check_sharded, local_shards, shard_group
 from torchsage.optim._solver import check_solver
 from torchsage.optim._step_info import StepInfo
@@ -103,6 +105,10 @@ class SharpnessAware(Optimizer):
             turns communication off. Parameters start from rank 0's.
         layout: what each process holds: ``"shards"`` (a shard of every distribution's batch)
             or ``"domains"`` (whole distributions, the statistics are merged across processes).
+        ascent_schedule: when the ascent runs: ``None`` (every step, as in the paper),
+            :class:`torchsage.optim.EveryK` or :class:`torchsage.optim.Triggered`; the other steps
+            are one pass (see :mod:`torchsage.optim._schedule`). Its state is part of
+            :meth:`state_dict`.
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class SharpnessAware(Optimizer):
         solver_update: str = "clean",
         process_group: Any = "auto",
         layout: str = "shards",
+        ascent_schedule: Any = None,
         **base_kwargs: Any,
     ) -> None:
         if solver_update not in ("clean", "perturbed"):
@@ -167,11 +174,16 @@ class SharpnessAware(Optimizer):
             self.passes.shard(shard_group(self._all_params()))
             self.ascent = self._sharded_ascent(self.passes.shard_group)
         self.descent = make_descent(self.passes, self.solver, solver_update)
+        self.schedule = check_schedule(ascent_schedule)
+        self.schedule.check(self)
 
     # -- options -----------------------------------------------------------------------------
 
     #: the per-group options this optimizer adds to the base optimizer's (finite numbers >= 0)
     group_options: tuple[str, ...] = ("rho",)
+
+    #: what the clean pass measures that an ascent schedule may follow
+    measures: tuple[str, ...] = ("squared_grad_norm",)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         for name in self.group_options:
@@ -311,7 +323,7 @@ class SharpnessAware(Optimizer):
         self._check_call(closure)
         weights = step_weights(weights, self.solver, self._parallel)
         params = self._all_params()
-        ascent = any(g["rho"] > 0 for g in self.param_groups)
+        ascent = any(g["rho"] > 0 for g in self.param_groups) and self.schedule.planned()
         with self.passes.communication(clean=True), _checks.closure_errors(type(self).__name__):
             clean = self.descent.clean(closure, params, weights, self._wants_statistics(), ascent)
         grad_norm = global_norm([p.grad for p in params if p.grad is not None])
@@ -319,11 +331,12 @@ class SharpnessAware(Optimizer):
         if problem is not None:
             return self._skip(params, clean, problem)
         measured = self._measure(clean.stats)
+        ascent = self.schedule.decide(dict(measured, squared_grad_norm=float(grad_norm) ** 2)) and ascent
         before = clean.losses  # what a self-updating solver sees as the losses before the step
 
         groups = self._active()
         perturbed_loss, perturbation_norm, clean_grads, after = math.nan, 0.0, None, None
-        if any(g["rho"] > 0 for g, ps in groups if ps):
+        if ascent and any(g["rho"] > 0 for g, ps in groups if ps):
             perturbation = [e for es in self.ascent.perturbation(groups, clean.stats) for e in es]
             clean.stats = clean.tasks = None  # their buffers (the clean mean gradient among them) can go
             moved = [p for _, ps in groups for p in ps]
@@ -378,6 +391,7 @@ class SharpnessAware(Optimizer):
         """The base optimizer's state (moments included) plus this optimizer's noise state."""
         state = self.base_optimizer.state_dict()
         state["torchsage"] = dict(self._noise_generators_state(), **self._owner())
+        state["torchsage"]["schedule"] = self.schedule.state_dict()
         return state
 
     def _owner(self) -> dict[str, str]:
@@ -393,6 +407,9 @@ class SharpnessAware(Optimizer):
         _checks.check_state_owner(extra, owner["optimizer"], owner["base_optimizer"])
         for key in owner:
             extra.pop(key, None)
+        schedule = extra.pop("schedule", None)
+        if schedule is not None:  # refused before anything is loaded, if it is another schedule's
+            copy.deepcopy(self.schedule).load_state_dict(schedule)
         previous = self._noise_generators_state()
         self._load_noise_generators_state(extra)  # checks it whole before the base state changes
         try:
@@ -402,6 +419,8 @@ class SharpnessAware(Optimizer):
             raise
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        if schedule is not None:
+            self.schedule.load_state_dict(schedule)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ascent={type(self.ascent).__name__}, base={self.base_optimizer!r})"

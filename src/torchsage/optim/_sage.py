@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from torchsage.disagreement import GradientStatistics, check_measure
-from torchsage.optim._ascent import AlignedPolarAscent, PolarAscent
+from torchsage.optim._ascent import AlignedPolarAscent, PolarAscent, check_direction
 from torchsage.optim._core import AscentRule, SharpnessAware, shares_options
 
 __all__ = ["SAGE", "SAGEAlign", "SAGEAlignmentOnly", "SAGECurvatureOnly"]
@@ -45,7 +45,10 @@ class SAGE(SharpnessAware):
             or ``"raw_var"`` (see :mod:`torchsage.disagreement`).
         ns_steps, ns_coefficients: Newton-Schulz iterations and schedule (``"muon"`` or
             ``"polar_express"``).
-        polar_method: ``"newton_schulz"`` or ``"svd"`` (exact, slow).
+        polar_method: ``"auto"`` (default: the Newton-Schulz polynomial, iterated on the small Gram
+            matrix of a matrix at least twice as wide as tall, where that was measured faster, else
+            on the matrix itself), ``"newton_schulz"``, ``"gram_newton_schulz"`` or ``"svd"``
+            (exact, slow); see :func:`torchsage.polar_factor`.
         seed: seeds the noise generator, whose state is part of :meth:`state_dict`; ``None``
             takes ``torch.initial_seed()`` (the last ``torch.manual_seed``) without drawing from
             the global generator, so building SAGE does not shift the random numbers after it.
@@ -71,6 +74,13 @@ class SAGE(SharpnessAware):
         process_group, layout: data-parallel training over ``torch.distributed`` (see
             :class:`torchsage.optim.SharpnessAware` and docs/distributed.md); the noise seed is
             rank 0's, so every process draws the same noise.
+        ascent: the ascent direction of every parameter group that does not set its own
+            ``"ascent"`` key: ``"polar"`` (default, the paper's "polar factor of each layer's
+            gradient matrix"; vectors along ``g / ||g||``), ``"gradient"`` (every tensor along
+            ``g / ||g||``, SAM's direction per tensor) or ``"none"`` (not perturbed). A group
+            such as ``{"params": model.embeddings.parameters(), "ascent": "gradient"}`` chooses
+            its own; the choice is saved in :meth:`state_dict` with the groups (see
+            docs/usage.md for what the choice costs and saves on a transformer).
 
     **The defaults are not the authors'.** Their public code scales ``rho`` per matrix by
     ``||W||_F`` (``rho_scaling="weight"``), uses the cosine disagreement with ``gamma = 1.0`` and
@@ -114,16 +124,18 @@ class SAGE(SharpnessAware):
         disagreement: str = "normalized_std",
         ns_steps: int = 5,
         ns_coefficients: Any = "muon",
-        polar_method: str = "newton_schulz",
+        polar_method: str = "auto",
         seed: int | None = None,
         rho_scaling: str = "global",
         max_disagreement: float | None = None,
         ns_dtype: torch.dtype = torch.float32,
         ns_compile: bool = False,
         disagreement_scope: str | None = None,
+        ascent: str = "polar",
         **options: Any,
     ) -> None:
         self.measure = check_measure(disagreement)
+        check_direction(ascent)
         if disagreement_scope is not None:
             if disagreement_scope not in ("all", "shared"):
                 raise ValueError(f"disagreement_scope must be 'all' or 'shared', got {disagreement_scope!r}")
@@ -153,8 +165,8 @@ class SAGE(SharpnessAware):
         )
         #: added to the seed of the noise generators (FSDP2: one stream per process)
         self._noise_stream = 0
-        ascent = self._make_ascent(**self._ascent_options)
-        super().__init__(params, base_optimizer, ascent, dict(rho=rho, gamma=gamma), **options)
+        rule = self._make_ascent(**self._ascent_options)
+        super().__init__(params, base_optimizer, rule, dict(rho=rho, gamma=gamma, ascent=ascent), **options)
         if self._parallel is not None:  # one noise stream for all replicas
             params = self._all_params()
             device = params[0].device if params else torch.device("cpu")
@@ -171,6 +183,12 @@ class SAGE(SharpnessAware):
         # each process draws the noise of its own rows: independent streams, not copies
         self._noise_stream = 1_000_003 * get_rank(group)
         return ShardedPolarAscent(group, **self._ascent_options)
+
+    measures = ("squared_grad_norm", "disagreement")
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        super()._check_group(group)
+        check_direction(group["ascent"])
 
     def _make_ascent(self, **kwargs: Any) -> AscentRule:
         return PolarAscent(**kwargs)

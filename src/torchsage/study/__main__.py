@@ -9,7 +9,8 @@
   repository (:mod:`torchsage.study.records`);
 * ``report``: renders the tables and figures from the run directories, or with ``--records``
   from an exported file (what a fresh clone has): the first study's into ``--output``, the
-  pretrained regime's into ``--pretrained-output`` (:mod:`torchsage.study.pretrained_report`).
+  pretrained regime's into ``--pretrained-output`` (:mod:`torchsage.study.pretrained_report`);
+* ``schedules``: the table of the ascent-schedules part (:mod:`torchsage.study.schedules`).
 
 Errors are one line on stderr and exit code 2.
 """
@@ -27,6 +28,7 @@ DEFAULT_RECORDS = "docs/study_records.jsonl"
 DEFAULT_PT_OUTPUT = "docs/study_pretrained_results.md"
 #: the title of the pretrained regime's results document
 PT_TITLE = "# Evidence study, pretrained regime: results\n\n"
+SCHEDULE_RECORDS = "docs/study_schedules_records.jsonl"
 
 
 def _parser() -> Parser:
@@ -54,6 +56,13 @@ def _parser() -> Parser:
     export = sub.add_parser("export", help="write the finished runs' results to one records file")
     export.add_argument("--root", default=DEFAULT_ROOT)
     export.add_argument("--output", default=DEFAULT_RECORDS)
+    schedules = sub.add_parser(
+        "schedules", help="the table of the dg-schedules part, from its run directories"
+    )
+    source = schedules.add_mutually_exclusive_group()
+    source.add_argument("--root", default=DEFAULT_ROOT, help="read the run directories under ROOT")
+    source.add_argument("--records", default=None, help=f"read a records file instead ({SCHEDULE_RECORDS})")
+    schedules.add_argument("--export", default=None, help="also write the runs' records to this file")
     report = sub.add_parser("report", help="render the tables and figures")
     source = report.add_mutually_exclusive_group()
     source.add_argument("--root", default=DEFAULT_ROOT, help="read the run directories under ROOT")
@@ -126,6 +135,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         if waiting:
             print(f"cells not finished, sampled once they are: {', '.join(waiting)}")
         print(f"measured {measured} run(s) now; {sampled} in the sample")
+        return 0
+    if args.command == "schedules":
+        from torchsage.study import schedules as part
+
+        if args.records is not None:
+            runs, missing = part.load_schedule_records(args.records), 0
+        else:
+            runs, missing = part.load_schedule_runs(args.root)
+        if args.export is not None:
+            print(f"wrote {part.write_schedule_records(runs, args.export)}")
+        print(
+            part.schedule_table(runs) + (f"\n{missing} run(s) of the part not finished\n" if missing else "")
+        )
         return 0
     if args.command == "export":
         from torchsage.study.records import export

@@ -84,6 +84,13 @@ def _all_arms() -> list[Arm]:
     return dg_arms() + gamma_measure_arms()
 
 
+def last_records(jobs: Sequence[Any]) -> tuple[list[tuple[Any, dict[str, Any]]], int]:
+    """Each finished job with the last line of its results.jsonl, and how many are not finished."""
+    finished = [job for job in jobs if job.state == "done"]
+    last = [read_json_lines(job.output_dir / "results.jsonl")[0][-1] for job in finished]
+    return list(zip(finished, last)), len(jobs) - len(finished)
+
+
 def load_dg(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     """The finished runs of the DG study under ``root`` (found through the specification's jobs,
     the follow-up's included unless ``job_options`` restrict them); returns them and the number of

@@ -29,6 +29,14 @@ had been seen (docs/study.md says so): the 2 x 2 of gamma {1e-3, 1e-2} and the m
 {normalized_std, cosine} at the default rho scaling and rho (:func:`gamma_measure_arms`), on the
 same trials of :data:`FOLLOWUP_CELLS`; the default is one of its four runs and is not run again.
 
+**Part: ascent schedules (issue 22).** Beyond the paper, defined after the main results: SAGE at
+its defaults with the ascent at every step, every 5th step (:class:`torchsage.optim.EveryK`) and
+when the disagreement is at least its running mean (:class:`torchsage.optim.Triggered`, threshold
+0) (:func:`schedule_arms`), on the same trials of :data:`FOLLOWUP_CELLS`, ColoredDigits first (its
+runs are the cheaper). The every-step arm is run again here rather than read from the main runs:
+the polar factor's default form changed since (``polar_method="auto"``), so its runs are not
+bit-identical to the main study's.
+
 **Multi-task learning.** MultiDigits, LS, UPGrad and FAMO, each plain, with SAGE (the harness's
 defaults), with SAM and with SAGE under ``--preset authors``, 10 epochs, seeds 0-9 (the seed fixes
 initialisation and batch order for every solver and method), plus the single-task baselines
@@ -66,6 +74,7 @@ __all__ = [
     "gamma_measure_arms",
     "mtl_jobs",
     "part_jobs",
+    "schedule_arms",
     "trial_seed",
 ]
 
@@ -190,6 +199,24 @@ def gamma_measure_arms() -> list[Arm]:
     return [Arm(f"SAGE g={h['gamma']:g} {h['disagreement']}", "SAGE", h) for h in GAMMA_MEASURE_GRID]
 
 
+#: the schedules part's arms: (method, schedule hyperparameters of the DG harness)
+SCHEDULES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("SAGE every step", {"ascent_every": 1}),  # named, so its runs are new: see the module docstring
+    ("SAGE every 5", {"ascent_every": 5}),
+    ("SAGE trigger D", {"ascent_trigger": "disagreement", "ascent_threshold": 0.0}),
+)
+
+
+def schedule_arms() -> list[Arm]:
+    """The schedules part's arms, one method each (no selection), at SAGE's defaults.
+
+    Example:
+        >>> [a.method for a in schedule_arms()]
+        ['SAGE every step', 'SAGE every 5', 'SAGE trigger D']
+    """
+    return [Arm(method, "SAGE", {**SAGE_DEFAULTS, **h}) for method, h in SCHEDULES]
+
+
 def trial_seed(dataset: str, test_env: int, trial: int) -> int:
     """The initialisation and minibatch seed of trial ``trial`` in a cell: the same for every
     method and hyperparameter choice (the harness's own sweep hashes the algorithm in too)."""
@@ -259,7 +286,12 @@ def _cell_part(dataset: str, env: int) -> str:
 
 
 #: the parts of the study, each a few CPU-hours at most (docs/study.md has the estimate of each)
-PARTS: tuple[str, ...] = (*(_cell_part(d, e) for d, e in DG_CELLS), "mtl", "dg-gamma-measure")
+PARTS: tuple[str, ...] = (
+    *(_cell_part(d, e) for d, e in DG_CELLS),
+    "mtl",
+    "dg-gamma-measure",
+    "dg-schedules",
+)
 
 
 def part_jobs(root: str | Path, part: str) -> list[HashedJob]:
@@ -279,4 +311,6 @@ def part_jobs(root: str | Path, part: str) -> list[HashedJob]:
         return mtl_jobs(root)
     if part == "dg-gamma-measure":
         return dg_jobs(root, cells=FOLLOWUP_CELLS, arms=gamma_measure_arms())
+    if part == "dg-schedules":
+        return dg_jobs(root, cells=FOLLOWUP_CELLS[::-1], arms=schedule_arms())
     raise ValueError(f"unknown part {part!r}: use one of {', '.join(PARTS)}")
