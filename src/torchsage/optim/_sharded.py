@@ -74,8 +74,9 @@ class ShardedPolarAscent(AscentRule):
 
     Args:
         group: the process group of the mesh.
-        scaling, steps, coefficients, method, dtype: as for SAGE's ascent (``method="svd"`` would
-            gather each matrix: refused).
+        scaling, steps, coefficients, method, dtype: as for SAGE's ascent. Every Newton-Schulz
+            method (``"auto"``, the default, ``"newton_schulz"``, ``"gram_newton_schulz"``) runs as
+            the Gram form of the row shards here; ``method="svd"`` would gather each matrix: refused.
     """
 
     def __init__(
@@ -89,9 +90,10 @@ class ShardedPolarAscent(AscentRule):
         eps: float = 1e-12,
         **_: Any,
     ) -> None:
-        if method != "newton_schulz":
+        if method not in ("auto", "newton_schulz", "gram_newton_schulz"):
             raise ValueError(
-                f"polar_method={method!r} would gather every matrix on FSDP2 shards: use 'newton_schulz'"
+                f"polar_method={method!r} would gather every matrix on FSDP2 shards: "
+                "use 'auto' or 'newton_schulz'"
             )
         self.group = group
         self.scaling = scaling
