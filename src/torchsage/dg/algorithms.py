@@ -161,7 +161,7 @@ class SAGM(_SharpnessAware):
 
 class _SAGEFamily(_SharpnessAware):
     # The noise seed defaults to torch.initial_seed(), which the training script sets from --seed.
-    optimizer_hparams = ("rho", "gamma", "disagreement", "ns_steps", "rho_scaling")
+    optimizer_hparams = ("rho", "gamma", "disagreement", "ns_steps", "rho_scaling", "polar_method")
 
 
 class SAGE(_SAGEFamily):
@@ -170,7 +170,7 @@ class SAGE(_SAGEFamily):
 
 class SAGE_CurvatureOnly(_SAGEFamily):  # registry names follow the ablations
     optimizer_class = SAGECurvatureOnly
-    optimizer_hparams = ("rho", "disagreement", "ns_steps", "rho_scaling")
+    optimizer_hparams = ("rho", "disagreement", "ns_steps", "rho_scaling", "polar_method")
 
 
 class SAGE_AlignmentOnly(_SAGEFamily):
@@ -180,7 +180,7 @@ class SAGE_AlignmentOnly(_SAGEFamily):
 
 class SAGE_Align(_SAGEFamily):
     optimizer_class = SAGEAlign
-    optimizer_hparams = ("rho", "lambda_max", "disagreement", "ns_steps", "rho_scaling")
+    optimizer_hparams = ("rho", "lambda_max", "disagreement", "ns_steps", "rho_scaling", "polar_method")
 
 
 def _pairwise_mean(items: Sequence[Tensor], distance: Callable[[Tensor, Tensor], Tensor]) -> Tensor:

@@ -119,6 +119,7 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
             add("rho", 0.05, _choice(rhos))
         add("rho_scaling", "global")
         add("ns_steps", 5)
+        add("polar_method", "auto")  # the library's; the authors' preset: plain Newton-Schulz
         add("disagreement", "normalized_std", _choice(["normalized_std", "cosine"]))
         if algorithm in ("SAGE", "SAGE_AlignmentOnly"):
             add("gamma", 1e-3, _log_uniform(-4, -2))

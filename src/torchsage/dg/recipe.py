@@ -59,7 +59,7 @@ def _optimizer_values() -> dict[str, Any]:
     kwargs = torchsage.preset("authors-dg")
     if kwargs["base_optimizer"] is not torch.optim.SGD or kwargs["momentum"] != 0.9:
         raise AssertionError("authors-dg is SGD with momentum 0.9, the harness's 'sgd'")  # pragma: no cover
-    keys = ("lr", "weight_decay", "rho", "rho_scaling", "disagreement", "gamma", "ns_steps")
+    keys = ("lr", "weight_decay", "rho", "rho_scaling", "disagreement", "gamma", "ns_steps", "polar_method")
     return {"optimizer": "sgd", **{k: kwargs[k] for k in keys}}
 
 

@@ -62,7 +62,9 @@ def pt_arms() -> list[Arm]:
     arms += [Arm("SAM", "SAM", h, base=base) for h in SAM_GRID]
     arms += [Arm("SAGE", "SAGE", h, base=base) for h in SAGE_GRID]
     arms.append(Arm("SAGE (default)", "SAGE", dict(SAGE_DEFAULTS), base=base))
-    arms.append(Arm("SAGE (authors-dg)", "SAGE", authors_dg_hparams(), base=base))
+    # the authors' plain Newton-Schulz iteration, as torchsage.preset("authors-dg") pins it
+    authors = {**authors_dg_hparams(), "polar_method": "newton_schulz"}
+    arms.append(Arm("SAGE (authors-dg)", "SAGE", authors, base=base))
     ablation = {k: v for k, v in SAGE_DEFAULTS.items() if k != "gamma"}
     arms.append(Arm("SAGE_CurvatureOnly", "SAGE_CurvatureOnly", ablation, base=base))
     arms.append(Arm("SAGE_AlignmentOnly", "SAGE_AlignmentOnly", {**SAGE_DEFAULTS, "rho": 0.0}, base=base))
