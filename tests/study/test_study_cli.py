@@ -21,6 +21,11 @@ def test_plan_and_empty_report(tmp_path, capsys):
     assert main(["plan", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "dg-rotated-0" in out and "theory" in out and "all" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
+    # a core part's runs are its cell's runs: the total counts them once
+    assert rows["pt-symbola-core"][-1] == "pt-symbola)"
+    whole = [int(v[0]) for part, v in rows.items() if part != "all" and not part.endswith("-core")]
+    assert int(rows["all"][0]) == sum(whole)
     target = tmp_path / "study_results.md"
     assert main(["report", "--root", str(tmp_path), "--output", str(target), "--figures", str(tmp_path)]) == 0
     assert "DG runs finished: 0" in target.read_text()

@@ -10,8 +10,29 @@ from torchsage.study.spec import SAGE_DEFAULTS, SAGE_GRID, SAM_GRID
 
 
 def test_parts_are_the_cells_and_listed_in_the_study():
-    assert pt.PT_PARTS == ("pt-symbola", "pt-notocolor")
+    assert pt.PT_PARTS == ("pt-symbola-core", "pt-symbola", "pt-notocolor-core", "pt-notocolor")
     assert set(pt.PT_PARTS) <= set(ALL_PARTS)
+
+
+def test_a_core_part_is_a_subset_of_its_cell_not_a_copy(tmp_path):
+    core = part_jobs(tmp_path, "pt-symbola-core")
+    whole = {j.output_dir: j for j in part_jobs(tmp_path, "pt-symbola")}
+    # the same directories: runs made by the core part count in the whole cell, and the other way
+    assert all(j.output_dir in whole and whole[j.output_dir].argv == j.argv for j in core)
+    assert len(core) == 10 * len(pt.PT_CORE_ARMS)
+    arms = {(j.settings["algorithm"], json.dumps(j.settings["hparams"], sort_keys=True)) for j in core}
+    base = pt.PT_BASE_HPARAMS
+    expected = {
+        ("ERM", json.dumps(base, sort_keys=True)),
+        ("SAM", json.dumps({**base, "rho": 0.05}, sort_keys=True)),
+        ("SAGE", json.dumps({**base, **SAGE_DEFAULTS}, sort_keys=True)),
+    }
+    assert expected <= arms and len(arms) == 4
+    authors = [h for a, h in arms if a == "SAGE" and json.loads(h).get("optimizer") == "sgd"]
+    assert len(authors) == 1
+    # trial by trial: a core part stopped early leaves whole trials
+    trials = [j.settings["trial"] for j in core]
+    assert trials == sorted(trials)
 
 
 def test_a_trial_runs_every_arm_once_the_default_shared_with_its_grid_twin(tmp_path):

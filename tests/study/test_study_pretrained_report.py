@@ -187,18 +187,46 @@ def test_rendered_document_and_figures(study, tmp_path):
     assert "test domain notocolor" not in text
     captions = [part for part in text.split("\n\n") if part.startswith("**")]
     assert captions == [
+        "**EmojiStyles, test domain symbola: core comparison, one choice per method (SAM at rho 0.05; "
+        "SAGE at its defaults and at the authors' DG values), nothing selected**",
         "**EmojiStyles, test domain symbola: training-domain validation**",
         "**EmojiStyles, test domain symbola: oracle selection (the choice with the best accuracy on the "
         "test domain's out split; it peeks at the test domain, an upper reference, not a result)**",
     ]
     start = [text.index(c) for c in captions]
-    validation, oracle = text[start[0] : start[1]], text[start[1] :]
+    core, validation, oracle = text[start[0] : start[1]], text[start[1] : start[2]], text[start[2] :]
+    # the core table: SAM is rho 0.05 itself (9 trials: trial 9's rho 0.05 is not finished), the
+    # default SAGE run 15 points above ERM, the authors' run 2; four methods, no grid rows
+    core_rows = _rows(core)
+    assert list(core_rows) == ["ERM", "SAM", "SAGE (default)", "SAGE (authors-dg)"]
+    assert core_rows["SAM"][1] == "9" and core_rows["SAM"][3].startswith("+10.4 [")
+    assert core_rows["SAGE (default)"][3].startswith("+15.0 [+15.0, +15.0]")
+    assert core_rows["SAGE (authors-dg)"][3].startswith("+2.0 [+2.0, +2.0]")
     assert _rows(validation)["SAM"][3].startswith("+10.4 [")
     assert _rows(oracle)["SAM"][3].startswith("-6.0 [") and _rows(oracle)["SAM"][1] == "9"
     assert _rows(oracle)["SAGE"][3].startswith("+15.0 [+15.0, +15.0]")
-    for name in ("pretrained_differences.png", "pretrained_sensitivity.png"):
+    for name in (
+        "pretrained_core_differences.png",
+        "pretrained_differences.png",
+        "pretrained_sensitivity.png",
+    ):
         assert f"figures/{name}" in text
         assert (tmp_path / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_core_comparison_stands_before_any_grid_finishes(tmp_path):
+    """Only the core part's runs, two trials: the core table and no SAM or SAGE-grid row elsewhere."""
+    root = tmp_path / "runs"
+    for job in pt_jobs(str(root), cells=(SYMBOLA,), n_trials=2, core=True):
+        _finish(job, *_accuracies(job))
+    runs, _ = ptr.load_pt(root)
+    assert {r.method for r in ptr.core_runs(runs)} == {"ERM", "SAM", "SAGE (default)", "SAGE (authors-dg)"}
+    text = ptr.render_pretrained(root, tmp_path / "figures")
+    blocks = text.split("**EmojiStyles, test domain symbola: ")
+    core, validation = blocks[1], blocks[2]
+    assert list(_rows(core)) == ["ERM", "SAM", "SAGE (default)", "SAGE (authors-dg)"]
+    # the full table waits for every choice of SAM's and SAGE's grids
+    assert list(_rows(validation)) == ["ERM", "SAGE (default)", "SAGE (authors-dg)"]
 
 
 def test_no_runs_yet_is_one_line_and_no_figure(tmp_path):

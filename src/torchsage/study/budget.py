@@ -75,12 +75,14 @@ def plan_text(root: str | Path = "runs/study") -> str:
     lines = [
         f"evidence study under {root}: {N_TRIALS} trials, DG steps {DG_STEPS}, "
         f"MTL solvers {', '.join(MTL_SOLVERS)}",
-        f"{'part':<16}{'runs':>6}{'done':>6}{'CPU-h':>8}{'left':>8}",
+        f"{'part':<18}{'runs':>6}{'done':>6}{'CPU-h':>8}{'left':>8}",
     ]
     for part, (n, done, total, left) in rows.items():
-        lines.append(f"{part:<16}{n:>6}{done:>6}{total:>8.2f}{left:>8.2f}")
-    total = sum(v[2] for v in rows.values())
-    left = sum(v[3] for v in rows.values())
-    runs, done = sum(v[0] for v in rows.values()), sum(v[1] for v in rows.values())
-    lines.append(f"{'all':<16}{runs:>6}{done:>6}{total:>8.2f}{left:>8.2f}")
+        note = f"  (runs of {part.removesuffix('-core')})" if part.endswith("-core") else ""
+        lines.append(f"{part:<18}{n:>6}{done:>6}{total:>8.2f}{left:>8.2f}{note}")
+    # a core part's runs are runs of its cell's part: counted once
+    whole = [v for part, v in rows.items() if not part.endswith("-core")]
+    total, left = sum(v[2] for v in whole), sum(v[3] for v in whole)
+    runs, done = sum(v[0] for v in whole), sum(v[1] for v in whole)
+    lines.append(f"{'all':<18}{runs:>6}{done:>6}{total:>8.2f}{left:>8.2f}")
     return "\n".join(lines)

@@ -39,7 +39,17 @@ from torchsage.study.spec import (
     dg_jobs,
 )
 
-__all__ = ["PT_BASE_HPARAMS", "PT_CELLS", "PT_PARTS", "PT_STEPS", "pt_arms", "pt_jobs", "pt_part_jobs"]
+__all__ = [
+    "PT_BASE_HPARAMS",
+    "PT_CELLS",
+    "PT_CORE_ARMS",
+    "PT_PARTS",
+    "PT_STEPS",
+    "pt_arms",
+    "pt_core_arms",
+    "pt_jobs",
+    "pt_part_jobs",
+]
 
 #: (data set, held-out environment): Symbola (line art, the probe's hardest) and Noto Color (its easiest)
 PT_CELLS: tuple[tuple[str, int], ...] = (("EmojiStyles", 5), ("EmojiStyles", 2))
@@ -72,11 +82,39 @@ def pt_arms() -> list[Arm]:
     return arms
 
 
+#: the arms of a cell's ``-core`` part, the primary comparison: ERM, SAM at its usual rho, SAGE at its
+#: defaults and at the authors' DG values (labels of :func:`pt_arms`, and SAM's rho)
+PT_CORE_ARMS: tuple[tuple[str, float | None], ...] = (
+    ("ERM", None),
+    ("SAGE (default)", None),
+    ("SAGE (authors-dg)", None),
+    ("SAM", 0.05),
+)
+
+
+def _core(arm: Arm) -> bool:
+    return any(arm.method == m and (rho is None or arm.hparams.get("rho") == rho) for m, rho in PT_CORE_ARMS)
+
+
+def pt_core_arms() -> list[Arm]:
+    """The arms of :data:`PT_CORE_ARMS`, one choice per method (so nothing is selected among them).
+
+    Example:
+        >>> [(a.method, a.hparams.get("rho")) for a in pt_core_arms()][:2]
+        [('ERM', None), ('SAM', 0.05)]
+    """
+    return [a for a in pt_arms() if _core(a)]
+
+
 def pt_jobs(
-    root: str, cells: tuple[tuple[str, int], ...] = PT_CELLS, n_trials: int = N_TRIALS
+    root: str, cells: tuple[tuple[str, int], ...] = PT_CELLS, n_trials: int = N_TRIALS, core: bool = False
 ) -> list[HashedJob]:
-    """The runs of the pretrained-regime study, trial by trial, in ``root/dg/<hash>``."""
-    return dg_jobs(root, cells=cells, n_trials=n_trials, steps=PT_STEPS, arms=pt_arms())
+    """The runs of the pretrained-regime study, trial by trial, in ``root/dg/<hash>``.
+
+    ``core=True`` keeps the arms of :data:`PT_CORE_ARMS` only: the same runs (the same directories) as
+    the whole study's, so a core part run first is part of the whole one, not a second copy."""
+    arms = pt_core_arms() if core else pt_arms()
+    return dg_jobs(root, cells=cells, n_trials=n_trials, steps=PT_STEPS, arms=arms)
 
 
 def _part(env: int) -> str:
@@ -85,8 +123,8 @@ def _part(env: int) -> str:
     return f"pt-{environment_names('EmojiStyles')[env]}"
 
 
-#: the parts of this study: one per cell
-PT_PARTS: tuple[str, ...] = tuple(_part(env) for _, env in PT_CELLS)
+#: the parts of this study: per cell, its core arms (``pt-<design>-core``) and all its arms
+PT_PARTS: tuple[str, ...] = tuple(p for _, env in PT_CELLS for p in (f"{_part(env)}-core", _part(env)))
 
 
 def pt_part_jobs(root: str, part: str) -> list[HashedJob] | None:
@@ -94,4 +132,6 @@ def pt_part_jobs(root: str, part: str) -> list[HashedJob] | None:
     for cell in PT_CELLS:
         if part == _part(cell[1]):
             return pt_jobs(root, cells=(cell,))
+        if part == f"{_part(cell[1])}-core":
+            return pt_jobs(root, cells=(cell,), core=True)
     return None

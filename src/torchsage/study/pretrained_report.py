@@ -12,7 +12,10 @@ comparisons), as the first study's :func:`torchsage.study.report.dg_table`:
   held-out design. It peeks at the test domain, so it is an upper reference, not a result.
 
 Both report the held-out design's ``in`` accuracy of the selected choice, and in both a method
-counts in a trial only once every one of its choices finished there. Figures: the paired
+counts in a trial only once every one of its choices finished there. Before them, the **core
+comparison** (the arms of :data:`torchsage.study.pretrained.PT_CORE_ARMS`, which run first: ERM, SAM
+at rho 0.05, SAGE at its defaults and at the authors' DG values), one choice per method, so nothing
+is selected; it is the comparison the study was powered for, and the first to complete. Figures: the paired
 differences to ERM (``pretrained_differences.png``) and the test accuracy of SAM's and SAGE's
 grid choices against rho (``pretrained_sensitivity.png``).
 """
@@ -24,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from torchsage.study.figures import plot_differences, plot_sensitivity
-from torchsage.study.pretrained import PT_CELLS, pt_arms, pt_jobs
+from torchsage.study.pretrained import PT_CELLS, pt_arms, pt_core_arms, pt_jobs
 from torchsage.study.report import DGRun, _cell_results, _cells_with_results, dg_table, load_jobs, select
 
-__all__ = ["NO_RUNS", "load_pt", "render_pretrained", "render_pretrained_runs"]
+__all__ = ["NO_RUNS", "core_runs", "load_pt", "render_pretrained", "render_pretrained_runs"]
 
 #: what the document says before any run of the regime has finished
 NO_RUNS = "The pretrained regime (EmojiStyles, EfficientNet-Lite0) has no finished runs yet."
@@ -38,6 +41,14 @@ def load_pt(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     :func:`torchsage.study.pretrained.pt_jobs`), with the test domain's ``out`` accuracy the oracle
     selects by, and the number of its jobs not finished."""
     return load_jobs(pt_jobs(str(root), **job_options), pt_arms(), oracle=True)
+
+
+def core_runs(runs: Sequence[DGRun]) -> list[DGRun]:
+    """The runs among ``runs`` that are choices of :func:`torchsage.study.pretrained.pt_core_arms`
+    (SAM's rho 0.05 among SAM's, SAGE's default run as ``SAGE (default)`` only)."""
+    keep = {(a.method, a.hparams.get("rho")) for a in pt_core_arms()}
+    plain = {a.method for a in pt_core_arms() if a.method != "SAM"}
+    return [r for r in runs if r.method in plain or (r.method, r.hparams.get("rho")) in keep]
 
 
 def render_pretrained(root: str | Path, figures: str | Path) -> str:
@@ -66,6 +77,20 @@ def render_pretrained_runs(runs: Sequence[DGRun], missing: int | None, figures: 
     if started:
         names = ", ".join(f"{d} {environment_names(d)[e]}" for d, e in started)
         parts.append(f"Not shown until two trials of ERM have finished there: {names}.")
+    core_arms = pt_core_arms()
+    core = select(core_runs(runs), core_arms)
+    core_cells = _cells_with_results(core, PT_CELLS)
+    core_results = _cell_results(core, core_cells, None, core_arms)
+    for dataset, env in core_cells:
+        caption = (
+            f"{dataset}, test domain {environment_names(dataset)[env]}: core comparison, one choice per "
+            "method (SAM at rho 0.05; SAGE at its defaults and at the authors' DG values), nothing selected"
+        )
+        parts.append(dg_table(core, dataset, env, "", results=core_results, arms=core_arms, caption=caption))
+    if core_cells:
+        path = figures / "pretrained_core_differences.png"
+        plot_differences(core, path, core_results, cells=core_cells, arms=core_arms)
+        parts.append("![paired differences to ERM, core comparison](figures/pretrained_core_differences.png)")
     results = _cell_results(selected, cells, None, arms)
     if cells:
         plot_differences(selected, figures / "pretrained_differences.png", results, cells=cells, arms=arms)
