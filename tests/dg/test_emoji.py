@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny_font import outline_font
 
 from torchsage.dg import emoji
 from torchsage.dg.datasets import DGDataset, environment_splits, seed_hash, split_environment
@@ -89,37 +90,12 @@ def make_png_folder(folder: Path, rectangles: dict[int, tuple[int, int]], color=
 
 def make_font(path: Path, glyphs: dict[int, str]) -> Path:
     """A TrueType font mapping each code point to a filled square, a triangle, or nothing ("blank")."""
-    from fontTools.fontBuilder import FontBuilder
-    from fontTools.pens.ttGlyphPen import TTGlyphPen
-
     outlines = {
         "square": [(100, 0), (700, 0), (700, 600), (100, 600)],
         "triangle": [(100, 0), (700, 0), (400, 600)],
         "blank": [],
     }
-    names = [".notdef", *(f"u{point:x}" for point in glyphs)]
-    shapes = {".notdef": [], **{f"u{p:x}": outlines[s] for p, s in glyphs.items()}}
-    drawn = {}
-    for name in names:
-        pen = TTGlyphPen(None)
-        if shapes[name]:
-            pen.moveTo(shapes[name][0])
-            for point in shapes[name][1:]:
-                pen.lineTo(point)
-            pen.closePath()
-        drawn[name] = pen.glyph()
-    fb = FontBuilder(1000, isTTF=True)
-    fb.setupGlyphOrder(names)
-    fb.setupCharacterMap({p: f"u{p:x}" for p in glyphs})
-    fb.setupGlyf(drawn)
-    glyf = fb.font["glyf"]
-    fb.setupHorizontalMetrics({n: (800, getattr(glyf[n], "xMin", 0)) for n in names})
-    fb.setupHorizontalHeader(ascent=800, descent=-200)
-    fb.setupNameTable({"familyName": "TorchsageTiny", "styleName": "Regular"})
-    fb.setupOS2(sTypoAscender=800, sTypoDescender=-200, usWinAscent=800, usWinDescent=200)
-    fb.setupPost()
-    fb.save(str(path))
-    return path
+    return outline_font(path, {p: outlines[s] for p, s in glyphs.items()})
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_font import outline_font
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -209,36 +210,13 @@ def _png_folder(folder: Path, sizes: dict[int, tuple[int, int]]) -> Path:
 
 
 def _font(path: Path, points: list[int], shape: str) -> Path:
-    from fontTools.fontBuilder import FontBuilder
-    from fontTools.pens.ttGlyphPen import TTGlyphPen
-
-    names = [".notdef", *(f"u{p:x}" for p in points)]
-    glyphs = {}
-    for i, name in enumerate(names):
-        pen = TTGlyphPen(None)
-        if i:
-            top = 300 + 60 * i  # each emoji a different height
-            outline = (
-                [(100, 0), (700, 0), (700, top), (100, top)]
-                if shape == "box"
-                else [(100, 0), (700, 0), (400, top)]
-            )
-            pen.moveTo(outline[0])
-            for point in outline[1:]:
-                pen.lineTo(point)
-            pen.closePath()
-        glyphs[name] = pen.glyph()
-    fb = FontBuilder(1000, isTTF=True)
-    fb.setupGlyphOrder(names)
-    fb.setupCharacterMap({p: f"u{p:x}" for p in points})
-    fb.setupGlyf(glyphs)
-    fb.setupHorizontalMetrics({n: (800, getattr(fb.font["glyf"][n], "xMin", 0)) for n in names})
-    fb.setupHorizontalHeader(ascent=800, descent=-200)
-    fb.setupNameTable({"familyName": f"Tiny{shape}", "styleName": "Regular"})
-    fb.setupOS2(sTypoAscender=800, sTypoDescender=-200, usWinAscent=800, usWinDescent=200)
-    fb.setupPost()
-    fb.save(str(path))
-    return path
+    """Each emoji a box or a triangle of a different height."""
+    outlines = {}
+    for i, p in enumerate(points, start=1):
+        top = 300 + 60 * i
+        box = [(100, 0), (700, 0), (700, top), (100, top)]
+        outlines[p] = box if shape == "box" else [(100, 0), (700, 0), (400, top)]
+    return outline_font(path, outlines, family=f"Tiny{shape}")
 
 
 @pytest.fixture
