@@ -42,6 +42,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         opt="SAGEAlign", kw=dict(rho=0.05, mix_vectors=False, rho_scaling="weight")
     ),
     "solver_refused": dict(opt="SAGE", refused=True, kw=dict(rho=0.05, solver="mean")),
+    # per-group ascent directions: the first layer along SAM's direction, the last weight not
+    # perturbed, the last bias by default (its normalised gradient)
+    "sage_groups": dict(opt="SAGE", groups=True, kw=dict(rho=0.05, gamma=0.0)),
+    "sage_groups_weight": dict(opt="SAGE", groups=True, kw=dict(rho=0.02, gamma=0.0, rho_scaling="weight")),
+    "align_groups": dict(opt="SAGEAlign", groups=True, kw=dict(rho=0.05, lambda_max=0.8)),
 }
 
 
@@ -84,7 +89,15 @@ def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
     if noise and rank is None:
         kw["gamma"] = 0.0  # the reference without noise
     base = dict(lr=1.0) if noise else dict(lr=0.1, momentum=0.9)
-    opt = cls(model.parameters(), torch.optim.SGD, **base, **kw)
+    groups: Any = model.parameters()
+    if config.get("groups"):
+        first, last = model[0], model[2]
+        groups = [
+            {"params": first.parameters(), "ascent": "gradient"},
+            {"params": [last.weight], "ascent": "none"},
+            {"params": [last.bias]},
+        ]
+    opt = cls(groups, torch.optim.SGD, **base, **kw)
     infos = []
     for step in range(1 if noise else STEPS):
         poisoned = config.get("nan") and step == 1 and rank in (None, 1)

@@ -52,6 +52,19 @@ def test_sharded_steps_equal_the_one_process_steps(results, name):
     assert moved > 1e-2  # far beyond the tolerance: a shard stepped on its own would show
 
 
+@pytest.mark.parametrize("name", ["sage_groups", "align_groups"])
+def test_group_directions_matter_so_the_equality_above_tests_them(name):
+    # the one-process runs with and without the groups' "ascent" keys part by far more than the
+    # tolerance of the sharded-against-one-process equality: shards that ignored the keys would fail it
+    plain = {**worker.SCENARIOS[name], "groups": False}
+    worker.SCENARIOS[f"{name}_plain"] = plain
+    try:
+        a, b = worker.run(name, None, 1), worker.run(f"{name}_plain", None, 1)
+    finally:
+        del worker.SCENARIOS[f"{name}_plain"]
+    assert max(float((p - q).abs().max()) for p, q in zip(a["params"], b["params"])) > 1e-3
+
+
 def test_nonfinite_shard_skips_the_step_on_every_process(results):
     for rank in results["sam_nan"]:
         assert [i["skipped"] for i in rank["infos"]] == [False, True, False]

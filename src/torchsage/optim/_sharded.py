@@ -70,7 +70,9 @@ def sharded_polar_factor(
 
 class ShardedPolarAscent(AscentRule):
     """SAGE's ascent on FSDP2 shards: the polar factor of each matrix from its row shards, each
-    vector's normalised gradient with the norm over every shard, then SAGE's scaling.
+    vector's normalised gradient with the norm over every shard, then SAGE's scaling. A parameter
+    group's ``"ascent"`` key chooses its tensors' direction as in one process
+    (``"gradient"``: ``g / ||g||`` with the norm over every shard; ``"none"``: zero).
 
     Args:
         group: the process group of the mesh.
@@ -101,8 +103,13 @@ class ShardedPolarAscent(AscentRule):
         self.eps = eps
         self.sums = ShardSums(group)
 
-    def _direction(self, g: Tensor) -> Tensor:
-        if g.ndim >= 2:
+    def _direction(self, g: Tensor, kind: str = "polar") -> Tensor:
+        """This process's rows of ``g``'s direction; ``kind``: the group's ``"ascent"`` key, as in
+        :meth:`torchsage.optim.PolarAscent.directions` (every process calls it for every tensor, in
+        the same order: each all-reduces)."""
+        if kind == "none":
+            return torch.zeros_like(g)
+        if g.ndim >= 2 and kind == "polar":
             return sharded_polar_factor(g.reshape(g.shape[0], -1), self.group, **self.polar).view_as(g)
         norm = self.sums([g]).sqrt().to(g.dtype)
         return g / torch.where(norm > 0, norm, torch.ones_like(norm))
@@ -110,7 +117,10 @@ class ShardedPolarAscent(AscentRule):
     def perturbation(
         self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]], stats: Any
     ) -> list[list[Tensor]]:
-        return self._scale(groups, [[self._direction(p.grad.to_local()) for p in ps] for _, ps in groups])
+        return self._scale(
+            groups,
+            [[self._direction(p.grad.to_local(), g.get("ascent", "polar")) for p in ps] for g, ps in groups],
+        )
 
     def _scale(
         self, groups: Sequence[tuple[dict[str, Any], list[Tensor]]], directions: list[list[Tensor]]
@@ -153,13 +163,14 @@ class ShardedAlignedAscent(ShardedPolarAscent):
         self.last_lambda = lam
         out = []
         variance = dict(zip(map(id, stats.params), stats.elementwise_variance())) if lam > 0 else {}
-        for _, ps in groups:
+        for group, ps in groups:
+            kind = group.get("ascent", "polar")
             mixed = []
             for p in ps:
                 g = p.grad.to_local()
-                direction = self._direction(g)
+                direction = self._direction(g, kind)
                 if lam > 0 and (self.mix_vectors or g.ndim >= 2):
-                    spread = self._direction(variance[id(p)].sqrt().mul_(torch.sign(g)))
+                    spread = self._direction(variance[id(p)].sqrt().mul_(torch.sign(g)), kind)
                     direction = direction.mul_(1.0 - lam).add_(spread, alpha=lam)
                 mixed.append(direction)
             out.append(mixed)
