@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 K, BATCH, STEPS = 3, 8, 3
+VOCAB = 32
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "sam": dict(opt="SAM", kw=dict(rho=0.05)),
@@ -42,6 +43,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         opt="SAGEAlign", kw=dict(rho=0.05, mix_vectors=False, rho_scaling="weight")
     ),
     "solver_refused": dict(opt="SAGE", refused=True, kw=dict(rho=0.05, solver="mean")),
+    # an embedding: its gradient's rows are the batch's tokens', the rest zero on each shard
+    "sage_embedding": dict(opt="SAGE", embedding=True, kw=dict(rho=0.05, gamma=0.0)),
+    "sage_embedding_weight": dict(
+        opt="SAGE", embedding=True, kw=dict(rho=0.02, gamma=0.0, rho_scaling="weight")
+    ),
     # per-group ascent directions: the first layer along SAM's direction, the last weight not
     # perturbed, the last bias by default (its normalised gradient)
     "sage_groups": dict(opt="SAGE", groups=True, kw=dict(rho=0.05, gamma=0.0)),
@@ -71,12 +77,18 @@ def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
     config = SCENARIOS[name]
     noise = bool(config.get("noise"))
     model = build_model(256 if noise else 8)
+    if config.get("embedding"):  # 32 token rows, 16 per process; a batch uses some of them
+        torch.manual_seed(100)
+        model = nn.Sequential(nn.EmbeddingBag(VOCAB, 6, mode="mean"), nn.Linear(6, 3))
+    start = [p.detach().clone() for p in model.parameters()]
     if rank is not None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     batches = data()
+    if config.get("embedding"):
+        batches = [(torch.remainder((x * 3).long(), VOCAB), y) for x, y in batches]
     if rank is not None:
         size = BATCH // world
         batches = [
@@ -115,7 +127,8 @@ def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
             closure = losses
         infos.append(opt.step(closure).as_dict())
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
-    return {"params": [p.detach().clone() for p in params], "infos": infos, "state": len(opt.state)}
+    params = [p.detach().clone() for p in params]
+    return {"params": params, "start": start, "infos": infos, "state": len(opt.state)}
 
 
 def main(out: str) -> None:

@@ -47,9 +47,17 @@ def sharded_polar_factor(
 
     Newton-Schulz with the Gram matrix of the columns (see the module docstring); the
     normalisation by the largest entry and then the Frobenius norm is the single-process one, with
-    both reduced over the processes. Every process must call it with its rows of the same matrix.
+    both reduced over the processes. Zero rows are dropped before iterating (exact: they stay zero).
+    Every process must call it with its rows of the same matrix.
     """
     table = newton_schulz_coefficients(steps, coefficients, dtype)
+    # a zero row contributes nothing to the Gram matrix and stays zero under X_r (a I + B): iterate
+    # on this process's non-zero rows only (an embedding's gradient holds the batch's tokens' rows)
+    live = rows.ne(0).any(dim=1)
+    if rows.shape[0] and not bool(live.all()):
+        index = live.nonzero().squeeze(1)
+        polar = sharded_polar_factor(rows.index_select(0, index), group, steps, coefficients, dtype)
+        return torch.zeros_like(rows).index_copy_(0, index, polar)
     X = rows.to(dtype)
     wide = torch.promote_types(dtype, torch.float32)
     scale = X.abs().amax() if X.numel() else torch.zeros((), dtype=dtype, device=X.device)
