@@ -96,7 +96,8 @@ def ae_sam_decisions(values, threshold, decay, warmup):
         else:
             mu = decay * mu + (1 - decay) * x
             var = decay * var + (1 - decay) * (x - mu) ** 2
-        out.append(t < warmup or x >= mu + threshold * var**0.5)
+        c = threshold(t) if callable(threshold) else threshold
+        out.append(t < warmup or x >= mu + c * var**0.5)
     return out
 
 
@@ -130,8 +131,31 @@ def test_trigger_on_the_squared_gradient_norm_follows_the_rule():
     assert 0 < sum(taken) < 25
 
 
+def test_a_ramped_threshold_moves_linearly_then_stays_as_ae_sam_does():
+    torch.manual_seed(4)
+    model = torch.nn.Linear(4, 3)
+    schedule = Triggered("disagreement", threshold=(-1.0, 1.0), decay=0.8, ramp=20)
+    opt = torchsage.SAGE(model.parameters(), torch.optim.SGD, lr=0.05, ascent_schedule=schedule)
+    infos = []
+    for _ in range(30):
+        batches = [torch.randn(6, 4) * scale for scale in (1.0, 2.0, 0.5)]
+        infos.append(opt.step(lambda b=batches: [model(x).square().mean() for x in b]))
+    taken = [took_ascent(i) for i in infos]
+    ramp = [-1.0 + 2.0 * t / 20 for t in range(20)] + [1.0] * 10  # c_t written out
+    assert taken == ae_sam_decisions([i.disagreement for i in infos], lambda t: ramp[t], 0.8, 0)
+    # the ramp changes decisions: against the constant start and the constant end
+    assert taken != ae_sam_decisions([i.disagreement for i in infos], -1.0, 0.8, 0)
+    assert taken != ae_sam_decisions([i.disagreement for i in infos], 1.0, 0.8, 0)
+    assert schedule.current_threshold() == 1.0 and "ramp=20" in repr(schedule)
+
+
 @pytest.mark.parametrize(
-    "schedule", [lambda: EveryK(3), lambda: Triggered("disagreement", threshold=0.0, warmup=2)]
+    "schedule",
+    [
+        lambda: EveryK(3),
+        lambda: Triggered("disagreement", threshold=0.0, warmup=2),
+        lambda: Triggered("disagreement", threshold=(-1.0, 1.0), ramp=5),
+    ],
 )
 def test_resume_from_state_dict_reproduces_the_uninterrupted_run(schedule):
     torch.manual_seed(6)
@@ -197,6 +221,10 @@ def test_state_of_another_schedule_is_refused():
         (lambda: EveryK(2.0), "k must be a positive integer, got 2.0"),
         (lambda: Triggered("loss"), "unknown statistic 'loss'"),
         (lambda: Triggered(threshold=math.nan), "threshold must be a finite number"),
+        (lambda: Triggered(threshold=(0.0, math.inf), ramp=3), "threshold must be a finite number or a pair"),
+        (lambda: Triggered(threshold=(-1.0, 1.0)), "a threshold \\(start, end\\) needs ramp"),
+        (lambda: Triggered(threshold=(-1.0, 1.0), ramp=0), "got ramp=0"),
+        (lambda: Triggered(threshold=0.5, ramp=10), "ramp moves a threshold"),
         (lambda: Triggered(decay=1.0), r"decay must lie in \[0, 1\), got 1.0"),
         (lambda: Triggered(warmup=-1), "warmup must be a non-negative integer, got -1"),
     ],

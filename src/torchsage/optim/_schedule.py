@@ -139,17 +139,23 @@ class Triggered(AscentSchedule):
     :math:`\mu_t = \delta \mu_{t-1} + (1 - \delta) x_t` and
     :math:`\sigma^2_t = \delta \sigma^2_{t-1} + (1 - \delta)(x_t - \mu_t)^2` (started at
     :math:`\mu = x_1`, :math:`\sigma = 0`), and the ascent runs when
-    :math:`x_t \ge \mu_t + c\,\sigma_t`. With ``statistic="squared_grad_norm"`` this is AE-SAM's rule
-    (Jiang et al., 2023) with a constant :math:`c`; AE-SAM moves :math:`c` from -1 to 1 over
-    training. ``"disagreement"`` follows SAGE's own measure of how much the distributions'
-    gradients disagree (only for optimizers that measure it).
+    :math:`x_t \ge \mu_t + c_t\,\sigma_t`. With ``statistic="squared_grad_norm"`` this is AE-SAM's
+    rule (Jiang et al., 2023), whose :math:`c_t` moves linearly between two endpoints
+    :math:`\lambda_1, \lambda_2` (hyperparameters) over the training's :math:`T` iterations:
+    ``threshold=(lambda_1, lambda_2), ramp=T``; a number keeps :math:`c` constant.
+    ``"disagreement"`` follows SAGE's own measure of how much the distributions' gradients
+    disagree (only for optimizers that measure it).
 
     Args:
         statistic: ``"squared_grad_norm"`` (of the clean mean gradient) or ``"disagreement"``.
-        threshold: :math:`c`. For a statistic spread symmetrically about its mean, ``0`` takes the
-            ascent at about half of the steps and ``1`` at about a sixth.
+        threshold: :math:`c`, a number, or ``(start, end)``: :math:`c_t` = ``start + (end - start)
+            * min(t / ramp, 1)`` at the ``t``-th decision (``t = 0, 1, ...``). For a statistic
+            spread symmetrically about its mean, ``0`` takes the ascent at about half of the steps
+            and ``1`` at about a sixth.
         decay: :math:`\delta`, in ``[0, 1)``.
         warmup: the first ``warmup`` steps all take the ascent (their statistics are recorded).
+        ramp: the steps over which a ``(start, end)`` threshold moves (required with one, a
+            positive integer; not allowed with a number).
 
     Example:
         >>> import torch, torchsage
@@ -170,22 +176,37 @@ class Triggered(AscentSchedule):
     def __init__(
         self,
         statistic: str = "squared_grad_norm",
-        threshold: float = 0.0,
+        threshold: float | tuple[float, float] = 0.0,
         decay: float = 0.9,
         warmup: int = 0,
+        ramp: int | None = None,
     ) -> None:
         if statistic not in TRIGGER_STATISTICS:
             raise ValueError(
                 f"unknown statistic {statistic!r}: use one of {', '.join(map(repr, TRIGGER_STATISTICS))}"
             )
-        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold)):
-            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+        ends = tuple(threshold) if isinstance(threshold, (tuple, list)) else (threshold,)
+        if len(ends) not in (1, 2) or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in ends
+        ):
+            raise ValueError(
+                f"threshold must be a finite number or a pair (start, end) of them, got {threshold!r}"
+            )
+        if len(ends) == 2 and (isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 1):
+            raise ValueError(
+                f"a threshold (start, end) needs ramp, the number of steps it moves over (a positive "
+                f"integer), got ramp={ramp!r}"
+            )
+        if len(ends) == 1 and ramp is not None:
+            raise ValueError("ramp moves a threshold (start, end): give threshold=(start, end) or drop ramp")
         if not (isinstance(decay, (int, float)) and 0.0 <= decay < 1.0):
             raise ValueError(f"decay must lie in [0, 1), got {decay!r}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
         self.statistic = statistic
-        self.threshold = float(threshold)
+        self.threshold = float(ends[0])
+        self.threshold_end = float(ends[-1])
+        self.ramp = ramp
         self.decay = float(decay)
         self.warmup = warmup
         self.count = 0
@@ -206,6 +227,12 @@ class Triggered(AscentSchedule):
                 "cost a second pass. Use EveryK, or SAGE"
             )
 
+    def current_threshold(self) -> float:
+        """:math:`c_t` of the next decision."""
+        if self.ramp is None:
+            return self.threshold
+        return self.threshold + (self.threshold_end - self.threshold) * min(self.count / self.ramp, 1.0)
+
     def decide(self, measured: Mapping[str, float]) -> bool:
         x = float(measured[self.statistic])
         if not math.isfinite(x):
@@ -215,7 +242,7 @@ class Triggered(AscentSchedule):
         else:
             self.mean = self.decay * self.mean + (1.0 - self.decay) * x
             self.var = self.decay * self.var + (1.0 - self.decay) * (x - self.mean) ** 2
-        ascend = self.count < self.warmup or x >= self.mean + self.threshold * math.sqrt(self.var)
+        ascend = self.count < self.warmup or x >= self.mean + self.current_threshold() * math.sqrt(self.var)
         self.count += 1
         self.ascents += ascend
         return ascend
@@ -240,7 +267,9 @@ class Triggered(AscentSchedule):
         self.mean, self.var = float(state["mean"]), float(state["var"])
 
     def __repr__(self) -> str:
-        options = f"threshold={self.threshold}, decay={self.decay}, warmup={self.warmup}"
+        c = self.threshold if self.ramp is None else (self.threshold, self.threshold_end)
+        ramp = "" if self.ramp is None else f", ramp={self.ramp}"
+        options = f"threshold={c}, decay={self.decay}, warmup={self.warmup}{ramp}"
         return f"Triggered({self.statistic!r}, {options})"
 
 
