@@ -101,15 +101,21 @@ def ae_sam_decisions(values, threshold, decay, warmup):
     return out
 
 
-def test_trigger_on_the_disagreement_follows_the_rule():
+def sage_under(schedule, steps=30):
+    """SAGE with ``schedule`` on three fresh random distributions per step (seeded): the StepInfos."""
     torch.manual_seed(4)
     model = torch.nn.Linear(4, 3)
-    schedule = Triggered("disagreement", threshold=0.3, decay=0.8, warmup=3)
     opt = torchsage.SAGE(model.parameters(), torch.optim.SGD, lr=0.05, ascent_schedule=schedule)
     infos = []
-    for _ in range(30):
+    for _ in range(steps):
         batches = [torch.randn(6, 4) * scale for scale in (1.0, 2.0, 0.5)]
         infos.append(opt.step(lambda b=batches: [model(x).square().mean() for x in b]))
+    return infos
+
+
+def test_trigger_on_the_disagreement_follows_the_rule():
+    schedule = Triggered("disagreement", threshold=0.3, decay=0.8, warmup=3)
+    infos = sage_under(schedule)
     taken = [took_ascent(i) for i in infos]
     assert taken == ae_sam_decisions([i.disagreement for i in infos], 0.3, 0.8, 3)
     assert 3 < sum(taken) < 30 and schedule.ascents == sum(taken)
@@ -132,14 +138,8 @@ def test_trigger_on_the_squared_gradient_norm_follows_the_rule():
 
 
 def test_a_ramped_threshold_moves_linearly_then_stays_as_ae_sam_does():
-    torch.manual_seed(4)
-    model = torch.nn.Linear(4, 3)
     schedule = Triggered("disagreement", threshold=(-1.0, 1.0), decay=0.8, ramp=20)
-    opt = torchsage.SAGE(model.parameters(), torch.optim.SGD, lr=0.05, ascent_schedule=schedule)
-    infos = []
-    for _ in range(30):
-        batches = [torch.randn(6, 4) * scale for scale in (1.0, 2.0, 0.5)]
-        infos.append(opt.step(lambda b=batches: [model(x).square().mean() for x in b]))
+    infos = sage_under(schedule)
     taken = [took_ascent(i) for i in infos]
     ramp = [-1.0 + 2.0 * t / 20 for t in range(20)] + [1.0] * 10  # c_t written out
     assert taken == ae_sam_decisions([i.disagreement for i in infos], lambda t: ramp[t], 0.8, 0)
