@@ -7,6 +7,7 @@ Each rank writes ``OUTDIR/<scenario>.rank<r>.pt``.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from typing import Any
@@ -48,6 +49,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "sage_embedding_weight": dict(
         opt="SAGE", embedding=True, kw=dict(rho=0.02, gamma=0.0, rho_scaling="weight")
     ),
+    # a resume between steps 1 and 2 (model and optimizer state dicts through torch.save): without
+    # noise it must equal the one-process run; with noise, the sharded run that did not stop
+    "sage_resume": dict(opt="SAGE", resume=True, kw=dict(rho=0.05, gamma=0.0)),
+    "sage_noisy": dict(opt="SAGE", own=True, kw=dict(rho=0.05, gamma=0.5)),
+    "sage_noisy_resume": dict(opt="SAGE", own=True, resume=True, kw=dict(rho=0.05, gamma=0.5)),
     # per-group ascent directions: the first layer along SAM's direction, the last weight not
     # perturbed, the last bias by default (its normalised gradient)
     "sage_groups": dict(opt="SAGE", groups=True, kw=dict(rho=0.05, gamma=0.0)),
@@ -70,17 +76,15 @@ def build_model(width: int = 8) -> nn.Module:
     return nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 3))
 
 
-def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
-    """STEPS steps of a scenario; rank None: the one-process reference on the union."""
+def _setup(config: dict[str, Any], rank: int | None, world: int) -> tuple[nn.Module, Any, list]:
+    """The scenario's model (sharded when ``rank`` is not None), optimizer and batches."""
     import torchsage
 
-    config = SCENARIOS[name]
     noise = bool(config.get("noise"))
     model = build_model(256 if noise else 8)
     if config.get("embedding"):  # 32 token rows, 16 per process; a batch uses some of them
         torch.manual_seed(100)
         model = nn.Sequential(nn.EmbeddingBag(VOCAB, 6, mode="mean"), nn.Linear(6, 3))
-    start = [p.detach().clone() for p in model.parameters()]
     if rank is not None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -109,26 +113,50 @@ def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
             {"params": [last.weight], "ascent": "none"},
             {"params": [last.bias]},
         ]
-    opt = cls(groups, torch.optim.SGD, **base, **kw)
+    return model, cls(groups, torch.optim.SGD, **base, **kw), batches
+
+
+def _step(config: dict[str, Any], model: nn.Module, opt: Any, batches: list, step: int, rank: int | None):
+    import torchsage
+
+    poisoned = config.get("nan") and step == 1 and rank in (None, 1)
+
+    def losses(rows=slice(None)):
+        out = [F.cross_entropy(model(x[rows]), y[rows]) for x, y in batches]
+        return [*out[:2], out[2] * float("nan")] if poisoned else out
+
+    closure: Any = losses
+    if config.get("micro"):
+        half = len(batches[0][0]) // 2
+        closure = torchsage.MicroBatches([lambda: losses(slice(0, half)), lambda: losses(slice(half, None))])
+    return opt.step(closure).as_dict()
+
+
+def _full(model: nn.Module) -> list[torch.Tensor]:
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return [p.detach().clone() for p in params]
+
+
+def run(name: str, rank: int | None, world: int) -> dict[str, Any]:
+    """STEPS steps of a scenario; rank None: the one-process reference on the union. With
+    ``resume``, on the shards, after the first step the model's and the optimizer's state dicts go through
+    ``torch.save``/``torch.load`` into a freshly built (and sharded) model and optimizer, which take
+    the remaining steps."""
+    config = SCENARIOS[name]
+    model, opt, batches = _setup(config, rank, world)
+    start = _full(model)
     infos = []
-    for step in range(1 if noise else STEPS):
-        poisoned = config.get("nan") and step == 1 and rank in (None, 1)
-
-        def losses(rows=slice(None), poisoned=poisoned):
-            out = [F.cross_entropy(model(x[rows]), y[rows]) for x, y in batches]
-            return [*out[:2], out[2] * float("nan")] if poisoned else out
-
-        if config.get("micro"):
-            half = len(batches[0][0]) // 2
-            closure: Any = torchsage.MicroBatches(
-                [lambda h=half: losses(slice(0, h)), lambda h=half: losses(slice(h, None))]
-            )
-        else:
-            closure = losses
-        infos.append(opt.step(closure).as_dict())
-    params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
-    params = [p.detach().clone() for p in params]
-    return {"params": params, "start": start, "infos": infos, "state": len(opt.state)}
+    for step in range(1 if config.get("noise") else STEPS):
+        if config.get("resume") and rank is not None and step == 1:  # the reference runs straight
+            saved = io.BytesIO()
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, saved)
+            model, opt, batches = _setup(config, rank, world)
+            saved.seek(0)
+            state = torch.load(saved, weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        infos.append(_step(config, model, opt, batches, step, rank))
+    return {"params": _full(model), "start": start, "infos": infos, "state": len(opt.state)}
 
 
 def main(out: str) -> None:
