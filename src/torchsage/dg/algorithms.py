@@ -63,7 +63,18 @@ class _SharpnessAware(Algorithm):
         options.update({k: self.hparams[k] for k in self.optimizer_hparams})
         options["ascent_schedule"] = ascent_schedule(self.hparams)
         # model=: BatchNorm statistics are updated on the clean pass only
-        return self.optimizer_class(self.network.parameters(), cls, model=self.network, **options)
+        return self.optimizer_class(self.parameter_groups(), cls, model=self.network, **options)
+
+    def parameter_groups(self) -> Any:
+        """The optimizer's parameters: the network's, or (SAGE family, ``classifier_ascent`` other
+        than ``"polar"``) the featurizer's and the classifier's with that ascent direction."""
+        direction = self.hparams.get("classifier_ascent", "polar")
+        if direction == "polar":
+            return self.network.parameters()
+        return [
+            {"params": list(self.featurizer.parameters())},
+            {"params": list(self.classifier.parameters()), "ascent": direction},
+        ]
 
     def update(self, minibatches: Minibatches, step: int) -> dict[str, float]:
         def closure() -> list[Tensor]:

@@ -120,6 +120,10 @@ def _space(algorithm: str, dataset: str) -> dict[str, tuple[Any, Sampler]]:
         add("rho_scaling", "global")
         add("ns_steps", 5)
         add("polar_method", "auto")  # the library's; the authors' preset: plain Newton-Schulz
+        if algorithm != "SAGE_AlignmentOnly":
+            # the classifier's ascent direction (a parameter group's "ascent" key): "polar" (the
+            # paper's, every matrix), "gradient" (SAM's) or "none"
+            add("classifier_ascent", "polar")
         add("disagreement", "normalized_std", _choice(["normalized_std", "cosine"]))
         if algorithm in ("SAGE", "SAGE_AlignmentOnly"):
             add("gamma", 1e-3, _log_uniform(-4, -2))
