@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from torchsage.dg.hparams import default_hparams
 from torchsage.study import pretrained as pt
 from torchsage.study.parts import ALL_PARTS
@@ -10,7 +12,13 @@ from torchsage.study.spec import SAGE_DEFAULTS, SAGE_GRID, SAM_GRID
 
 
 def test_parts_are_the_cells_and_listed_in_the_study():
-    assert pt.PT_PARTS == ("pt-symbola-core", "pt-symbola", "pt-notocolor-core", "pt-notocolor")
+    assert pt.PT_PARTS == (
+        "pt-symbola-core",
+        "pt-symbola",
+        "pt-notocolor-core",
+        "pt-notocolor",
+        "pt-symbola-heads",
+    )
     assert set(pt.PT_PARTS) <= set(ALL_PARTS)
 
 
@@ -63,3 +71,19 @@ def test_the_authors_arm_has_the_authors_values():
     authors = next(a for a in pt.pt_arms() if a.method == "SAGE (authors-dg)")
     assert authors.hparams["optimizer"] == "sgd" and authors.hparams["gamma"] == 1.0
     assert authors.hparams["rho_scaling"] == "weight" and authors.hparams["disagreement"] == "cosine"
+
+
+def test_the_heads_follow_up_is_sages_default_with_the_classifier_on_each_direction(tmp_path):
+    jobs = part_jobs(tmp_path, "pt-symbola-heads")
+    assert len(jobs) == 10 * 2 and {j.settings["test_env"] for j in jobs} == {5}
+    core = {j.settings["trial"]: j.settings["seed"] for j in part_jobs(tmp_path, "pt-symbola-core")}
+    for job in jobs:  # paired with the core part's trials, SAGE's defaults but the classifier's direction
+        hp = job.settings["hparams"]
+        assert job.settings["seed"] == core[job.settings["trial"]]
+        assert {k: v for k, v in hp.items() if k != "classifier_ascent"} == {
+            **pt.PT_BASE_HPARAMS,
+            **SAGE_DEFAULTS,
+        }
+    assert {j.settings["hparams"]["classifier_ascent"] for j in jobs} == {"gradient", "none"}
+    with pytest.raises(ValueError, match="unknown part 'pt-notocolor-heads'"):
+        part_jobs(tmp_path, "pt-notocolor-heads")

@@ -49,6 +49,8 @@ def _accuracies(job):
         if hp["rho"] == 0.1:
             return 0.90, 0.50 + 0.02 * t, 0.99
         return 0.90, 0.55, 0.5
+    if "classifier_ascent" in hp:  # the follow-up: 5 points below SAGE's default, or 3 above
+        return 0.9, (0.70 if hp["classifier_ascent"] == "gradient" else 0.78) + 0.01 * t, 0.5
     grid = {k: hp.get(k) for k in DEFAULT}
     if algorithm == "SAGE" and grid == {**DEFAULT, "rho_scaling": "weight", "rho": 0.01}:
         return 0.95, 0.65 + 0.01 * t, 0.5
@@ -227,6 +229,28 @@ def test_the_core_comparison_stands_before_any_grid_finishes(tmp_path):
     assert list(_rows(core)) == ["ERM", "SAM", "SAGE (default)", "SAGE (authors-dg)"]
     # the full table waits for every choice of SAM's and SAGE's grids
     assert list(_rows(validation)) == ["ERM", "SAGE (default)", "SAGE (authors-dg)"]
+    assert "classifier's ascent direction" not in text  # the follow-up has no run yet
+
+
+def test_the_classifier_direction_follow_up_against_erm_and_sages_default(tmp_path):
+    root = tmp_path / "runs"
+    for job in pt_jobs(str(root), cells=(SYMBOLA,), n_trials=3, core=True) + pt_jobs(
+        str(root), cells=(SYMBOLA,), n_trials=3, heads=True
+    ):
+        _finish(job, *_accuracies(job))
+    runs, missing = ptr.load_pt(root)
+    assert missing == 130 * 2 - 3 * 4  # the follow-up's runs are not the study's
+    assert sum(r.method.startswith("SAGE (classifier") for r in runs) == 6
+    text = ptr.render_pretrained(root, tmp_path / "figures")
+    table = text.split("classifier's ascent direction")[1]
+    rows = _rows(table.split("\n\n", 2)[1])
+    assert list(rows) == ["ERM", "SAGE (default)", "SAGE (classifier gradient)", "SAGE (classifier none)"]
+    assert "Δ vs SAGE (default)" in table
+    # against ERM (0.60 + 0.01 t): +10 and +18; against SAGE's default (0.75 + 0.01 t): -5 and +3
+    assert rows["SAGE (classifier gradient)"][3].startswith("+10.0 [+10.0, +10.0]")
+    assert rows["SAGE (classifier gradient)"][4].startswith("-5.0 [-5.0, -5.0]")
+    assert rows["SAGE (classifier none)"][4].startswith("+3.0 [+3.0, +3.0]")
+    assert rows["SAGE (default)"][4] == "–" and rows["ERM"][3] == "–"
 
 
 def test_no_runs_yet_is_one_line_and_no_figure(tmp_path):

@@ -47,6 +47,7 @@ __all__ = [
     "PT_STEPS",
     "pt_arms",
     "pt_core_arms",
+    "pt_head_arms",
     "pt_jobs",
     "pt_part_jobs",
 ]
@@ -106,14 +107,35 @@ def pt_core_arms() -> list[Arm]:
     return [a for a in pt_arms() if _core(a)]
 
 
+def pt_head_arms() -> list[Arm]:
+    """The classifier's ascent direction (a follow-up, fixed on 4 December 2026 before any of its
+    runs): SAGE at its defaults with the classifier's matrix on SAM's direction (``"gradient"``) or
+    not perturbed (``"none"``), against the core part's ERM and SAGE (default) runs of the same
+    trials. It decides the default for output heads by accuracy; docs/benchmarks.md has the cost.
+
+    Example:
+        >>> [a.hparams["classifier_ascent"] for a in pt_head_arms()]
+        ['gradient', 'none']
+    """
+    return [
+        Arm(f"SAGE (classifier {d})", "SAGE", {**SAGE_DEFAULTS, "classifier_ascent": d}, base=PT_BASE_HPARAMS)
+        for d in ("gradient", "none")
+    ]
+
+
 def pt_jobs(
-    root: str, cells: tuple[tuple[str, int], ...] = PT_CELLS, n_trials: int = N_TRIALS, core: bool = False
+    root: str,
+    cells: tuple[tuple[str, int], ...] = PT_CELLS,
+    n_trials: int = N_TRIALS,
+    core: bool = False,
+    heads: bool = False,
 ) -> list[HashedJob]:
     """The runs of the pretrained-regime study, trial by trial, in ``root/dg/<hash>``.
 
     ``core=True`` keeps the arms of :data:`PT_CORE_ARMS` only: the same runs (the same directories) as
-    the whole study's, so a core part run first is part of the whole one, not a second copy."""
-    arms = pt_core_arms() if core else pt_arms()
+    the whole study's, so a core part run first is part of the whole one, not a second copy.
+    ``heads=True``: the runs of :func:`pt_head_arms` instead (the follow-up's own)."""
+    arms = pt_head_arms() if heads else pt_core_arms() if core else pt_arms()
     return dg_jobs(root, cells=cells, n_trials=n_trials, steps=PT_STEPS, arms=arms)
 
 
@@ -123,8 +145,12 @@ def _part(env: int) -> str:
     return f"pt-{environment_names('EmojiStyles')[env]}"
 
 
-#: the parts of this study: per cell, its core arms (``pt-<design>-core``) and all its arms
-PT_PARTS: tuple[str, ...] = tuple(p for _, env in PT_CELLS for p in (f"{_part(env)}-core", _part(env)))
+#: the parts of this study: per cell, its core arms (``pt-<design>-core``) and all its arms; then the
+#: classifier-direction follow-up on the first cell (``pt-<design>-heads``)
+PT_PARTS: tuple[str, ...] = (
+    *(p for _, env in PT_CELLS for p in (f"{_part(env)}-core", _part(env))),
+    f"{_part(PT_CELLS[0][1])}-heads",
+)
 
 
 def pt_part_jobs(root: str, part: str) -> list[HashedJob] | None:
@@ -134,4 +160,6 @@ def pt_part_jobs(root: str, part: str) -> list[HashedJob] | None:
             return pt_jobs(root, cells=(cell,))
         if part == f"{_part(cell[1])}-core":
             return pt_jobs(root, cells=(cell,), core=True)
+        if part == f"{_part(cell[1])}-heads" and part in PT_PARTS:
+            return pt_jobs(root, cells=(cell,), heads=True)
     return None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from torchsage.study.figures import plot_differences, plot_sensitivity
-from torchsage.study.pretrained import PT_CELLS, pt_arms, pt_core_arms, pt_jobs
+from torchsage.study.pretrained import PT_CELLS, pt_arms, pt_core_arms, pt_head_arms, pt_jobs
 from torchsage.study.report import DGRun, _cell_results, _cells_with_results, dg_table, load_jobs, select
 
 __all__ = ["NO_RUNS", "core_runs", "load_pt", "render_pretrained", "render_pretrained_runs"]
@@ -39,8 +39,14 @@ NO_RUNS = "The pretrained regime (EmojiStyles, EfficientNet-Lite0) has no finish
 def load_pt(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     """The finished runs of the pretrained regime under ``root`` (``job_options``: those of
     :func:`torchsage.study.pretrained.pt_jobs`), with the test domain's ``out`` accuracy the oracle
-    selects by, and the number of its jobs not finished."""
-    return load_jobs(pt_jobs(str(root), **job_options), pt_arms(), oracle=True)
+    selects by, and the number of its jobs not finished. Without ``job_options``, also the finished
+    runs of the classifier-direction follow-up (:func:`torchsage.study.pretrained.pt_head_arms`; its
+    unfinished runs are not counted)."""
+    runs, missing = load_jobs(pt_jobs(str(root), **job_options), pt_arms(), oracle=True)
+    if not job_options:
+        heads = pt_jobs(str(root), cells=PT_CELLS[:1], heads=True)
+        runs += load_jobs(heads, pt_head_arms(), oracle=True)[0]
+    return runs, missing
 
 
 def core_runs(runs: Sequence[DGRun]) -> list[DGRun]:
@@ -91,6 +97,7 @@ def render_pretrained_runs(runs: Sequence[DGRun], missing: int | None, figures: 
         path = figures / "pretrained_core_differences.png"
         plot_differences(core, path, core_results, cells=core_cells, arms=core_arms)
         parts.append("![paired differences to ERM, core comparison](figures/pretrained_core_differences.png)")
+    parts += _head_tables(runs)
     results = _cell_results(selected, cells, None, arms)
     if cells:
         plot_differences(selected, figures / "pretrained_differences.png", results, cells=cells, arms=arms)
@@ -111,3 +118,25 @@ def render_pretrained_runs(runs: Sequence[DGRun], missing: int | None, figures: 
             "(figures/pretrained_sensitivity.png)"
         )
     return "\n\n".join(parts) + "\n"
+
+
+def _head_tables(runs: Sequence[DGRun]) -> list[str]:
+    """The classifier-direction follow-up's table per cell with two finished trials of it: SAGE at
+    its defaults with the classifier on each direction, against ERM and SAGE (default) of the same
+    trials."""
+    from torchsage.dg.datasets import environment_names
+
+    arms = [a for a in pt_core_arms() if a.method in ("ERM", "SAGE (default)")] + pt_head_arms()
+    methods = {a.method for a in arms}
+    chosen = select([r for r in runs if r.method in methods], arms)
+    tables = []
+    for dataset, env in PT_CELLS:
+        if len(chosen.get((dataset, env, pt_head_arms()[0].method), {})) < 2:
+            continue
+        caption = (
+            f"{dataset}, test domain {environment_names(dataset)[env]}: the classifier's ascent direction "
+            "(SAGE at its defaults; polar is the default's), one choice per method"
+        )
+        bases = ("ERM", "SAGE (default)")
+        tables.append(dg_table(chosen, dataset, env, "", arms=arms, caption=caption, bases=bases))
+    return tables

@@ -197,15 +197,17 @@ def cell_comparisons(
     dataset: str,
     test_env: int,
     arms: Sequence[Arm] | None = None,
+    bases: tuple[str, ...] = ("ERM", "SAM"),
 ) -> tuple[dict[str, dict[int, float]], dict[tuple[str, str], Paired | None]]:
     """One cell's selected test accuracies ``{method: {trial: acc}}`` and every method's paired
-    comparison with ERM and with SAM ``{(method, base): Paired}``, Holm-adjusted as one family.
-    ``arms``: the study's arms, in table order (default: the first study's)."""
+    comparison with each of ``bases`` (default: ERM and SAM) ``{(method, base): Paired}``,
+    Holm-adjusted as one family. ``arms``: the study's arms, in table order (default: the first
+    study's)."""
     methods = list(dict.fromkeys(a.method for a in (dg_arms() if arms is None else arms)))
     acc = {m: {t: r.test_acc for t, r in selected.get((dataset, test_env, m), {}).items()} for m in methods}
     comparisons: dict[tuple[str, str], Paired | None] = {}
     for m in methods:
-        for base in ("ERM", "SAM"):
+        for base in bases:
             if m != base and acc[m] and acc[base]:
                 comparisons[(m, base)] = compare(acc[m], acc[base])
     return acc, _holm_all(comparisons)
@@ -219,12 +221,13 @@ def _cell_results(
     cells: Sequence[tuple[str, int]],
     known: CellResults | None,
     arms: Sequence[Arm] | None = None,
+    bases: tuple[str, ...] = ("ERM", "SAM"),
 ) -> CellResults:
     """:func:`cell_comparisons` for ``cells``, reusing those already in ``known`` (the bootstrap is
     the report's costliest step: :func:`torchsage.study.render.render_results` computes each cell
     once for all outputs)."""
     known = known or {}
-    return {c: known[c] if c in known else cell_comparisons(selected, *c, arms) for c in cells}
+    return {c: known[c] if c in known else cell_comparisons(selected, *c, arms, bases) for c in cells}
 
 
 def dg_table(
@@ -236,12 +239,14 @@ def dg_table(
     results: CellResults | None = None,
     arms: Sequence[Arm] | None = None,
     caption: str | None = None,
+    bases: tuple[str, ...] = ("ERM", "SAM"),
 ) -> str:
     """One cell's table: test accuracy (mean, 95% t-interval) and the paired differences.
     ``results``: cells' comparisons already computed (see :func:`_cell_results`); ``arms``: the
-    study's arms (default: the first study's); ``caption``: instead of the default one."""
+    study's arms (default: the first study's); ``caption``: instead of the default one; ``bases``:
+    the two methods every row is compared with."""
     cell = (dataset, test_env)
-    acc, comparisons = _cell_results(selected, [cell], results, arms)[cell]
+    acc, comparisons = _cell_results(selected, [cell], results, arms, bases)[cell]
     rows = []
     for m, values in acc.items():
         if not values:
@@ -251,11 +256,10 @@ def dg_table(
                 m,
                 str(len(values)),
                 _ci(list(values.values())),
-                _diff(comparisons.get((m, "ERM"))),
-                _diff(comparisons.get((m, "SAM"))),
+                *(_diff(comparisons.get((m, base))) for base in bases),
             ]
         )
-    header = ["Method", "trials", "test acc (%) [95% CI]", "Δ vs ERM [95% CI] p", "Δ vs SAM [95% CI] p"]
+    header = ["Method", "trials", "test acc (%) [95% CI]", *(f"Δ vs {b} [95% CI] p" for b in bases)]
     caption = caption or f"{dataset}, test domain {env_name}: training-domain validation"
     notes = [
         "Δ: mean paired difference in points (same trial seeds); interval: paired bootstrap; p: Wilcoxon "
