@@ -7,7 +7,11 @@ docs/integrations.md.
 
 from __future__ import annotations
 
-from torchsage.optim import StepInfo
+from typing import Any
+
+from torch import nn
+
+from torchsage.optim import SharpnessAware, StepInfo
 
 __all__ = ["step_info_metrics"]
 
@@ -32,3 +36,32 @@ def step_info_metrics(info: StepInfo, prefix: str = "sage/") -> dict[str, float]
     names = info.names or tuple(str(k) for k in range(len(info.losses)))
     metrics.update({f"{prefix}loss/{name}": float(v) for name, v in zip(names, info.losses)})
     return metrics
+
+
+def data_parallel(optimizer: SharpnessAware, world_size: int, wrapper: Any, where: str) -> None:
+    """Readies ``optimizer`` for a data-parallel run of ``world_size`` processes (nothing to do in one).
+
+    The optimizer must average the gradients itself (``process_group="auto"``, built once the
+    group exists): refused otherwise, as each process would step on its own batch. ``wrapper`` is
+    the framework's ``DistributedDataParallel`` module when the closures run through it (the
+    Hugging Face Trainer's model): it becomes the optimizer's ``model=``, so the clean pass runs
+    under ``no_sync`` (the optimizer averages the per-distribution gradients) and DDP reduces the
+    perturbed pass, once. ``None``: the closures run the bare module (Lightning), DDP never sees
+    their backward passes, and the optimizer reduces both; a DDP ``model=`` given to the optimizer
+    is then refused, since it would leave the perturbed pass to a reduction that never comes.
+    """
+    if world_size <= 1 or optimizer.passes.sharded:  # FSDP2 shards reduce themselves
+        return
+    parallel = optimizer._parallel
+    if parallel is None:
+        raise ValueError(
+            f"{where} runs on {world_size} processes but the optimizer does not average the gradients: "
+            "build it with process_group='auto' (the default) after torch.distributed is initialized"
+        )
+    if isinstance(wrapper, nn.parallel.DistributedDataParallel):
+        parallel.model, parallel.ddp = wrapper, True
+    elif parallel.ddp:
+        raise ValueError(
+            f"{where}'s closures run the module, not its DistributedDataParallel wrapper: build the "
+            "optimizer without model=<the wrapper> (model=self or none); it then averages the gradients"
+        )

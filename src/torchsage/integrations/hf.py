@@ -24,7 +24,7 @@ from torch import Tensor
 
 from torchsage.amp import scaled_step
 from torchsage.groups import check_options, group_counts, group_losses, group_sizes
-from torchsage.integrations import step_info_metrics
+from torchsage.integrations import data_parallel, step_info_metrics
 from torchsage.optim import SAGE, MicroBatches, SharpnessAware
 
 __all__ = ["SAGETrainer", "per_sample_loss"]  # noqa: F822 (SAGETrainer is built on first use)
@@ -133,6 +133,13 @@ def _build() -> type:
         large. Mixed precision: ``bf16=True``, or ``fp16=True`` with the Trainer's gradient scaler
         driving :func:`torchsage.amp.scaled_step` (an overflow skips the step and lowers the
         scale; the learning-rate scheduler then does not step, as in the plain Trainer).
+
+        DDP (launched by ``torchrun``; accelerate wraps the model in ``DistributedDataParallel``):
+        nothing to change. The closures run the wrapper, which the step hands to the optimizer as
+        its ``model=``: the clean pass runs under ``no_sync`` and the optimizer averages the
+        per-distribution gradients, DDP averages the perturbed gradient (with accumulation the
+        optimizer reduces both passes, once per window). The optimizer must average gradients
+        (``process_group="auto"``, built after the process group exists): refused otherwise.
         """
 
         def __init__(
@@ -218,6 +225,7 @@ def _build() -> type:
             window, self._sage_window = self._sage_window, []
             closure, weights = self._sage_closure(model, window)
             optimizer = _sharpness_aware(self.optimizer)
+            data_parallel(optimizer, self.accelerator.num_processes, model, "SAGETrainer")
             kwargs = {} if weights is None else {"weights": weights}
             optimizer.__dict__["_torchsage_outer"] = self.optimizer
             if self.args.fp16 and self.accelerator.scaler is not None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from torchsage.amp import scaled_step
-from torchsage.integrations import step_info_metrics
+from torchsage.integrations import data_parallel, step_info_metrics
 from torchsage.optim import Closure, MicroBatches, SharpnessAware, StepInfo
 
 __all__ = ["SAGEMixin", "step_info_metrics"]
@@ -46,6 +46,13 @@ class SAGEMixin:
     - **Precision**: 32-bit, ``"bf16-mixed"`` and ``"16-mixed"``: with the latter the step is
       :func:`torchsage.amp.scaled_step` on the precision plugin's gradient scaler (an overflow
       skips the whole step and lowers the scale; the step still counts in ``global_step``).
+    - **DDP** (``Trainer(strategy="ddp", devices=N)``): nothing to change. The closures run the
+      module itself, not Lightning's ``DistributedDataParallel`` wrapper, so DDP reduces nothing;
+      the optimizer (``process_group="auto"``, the default) averages the per-distribution
+      gradients of the clean pass and the perturbed gradient over the processes, and each process
+      holds its share of every distribution's batch (Lightning's ``DistributedSampler``). Refused:
+      an optimizer that does not reduce (``process_group=None``) or whose ``model=`` is the DDP
+      wrapper.
       Gradient clipping by the Trainer is not available in manual optimization: use the
       optimizer's ``max_grad_norm`` (it clips the descent gradient, after unscaling).
     - **Gradient accumulation**: ``Trainer(accumulate_grad_batches=N)``, which Lightning refuses
@@ -144,6 +151,7 @@ class SAGEMixin:
             raise ValueError(
                 f"sage_step needs a torchsage optimizer (SAGE, SAM, ...), got {type(inner).__name__}"
             )
+        data_parallel(inner, getattr(trainer, "world_size", 1), None, "SAGEMixin")
         target: Any = closure
         if self.sage_accumulate > 1:
             window = self.__dict__.setdefault("_sage_window", [])
