@@ -93,14 +93,23 @@ def module_class() -> type:
     return Classifier
 
 
-def run(name: str, world: int, ranks: tuple[int, ...] = (0, 1)) -> dict[str, Any]:
+def run(
+    name: str,
+    world: int,
+    ranks: tuple[int, ...] = (0, 1),
+    module: type | None = None,
+    strategy: Any = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """STEPS steps of a scenario: under DDP with ``world`` 2 (started by torchrun), or in one
-    process with ``world`` 1 on the union of the batches of ``ranks`` (``(0,)``: process 0's own)."""
+    process with ``world`` 1 on the union of the batches of ``ranks`` (``(0,)``: process 0's own).
+    ``module``, ``strategy`` and ``config`` replace the module class, ``"ddp"`` and the scenario
+    (lightning_fsdp_worker.py)."""
     import lightning as L
 
-    config = SCENARIOS[name]
-    model = module_class()(config["opt"], config["kw"])
-    options: dict[str, Any] = dict(strategy="ddp", devices=2) if world > 1 else dict(devices=1)
+    config = config or SCENARIOS[name]
+    model = (module or module_class())(config["opt"], config["kw"])
+    options: dict[str, Any] = dict(strategy=strategy or "ddp", devices=2) if world > 1 else dict(devices=1)
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=STEPS,

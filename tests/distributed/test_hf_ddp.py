@@ -7,10 +7,7 @@ import pytest
 import torch
 import torchrun_launch
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
-
-worker, results, TRAINED = torchrun_launch.scenarios("hf_ddp_worker.py")
+worker, results, TRAINED = torchrun_launch.scenarios("hf_ddp_worker.py", "transformers", "accelerate")
 
 
 @pytest.mark.parametrize("name", TRAINED)

@@ -5,9 +5,7 @@ import pytest
 import torch
 import torchrun_launch
 
-pytest.importorskip("lightning")
-
-worker, results, TRAINED = torchrun_launch.scenarios("lightning_ddp_worker.py")
+worker, results, TRAINED = torchrun_launch.scenarios("lightning_ddp_worker.py", "lightning")
 
 
 @pytest.mark.parametrize("name", TRAINED)

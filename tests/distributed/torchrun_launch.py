@@ -34,9 +34,14 @@ def load_worker(path: Path):
     return module
 
 
-def scenarios(worker_file: str):
+def scenarios(worker_file: str, *needs: str):
     """``(worker, results, trained)`` for a test file: the worker script next to this file, its
-    results fixture (:func:`results_fixture`) and the names of its scenarios that train."""
+    results fixture (:func:`results_fixture`) and the names of its scenarios that train. The test
+    file is skipped when one of the modules ``needs`` is not installed."""
+    import pytest
+
+    for name in needs:
+        pytest.importorskip(name)
     worker = load_worker(Path(__file__).parent / worker_file)
     trained = [n for n, c in worker.SCENARIOS.items() if not c.get("refused")]
     return worker, results_fixture(worker), trained

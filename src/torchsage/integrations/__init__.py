@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from torchsage.optim import SharpnessAware, StepInfo
+from torchsage.optim._shards import is_sharded
 
 __all__ = ["step_info_metrics"]
 
@@ -38,7 +39,9 @@ def step_info_metrics(info: StepInfo, prefix: str = "sage/") -> dict[str, float]
     return metrics
 
 
-def data_parallel(optimizer: SharpnessAware, world_size: int, wrapper: Any, where: str) -> None:
+def data_parallel(
+    optimizer: SharpnessAware, world_size: int, wrapper: Any, where: str, module: nn.Module | None = None
+) -> None:
     """Readies ``optimizer`` for a data-parallel run of ``world_size`` processes (nothing to do in one).
 
     The optimizer must average the gradients itself (``process_group="auto"``, built once the
@@ -49,7 +52,21 @@ def data_parallel(optimizer: SharpnessAware, world_size: int, wrapper: Any, wher
     perturbed pass, once. ``None``: the closures run the bare module (Lightning), DDP never sees
     their backward passes, and the optimizer reduces both; a DDP ``model=`` given to the optimizer
     is then refused, since it would leave the perturbed pass to a reduction that never comes.
+
+    FSDP2 (``fully_shard``): the optimizer must have been built on the shards (DTensors), which
+    reduce themselves. Refused: one built before the model was sharded, whether it still holds the
+    unsharded tensors or its parameter groups were switched to the shards afterwards (accelerate
+    does so under FSDP2), as it would neither see the gradients nor take the global norms over the
+    shards. ``module``: the model whose parameters the closures train (Lightning's module).
     """
+    if not optimizer.passes.sharded:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        if any(map(is_sharded, params)) or any(map(is_sharded, module.parameters() if module else ())):
+            raise ValueError(
+                f"{where}: the model was sharded with fully_shard (FSDP2) after the optimizer was built "
+                "on its unsharded parameters: build the optimizer after fully_shard (the Hugging Face "
+                "Trainer cannot: it builds it before accelerate shards the model; train with DDP there)"
+            )
     if world_size <= 1 or optimizer.passes.sharded:  # FSDP2 shards reduce themselves
         return
     parallel = optimizer._parallel

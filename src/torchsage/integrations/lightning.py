@@ -151,7 +151,7 @@ class SAGEMixin:
             raise ValueError(
                 f"sage_step needs a torchsage optimizer (SAGE, SAM, ...), got {type(inner).__name__}"
             )
-        data_parallel(inner, getattr(trainer, "world_size", 1), None, "SAGEMixin")
+        data_parallel(inner, getattr(trainer, "world_size", 1), None, "SAGEMixin", module)
         target: Any = closure
         if self.sage_accumulate > 1:
             window = self.__dict__.setdefault("_sage_window", [])
