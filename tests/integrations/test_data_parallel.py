@@ -4,12 +4,14 @@ tests/distributed/test_lightning_ddp.py and test_hf_ddp.py)."""
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from torchsage.integrations import data_parallel
 
 
 def optimizer(parallel):
-    return SimpleNamespace(passes=SimpleNamespace(sharded=False), _parallel=parallel)
+    params = [{"params": [torch.zeros(2)]}]  # plain tensors, not FSDP2 shards
+    return SimpleNamespace(passes=SimpleNamespace(sharded=False), _parallel=parallel, param_groups=params)
 
 
 def test_one_process_and_fsdp2_shards_need_nothing():

@@ -140,6 +140,8 @@ def _build() -> type:
         per-distribution gradients, DDP averages the perturbed gradient (with accumulation the
         optimizer reduces both passes, once per window). The optimizer must average gradients
         (``process_group="auto"``, built after the process group exists): refused otherwise.
+        FSDP2 (``fsdp_config={"fsdp_version": 2}``) is refused at the first step: the Trainer
+        builds the optimizer before accelerate shards the model.
         """
 
         def __init__(

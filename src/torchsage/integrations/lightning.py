@@ -55,6 +55,10 @@ class SAGEMixin:
       wrapper.
       Gradient clipping by the Trainer is not available in manual optimization: use the
       optimizer's ``max_grad_norm`` (it clips the descent gradient, after unscaling).
+    - **FSDP2** (``strategy=ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)``):
+      ``configure_model`` calls ``fully_shard(self.net, mesh=self.device_mesh["data_parallel"])``;
+      ``configure_optimizers`` runs after it, so the optimizer steps the shards. Refused: an
+      optimizer built before ``fully_shard``.
     - **Gradient accumulation**: ``Trainer(accumulate_grad_batches=N)``, which Lightning refuses
       in manual optimization, is taken over by the mixin when the trainer is attached (the
       trainer's own value is set to 1): :meth:`sage_step` keeps the closures of ``N`` batches and
