@@ -11,8 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from torchsage.optim import SharpnessAware, StepInfo
-from torchsage.optim._shards import is_sharded
+from torchsage.optim import SharpnessAware, StepInfo, is_sharded
 
 __all__ = ["step_info_metrics"]
 

@@ -26,6 +26,7 @@ from torchsage.optim._micro import MicroBatches
 from torchsage.optim._sage import SAGE, SAGEAlign, SAGEAlignmentOnly, SAGECurvatureOnly
 from torchsage.optim._sam import ASAM, GSAM, SAGM, SAM
 from torchsage.optim._schedule import AscentSchedule, EveryK, EveryStep, Triggered
+from torchsage.optim._shards import is_sharded
 
 __all__ = [
     "ASAM",
@@ -56,6 +57,7 @@ __all__ = [
     "Triggered",
     "average_gradients",
     "frozen_bn_stats",
+    "is_sharded",
     "make_data_parallel",
     "torchrun_session",
 ]
