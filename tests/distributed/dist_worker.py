@@ -49,6 +49,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     ),
     "sam_shards_micro": dict(opt="SAM", layout="shards", micro=True, kw=dict(rho=0.05)),
     "gsam_shards_ddp": dict(opt="GSAM", layout="shards", ddp=True, kw=dict(rho=0.05, alpha=0.3)),
+    "gsam_shards": dict(opt="GSAM", layout="shards", kw=dict(rho=0.05, alpha=0.3)),
     "align_shards_ddp": dict(opt="SAGEAlign", layout="shards", ddp=True, kw=dict(rho=0.05, lambda_max=0.8)),
     "sage_upgrad_shards_ddp": dict(
         opt="SAGE", layout="shards", ddp=True, solver="upgrad", kw=dict(rho=0.05, gamma=0.05)
