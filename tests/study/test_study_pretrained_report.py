@@ -284,6 +284,31 @@ def test_records_round_trip_and_old_lines(study, tmp_path):
         ptr.render_pretrained_runs(old_runs, None, tmp_path / "f5")
 
 
+def test_pretrained_only_export_keeps_the_other_lines(study, tmp_path, capsys):
+    from torchsage.study.__main__ import main
+    from torchsage.study.records import load, load_pretrained
+
+    root, _, runs, missing = study
+    # a records file of the first study alone (one run line, one MTL line), from another machine
+    other = {"kind": "dg", "dataset": "RotatedDigits", "test_env": 0, "trial": 0, "method": "ERM"}
+    other.update(hparams={}, val_acc=0.9, test_acc=0.8, run="abc", disagreement=None)
+    mtl = {"kind": "mtl", "solver": "ls", "seed": 0, "delta_m": 1.5}
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in ({"kind": "summary", "dg_missing": 7}, other, mtl)))
+    for _ in range(2):  # twice: the pretrained lines are replaced, not appended again
+        assert main(["export", "--root", str(root), "--output", str(path), "--pretrained-only"]) == 0
+    first, first_missing, mtl_rows, _ = load(path)
+    assert first_missing == 7 and mtl_rows == [{k: v for k, v in mtl.items() if k != "kind"}]
+    assert next(r for r in first if r.dataset == "RotatedDigits").test_acc == 0.8
+    pt_runs, pt_missing = load_pretrained(path)
+    assert pt_missing == missing and len(pt_runs) == len(runs)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(other) + "\n")
+    capsys.readouterr()
+    assert main(["export", "--root", str(root), "--output", str(bad), "--pretrained-only"]) == 2
+    assert "does not start with a summary line" in capsys.readouterr().err
+
+
 def test_committed_pretrained_results_render_from_the_committed_records(tmp_path):
     from torchsage.study.__main__ import PT_TITLE
     from torchsage.study.records import load_pretrained

@@ -56,6 +56,11 @@ def _parser() -> Parser:
     export = sub.add_parser("export", help="write the finished runs' results to one records file")
     export.add_argument("--root", default=DEFAULT_ROOT)
     export.add_argument("--output", default=DEFAULT_RECORDS)
+    export.add_argument(
+        "--pretrained-only",
+        action="store_true",
+        help="replace only the pretrained regime's lines of the existing --output file",
+    )
     schedules = sub.add_parser(
         "schedules", help="the table of the dg-schedules part, from its run directories"
     )
@@ -150,9 +155,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "export":
-        from torchsage.study.records import export
+        from torchsage.study.records import export, export_pretrained
 
-        path = export(args.root, args.output)
+        path = (export_pretrained if args.pretrained_only else export)(args.root, args.output)
         print(f"wrote {path}")
         return 0
     from torchsage.harness.records import atomic_write_text

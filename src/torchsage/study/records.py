@@ -39,7 +39,7 @@ from typing import Any
 
 from torchsage.harness.records import atomic_write_text, read_json_lines
 
-__all__ = ["export", "load", "load_pretrained"]
+__all__ = ["export", "export_pretrained", "load", "load_pretrained"]
 
 
 def export(root: str | Path, path: str | Path) -> Path:
@@ -50,14 +50,41 @@ def export(root: str | Path, path: str | Path) -> Path:
     runs, missing, mtl, theory = load_results(root)
     pt_runs, pt_missing = load_pt(root)
     lines: list[dict[str, Any]] = [{"kind": "summary", "dg_missing": missing, "pt_missing": pt_missing}]
-    for r in runs + pt_runs:
-        fields = asdict(r)
-        fields["run"] = fields.pop("path").name  # the run directory's name, not the local path
-        if fields["oracle_acc"] is None:  # the first study's lines as they were
-            del fields["oracle_acc"]
-        lines.append({"kind": "dg", **fields})
+    lines += [_dg_line(r) for r in runs + pt_runs]
     lines += [{"kind": "mtl", **row} for row in mtl]
     lines += [{"kind": "theory", **payload} for payload in theory]
+    return _write(path, lines)
+
+
+def export_pretrained(root: str | Path, path: str | Path) -> Path:
+    """Replaces the pretrained regime's lines of the records file ``path`` (and its count of
+    unfinished pretrained jobs) with those of the finished runs under ``root``, keeping every other
+    line as it is: the pretrained regime can run on another machine than the first study's runs."""
+    from torchsage.study.pretrained import PT_CELLS
+    from torchsage.study.pretrained_report import load_pt
+
+    lines = _lines(path)
+    if not lines or lines[0].get("kind") != "summary":
+        raise ValueError(f"{path} does not start with a summary line: is this a study records file?")
+    pt_runs, pt_missing = load_pt(root)
+    kept = [
+        line
+        for line in lines[1:]
+        if not (line.get("kind") == "dg" and (line["dataset"], line["test_env"]) in PT_CELLS)
+    ]
+    summary = {**lines[0], "pt_missing": pt_missing}
+    return _write(path, [summary, *kept, *(_dg_line(r) for r in pt_runs)])
+
+
+def _dg_line(run: Any) -> dict[str, Any]:
+    fields = asdict(run)
+    fields["run"] = fields.pop("path").name  # the run directory's name, not the local path
+    if fields["oracle_acc"] is None:  # the first study's lines as they were
+        del fields["oracle_acc"]
+    return {"kind": "dg", **fields}
+
+
+def _write(path: str | Path, lines: list[dict[str, Any]]) -> Path:
     text = "".join(json.dumps(line, sort_keys=True, allow_nan=False) + "\n" for line in lines)
     atomic_write_text(path, text)
     return Path(path)
@@ -82,16 +109,8 @@ def load_pretrained(path: str | Path) -> tuple[list, int | None]:
 def _read(path: str | Path) -> tuple[list, int, list[dict[str, Any]], list[dict[str, Any]], int | None]:
     from torchsage.study.report import DGRun
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no study records at {path}: write them with `python -m torchsage.study export`"
-        )
-    lines, torn = read_json_lines(path)
-    if torn:
-        raise ValueError(f"{path}: {'; '.join(torn)}; export it again from the run directories")
     runs, missing, mtl, theory, pt_missing = [], 0, [], [], None
-    for line in lines:
+    for line in _lines(path):
         kind = line.pop("kind", None)
         if kind == "dg":
             run = line.pop("run")
@@ -106,3 +125,15 @@ def _read(path: str | Path) -> tuple[list, int, list[dict[str, Any]], list[dict[
         else:
             raise ValueError(f"{path}: unknown record kind {kind!r}; is this a study records file?")
     return runs, missing, mtl, theory, pt_missing
+
+
+def _lines(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no study records at {path}: write them with `python -m torchsage.study export`"
+        )
+    lines, torn = read_json_lines(path)
+    if torn:
+        raise ValueError(f"{path}: {'; '.join(torn)}; export it again from the run directories")
+    return lines
