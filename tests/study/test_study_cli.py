@@ -27,5 +27,8 @@ def test_plan_and_empty_report(tmp_path, capsys):
     whole = [int(v[0]) for part, v in rows.items() if part != "all" and not part.endswith("-core")]
     assert int(rows["all"][0]) == sum(whole)
     target = tmp_path / "study_results.md"
-    assert main(["report", "--root", str(tmp_path), "--output", str(target), "--figures", str(tmp_path)]) == 0
+    pt_target = tmp_path / "study_pretrained_results.md"  # never the repository's docs
+    argv = ["report", "--root", str(tmp_path), "--output", str(target), "--figures", str(tmp_path)]
+    assert main([*argv, "--pretrained-output", str(pt_target)]) == 0
+    assert "no finished runs yet" in pt_target.read_text()
     assert "DG runs finished: 0" in target.read_text()
