@@ -94,9 +94,20 @@ def render_pretrained_runs(runs: Sequence[DGRun], missing: int | None, figures: 
         )
         parts.append(dg_table(core, dataset, env, "", results=core_results, arms=core_arms, caption=caption))
     if core_cells:
+        # an arm that diverged (more than 20 points below ERM in a cell) would squash the others'
+        # intervals: the figure leaves it out and says so; the table above has it
+        far = [
+            a.method
+            for a in core_arms
+            if any((p := core_results[c][1].get((a.method, "ERM"))) and p.mean < -0.2 for c in core_cells)
+        ]
         path = figures / "pretrained_core_differences.png"
-        plot_differences(core, path, core_results, cells=core_cells, arms=core_arms)
-        parts.append("![paired differences to ERM, core comparison](figures/pretrained_core_differences.png)")
+        shown = [a for a in core_arms if a.method not in far]
+        plot_differences(core, path, core_results, cells=core_cells, arms=shown)
+        note = f" ({', '.join(far)}: more than 20 points below ERM, in the table only)" if far else ""
+        parts.append(
+            f"![paired differences to ERM, core comparison](figures/pretrained_core_differences.png){note}"
+        )
     parts += _head_tables(runs)
     results = _cell_results(selected, cells, None, arms)
     if cells:
