@@ -95,7 +95,7 @@ class ShardedPolarAscent(AscentRule):
         scaling: str = "global",
         steps: int = 5,
         coefficients: Any = "muon",
-        method: str = "newton_schulz",
+        method: str = "auto",
         dtype: torch.dtype = torch.float32,
         eps: float = 1e-12,
         **_: Any,

@@ -45,6 +45,7 @@ __all__ = [
     "PT_CORE_ARMS",
     "PT_PARTS",
     "PT_STEPS",
+    "is_core",
     "pt_arms",
     "pt_core_arms",
     "pt_head_arms",
@@ -93,8 +94,12 @@ PT_CORE_ARMS: tuple[tuple[str, float | None], ...] = (
 )
 
 
-def _core(arm: Arm) -> bool:
-    return any(arm.method == m and (rho is None or arm.hparams.get("rho") == rho) for m, rho in PT_CORE_ARMS)
+def is_core(choice: Any) -> bool:
+    """Whether ``choice`` (an :class:`~torchsage.study.spec.Arm`, or a run with the same ``method``
+    and ``hparams``) is one of :data:`PT_CORE_ARMS`."""
+    return any(
+        choice.method == m and (rho is None or choice.hparams.get("rho") == rho) for m, rho in PT_CORE_ARMS
+    )
 
 
 def pt_core_arms() -> list[Arm]:
@@ -104,7 +109,7 @@ def pt_core_arms() -> list[Arm]:
         >>> [(a.method, a.hparams.get("rho")) for a in pt_core_arms()][:2]
         [('ERM', None), ('SAM', 0.05)]
     """
-    return [a for a in pt_arms() if _core(a)]
+    return [a for a in pt_arms() if is_core(a)]
 
 
 def pt_head_arms() -> list[Arm]:

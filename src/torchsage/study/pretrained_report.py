@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from torchsage.study.figures import plot_differences, plot_sensitivity
-from torchsage.study.pretrained import PT_CELLS, pt_arms, pt_core_arms, pt_head_arms, pt_jobs
+from torchsage.study.pretrained import PT_CELLS, is_core, pt_arms, pt_core_arms, pt_head_arms, pt_jobs
 from torchsage.study.report import DGRun, _cell_results, _cells_with_results, dg_table, load_jobs, select
 
 __all__ = ["NO_RUNS", "core_runs", "load_pt", "render_pretrained", "render_pretrained_runs"]
@@ -52,9 +52,7 @@ def load_pt(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
 def core_runs(runs: Sequence[DGRun]) -> list[DGRun]:
     """The runs among ``runs`` that are choices of :func:`torchsage.study.pretrained.pt_core_arms`
     (SAM's rho 0.05 among SAM's, SAGE's default run as ``SAGE (default)`` only)."""
-    keep = {(a.method, a.hparams.get("rho")) for a in pt_core_arms()}
-    plain = {a.method for a in pt_core_arms() if a.method != "SAM"}
-    return [r for r in runs if r.method in plain or (r.method, r.hparams.get("rho")) in keep]
+    return [r for r in runs if is_core(r)]
 
 
 def render_pretrained(root: str | Path, figures: str | Path) -> str:
@@ -137,12 +135,13 @@ def _head_tables(runs: Sequence[DGRun]) -> list[str]:
     trials."""
     from torchsage.dg.datasets import environment_names
 
-    arms = [a for a in pt_core_arms() if a.method in ("ERM", "SAGE (default)")] + pt_head_arms()
+    heads = pt_head_arms()
+    arms = [a for a in pt_core_arms() if a.method in ("ERM", "SAGE (default)")] + heads
     methods = {a.method for a in arms}
     chosen = select([r for r in runs if r.method in methods], arms)
     tables = []
     for dataset, env in PT_CELLS:
-        if len(chosen.get((dataset, env, pt_head_arms()[0].method), {})) < 2:
+        if len(chosen.get((dataset, env, heads[0].method), {})) < 2:
             continue
         caption = (
             f"{dataset}, test domain {environment_names(dataset)[env]}: the classifier's ascent direction "
