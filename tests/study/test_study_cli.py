@@ -22,10 +22,12 @@ def test_plan_and_empty_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dg-rotated-0" in out and "theory" in out and "all" in out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
-    # a core part's runs are its cell's runs: the total counts them once
-    assert rows["pt-symbola-core"][-1] == "pt-symbola)"
-    whole = [int(v[0]) for part, v in rows.items() if part != "all" and not part.endswith("-core")]
-    assert int(rows["all"][0]) == sum(whole)
+    # a subset part's runs (core, ablations) are its cell's runs: the total counts each run once
+    assert rows["pt-symbola-core"][-1] == rows["pt-symbola-ablations"][-1] == "pt-symbola)"
+    from torchsage.study.parts import ALL_PARTS, all_part_jobs
+
+    distinct = {j.output_dir for part in ALL_PARTS for j in all_part_jobs(tmp_path, part) or []}
+    assert int(rows["all"][0]) == len(distinct) + int(rows["theory"][0])
     target = tmp_path / "study_results.md"
     pt_target = tmp_path / "study_pretrained_results.md"  # never the repository's docs
     argv = ["report", "--root", str(tmp_path), "--output", str(target), "--figures", str(tmp_path)]

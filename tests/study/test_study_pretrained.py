@@ -18,6 +18,7 @@ def test_parts_are_the_cells_and_listed_in_the_study():
         "pt-notocolor-core",
         "pt-notocolor",
         "pt-symbola-heads",
+        "pt-symbola-ablations",
     )
     assert set(pt.PT_PARTS) <= set(ALL_PARTS)
 
@@ -87,3 +88,20 @@ def test_the_heads_follow_up_is_sages_default_with_the_classifier_on_each_direct
     assert {j.settings["hparams"]["classifier_ascent"] for j in jobs} == {"gradient", "none"}
     with pytest.raises(ValueError, match="unknown part 'pt-notocolor-heads'"):
         part_jobs(tmp_path, "pt-notocolor-heads")
+
+
+def test_the_ablations_part_is_a_subset_of_its_cell_run_trial_by_trial(tmp_path):
+    jobs = part_jobs(tmp_path, "pt-symbola-ablations")
+    whole = {j.output_dir: j for j in part_jobs(tmp_path, "pt-symbola")}
+    assert len(jobs) == 10 * 2
+    assert all(j.output_dir in whole and whole[j.output_dir].argv == j.argv for j in jobs)
+    assert [j.settings["trial"] for j in jobs] == sorted(j.settings["trial"] for j in jobs)
+    base = {**pt.PT_BASE_HPARAMS, **SAGE_DEFAULTS}
+    by_algorithm = {j.settings["algorithm"]: j.settings["hparams"] for j in jobs if j.settings["trial"] == 0}
+    # both halves at SAGE's defaults: the curvature half has no noise scale, the alignment half no ascent
+    curvature = {k: v for k, v in base.items() if k != "gamma"}
+    assert by_algorithm == {"SAGE_CurvatureOnly": curvature, "SAGE_AlignmentOnly": {**base, "rho": 0.0}}
+    with pytest.raises(ValueError, match="unknown part 'pt-notocolor-ablations'"):
+        part_jobs(tmp_path, "pt-notocolor-ablations")
+    with pytest.raises(ValueError, match="at most one of core, heads and ablations"):
+        pt.pt_jobs(str(tmp_path), core=True, ablations=True)

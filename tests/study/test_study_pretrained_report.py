@@ -191,12 +191,14 @@ def test_rendered_document_and_figures(study, tmp_path):
     assert captions == [
         "**EmojiStyles, test domain symbola: core comparison, one choice per method (SAM at rho 0.05; "
         "SAGE at its defaults and at the authors' DG values), nothing selected**",
+        "**EmojiStyles, test domain symbola: SAGE's halves at its defaults (the ablations), one choice "
+        "per method**",
         "**EmojiStyles, test domain symbola: training-domain validation**",
         "**EmojiStyles, test domain symbola: oracle selection (the choice with the best accuracy on the "
         "test domain's out split; it peeks at the test domain, an upper reference, not a result)**",
     ]
     start = [text.index(c) for c in captions]
-    core, validation, oracle = text[start[0] : start[1]], text[start[1] : start[2]], text[start[2] :]
+    core, validation, oracle = text[start[0] : start[1]], text[start[2] : start[3]], text[start[3] :]
     # the core table: SAM is rho 0.05 itself (9 trials: trial 9's rho 0.05 is not finished), the
     # default SAGE run 15 points above ERM, the authors' run 2; four methods, no grid rows
     core_rows = _rows(core)
@@ -344,3 +346,27 @@ def test_one_report_command_writes_both_documents(study, tmp_path, capsys):
     assert pt_out.read_text().startswith(PT_TITLE + first)
     assert "EmojiStyles" not in out.read_text()
     assert (tmp_path / "figures" / "pretrained_sensitivity.png").exists()
+
+
+def test_the_ablations_table_against_erm_and_sages_default(tmp_path):
+    root = tmp_path / "runs"
+    core = pt_jobs(str(root), cells=(SYMBOLA,), n_trials=3, core=True)
+    for job in core + pt_jobs(str(root), cells=(SYMBOLA,), n_trials=2, ablations=True):
+        _finish(job, *_accuracies(job))
+    text = ptr.render_pretrained(root, tmp_path / "figures")
+    assert "classifier's ascent direction" not in text  # no run of that follow-up
+    table = text.split("SAGE's halves at its defaults (the ablations)")[1]
+    rows = _rows(table.split("\n\n", 2)[1])
+    assert list(rows) == ["ERM", "SAGE (default)", "SAGE_CurvatureOnly", "SAGE_AlignmentOnly"]
+    # the ablations' test accuracy is 0.62 + 0.01 t: ERM + 2 and SAGE's default (0.75 + 0.01 t) - 13,
+    # paired over the two trials they have (ERM and SAGE's default have three)
+    for half in ("SAGE_CurvatureOnly", "SAGE_AlignmentOnly"):
+        assert rows[half][3].startswith("+2.0 [+2.0, +2.0]")
+        assert rows[half][4].startswith("-13.0 [-13.0, -13.0]")
+    # one finished trial is not a table
+    one = tmp_path / "one"
+    for job in pt_jobs(str(one), cells=(SYMBOLA,), n_trials=3, core=True):
+        _finish(job, *_accuracies(job))
+    for job in pt_jobs(str(one), cells=(SYMBOLA,), n_trials=1, ablations=True):
+        _finish(job, *_accuracies(job))
+    assert "the ablations" not in ptr.render_pretrained(one, tmp_path / "f2")

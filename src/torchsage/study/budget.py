@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from torchsage.study.parts import ALL_PARTS, all_part_jobs
+from torchsage.study.pretrained import SUBSET_SUFFIXES
 from torchsage.study.spec import DG_STEPS, MTL_SOLVERS, N_TRIALS
 
 __all__ = ["CPU_PER_STEP", "MTL_RUN_CPU", "THEORY_MAX_RUNS", "THEORY_RUN_CPU", "estimate", "plan_text"]
@@ -51,14 +52,16 @@ def _mtl_cost(settings: dict) -> float:
 
 
 def estimate(root: str | Path = "runs/study") -> dict[str, tuple[int, int, float, float]]:
-    """``{part: (runs, finished, CPU-hours in all, CPU-hours left)}``, plus ``"theory"``."""
-    out = {}
+    """``{part: (runs, finished, CPU-hours in all, CPU-hours left)}``, plus ``"theory"`` and
+    ``"all"``: every run once, however many parts it is a run of (a core part's runs are runs of its
+    cell; the gamma measurement reuses the cells' ERM runs)."""
+    out, every = {}, {}
     for part in ALL_PARTS:
         jobs = all_part_jobs(root, part)
         cost = _mtl_cost if part == "mtl" else _dg_cost
-        total = sum(cost(j.settings) for j in jobs) / 3600
-        left = sum(cost(j.settings) for j in jobs if j.state != "done") / 3600
-        out[part] = (len(jobs), sum(j.state == "done" for j in jobs), total, left)
+        rows = [(j.output_dir, cost(j.settings) / 3600, j.state == "done") for j in jobs]
+        every.update((d, (c, done)) for d, c, done in rows)
+        out[part] = _row(rows)
     done = len(list(Path(root).glob("dg/*/theory.json")))
     out["theory"] = (
         THEORY_MAX_RUNS,
@@ -66,7 +69,14 @@ def estimate(root: str | Path = "runs/study") -> dict[str, tuple[int, int, float
         THEORY_MAX_RUNS * THEORY_RUN_CPU / 3600,
         max(0, THEORY_MAX_RUNS - done) * THEORY_RUN_CPU / 3600,
     )
+    runs = _row([(d, c, done) for d, (c, done) in every.items()])
+    out["all"] = tuple(a + b for a, b in zip(runs, out["theory"], strict=True))
     return out
+
+
+def _row(rows: list[tuple[Path, float, bool]]) -> tuple[int, int, float, float]:
+    left = sum(c for _, c, done in rows if not done)
+    return len(rows), sum(done for *_, done in rows), sum(c for _, c, _ in rows), left
 
 
 def plan_text(root: str | Path = "runs/study") -> str:
@@ -75,14 +85,11 @@ def plan_text(root: str | Path = "runs/study") -> str:
     lines = [
         f"evidence study under {root}: {N_TRIALS} trials, DG steps {DG_STEPS}, "
         f"MTL solvers {', '.join(MTL_SOLVERS)}",
-        f"{'part':<18}{'runs':>6}{'done':>6}{'CPU-h':>8}{'left':>8}",
+        f"{'part':<22}{'runs':>6}{'done':>6}{'CPU-h':>8}{'left':>8}",
     ]
     for part, (n, done, total, left) in rows.items():
-        note = f"  (runs of {part.removesuffix('-core')})" if part.endswith("-core") else ""
-        lines.append(f"{part:<18}{n:>6}{done:>6}{total:>8.2f}{left:>8.2f}{note}")
-    # a core part's runs are runs of its cell's part: counted once
-    whole = [v for part, v in rows.items() if not part.endswith("-core")]
-    total, left = sum(v[2] for v in whole), sum(v[3] for v in whole)
-    runs, done = sum(v[0] for v in whole), sum(v[1] for v in whole)
-    lines.append(f"{'all':<18}{runs:>6}{done:>6}{total:>8.2f}{left:>8.2f}")
+        suffix = next((s for s in SUBSET_SUFFIXES if part.endswith(s)), None)
+        note = f"  (runs of {part.removesuffix(suffix)})" if suffix else ""
+        note = "  (each run once)" if part == "all" else note
+        lines.append(f"{part:<22}{n:>6}{done:>6}{total:>8.2f}{left:>8.2f}{note}")
     return "\n".join(lines)

@@ -40,12 +40,15 @@ from torchsage.study.spec import (
 )
 
 __all__ = [
+    "PT_ABLATION_ARMS",
     "PT_BASE_HPARAMS",
     "PT_CELLS",
     "PT_CORE_ARMS",
     "PT_PARTS",
     "PT_STEPS",
+    "SUBSET_SUFFIXES",
     "is_core",
+    "pt_ablation_arms",
     "pt_arms",
     "pt_core_arms",
     "pt_head_arms",
@@ -112,6 +115,22 @@ def pt_core_arms() -> list[Arm]:
     return [a for a in pt_arms() if is_core(a)]
 
 
+#: the arms of a cell's ``-ablations`` part (labels of :func:`pt_arms`): SAGE's two halves at its
+#: defaults, run before the grids so that the core comparison's SAGE result can be traced to one half
+PT_ABLATION_ARMS: tuple[str, ...] = ("SAGE_CurvatureOnly", "SAGE_AlignmentOnly")
+
+
+def pt_ablation_arms() -> list[Arm]:
+    """The arms of :data:`PT_ABLATION_ARMS` (a subset part fixed on 4 December 2026, after the core
+    comparison and before any ablation result was looked at: which half of SAGE makes its loss?).
+
+    Example:
+        >>> [a.method for a in pt_ablation_arms()]
+        ['SAGE_CurvatureOnly', 'SAGE_AlignmentOnly']
+    """
+    return [a for a in pt_arms() if a.method in PT_ABLATION_ARMS]
+
+
 def pt_head_arms() -> list[Arm]:
     """The classifier's ascent direction (a follow-up, fixed on 4 December 2026 before any of its
     runs): SAGE at its defaults with the classifier's matrix on SAM's direction (``"gradient"``) or
@@ -134,13 +153,18 @@ def pt_jobs(
     n_trials: int = N_TRIALS,
     core: bool = False,
     heads: bool = False,
+    ablations: bool = False,
 ) -> list[HashedJob]:
     """The runs of the pretrained-regime study, trial by trial, in ``root/dg/<hash>``.
 
     ``core=True`` keeps the arms of :data:`PT_CORE_ARMS` only: the same runs (the same directories) as
     the whole study's, so a core part run first is part of the whole one, not a second copy.
-    ``heads=True``: the runs of :func:`pt_head_arms` instead (the follow-up's own)."""
-    arms = pt_head_arms() if heads else pt_core_arms() if core else pt_arms()
+    ``ablations=True`` keeps :func:`pt_ablation_arms`, also runs of the whole study. ``heads=True``:
+    the runs of :func:`pt_head_arms` instead (the follow-up's own)."""
+    if sum((core, heads, ablations)) > 1:
+        raise ValueError("pt_jobs: choose at most one of core, heads and ablations")
+    subsets = ((heads, pt_head_arms), (core, pt_core_arms), (ablations, pt_ablation_arms))
+    arms = next((make for chosen, make in subsets if chosen), pt_arms)()
     return dg_jobs(root, cells=cells, n_trials=n_trials, steps=PT_STEPS, arms=arms)
 
 
@@ -151,11 +175,16 @@ def _part(env: int) -> str:
 
 
 #: the parts of this study: per cell, its core arms (``pt-<design>-core``) and all its arms; then the
-#: classifier-direction follow-up on the first cell (``pt-<design>-heads``)
+#: classifier-direction follow-up and the ablations' subset on the first cell (``pt-<design>-heads``,
+#: ``pt-<design>-ablations``)
 PT_PARTS: tuple[str, ...] = (
     *(p for _, env in PT_CELLS for p in (f"{_part(env)}-core", _part(env))),
     f"{_part(PT_CELLS[0][1])}-heads",
+    f"{_part(PT_CELLS[0][1])}-ablations",
 )
+
+#: parts whose runs are runs of their cell's whole part (``plan`` counts them once)
+SUBSET_SUFFIXES: tuple[str, ...] = ("-core", "-ablations")
 
 
 def pt_part_jobs(root: str, part: str) -> list[HashedJob] | None:
@@ -167,4 +196,6 @@ def pt_part_jobs(root: str, part: str) -> list[HashedJob] | None:
             return pt_jobs(root, cells=(cell,), core=True)
         if part == f"{_part(cell[1])}-heads" and part in PT_PARTS:
             return pt_jobs(root, cells=(cell,), heads=True)
+        if part == f"{_part(cell[1])}-ablations" and part in PT_PARTS:
+            return pt_jobs(root, cells=(cell,), ablations=True)
     return None

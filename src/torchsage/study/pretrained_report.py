@@ -27,8 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from torchsage.study.figures import plot_differences, plot_sensitivity
-from torchsage.study.pretrained import PT_CELLS, is_core, pt_arms, pt_core_arms, pt_head_arms, pt_jobs
+from torchsage.study.pretrained import (
+    PT_CELLS,
+    is_core,
+    pt_ablation_arms,
+    pt_arms,
+    pt_core_arms,
+    pt_head_arms,
+    pt_jobs,
+)
 from torchsage.study.report import DGRun, _cell_results, _cells_with_results, dg_table, load_jobs, select
+from torchsage.study.spec import Arm
 
 __all__ = ["NO_RUNS", "core_runs", "load_pt", "render_pretrained", "render_pretrained_runs"]
 
@@ -130,23 +139,26 @@ def render_pretrained_runs(runs: Sequence[DGRun], missing: int | None, figures: 
 
 
 def _head_tables(runs: Sequence[DGRun]) -> list[str]:
-    """The classifier-direction follow-up's table per cell with two finished trials of it: SAGE at
-    its defaults with the classifier on each direction, against ERM and SAGE (default) of the same
-    trials."""
+    """The follow-ups' tables per cell with two finished trials of them, one choice per method,
+    against ERM and SAGE (default) of the same trials: the ablations (SAGE's two halves at its
+    defaults) and the classifier's ascent direction (SAGE at its defaults with the classifier on
+    each direction)."""
+    heads = "the classifier's ascent direction (SAGE at its defaults; polar is the default's)"
+    ablations = "SAGE's halves at its defaults (the ablations)"
+    return _follow_up(runs, pt_ablation_arms(), ablations) + _follow_up(runs, pt_head_arms(), heads)
+
+
+def _follow_up(runs: Sequence[DGRun], extra: list[Arm], what: str) -> list[str]:
     from torchsage.dg.datasets import environment_names
 
-    heads = pt_head_arms()
-    arms = [a for a in pt_core_arms() if a.method in ("ERM", "SAGE (default)")] + heads
+    arms = [a for a in pt_core_arms() if a.method in ("ERM", "SAGE (default)")] + extra
     methods = {a.method for a in arms}
     chosen = select([r for r in runs if r.method in methods], arms)
     tables = []
     for dataset, env in PT_CELLS:
-        if len(chosen.get((dataset, env, heads[0].method), {})) < 2:
+        if len(chosen.get((dataset, env, extra[0].method), {})) < 2:
             continue
-        caption = (
-            f"{dataset}, test domain {environment_names(dataset)[env]}: the classifier's ascent direction "
-            "(SAGE at its defaults; polar is the default's), one choice per method"
-        )
+        caption = f"{dataset}, test domain {environment_names(dataset)[env]}: {what}, one choice per method"
         bases = ("ERM", "SAGE (default)")
         tables.append(dg_table(chosen, dataset, env, "", arms=arms, caption=caption, bases=bases))
     return tables
