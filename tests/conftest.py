@@ -27,3 +27,11 @@ def real_torchvision():
     from torchvision_support import require_torchvision
 
     return require_torchvision()
+
+
+@pytest.fixture
+def tiny_emoji(tmp_path, monkeypatch):
+    """EmojiStylesPip from three tiny sources (tests/tiny_emoji.py); the value is its ``data_dir``."""
+    from tiny_emoji import use_tiny_emoji
+
+    return use_tiny_emoji(tmp_path, monkeypatch)

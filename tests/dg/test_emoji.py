@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _tiny_font import outline_font
 
+from _tiny_font import outline_font
 from torchsage.dg import emoji
 from torchsage.dg.datasets import DGDataset, environment_splits, seed_hash, split_environment
 from torchsage.dg.emoji import build_emoji_styles, load_emoji_styles
