@@ -4,7 +4,8 @@
 * ``plan``: every part's runs, how many are finished, and the CPU estimate of what is left;
 * ``run PART``: runs one part on the local launcher (resumable: finished runs are skipped,
   unfinished ones restart; Ctrl-C keeps what finished);
-* ``theory``: measures the terms on a random sample of finished DG runs (resumable);
+* ``theory``: measures the terms on a random sample of finished DG runs (resumable); with
+  ``--pretrained``, the classifier's terms on the pretrained regime's core runs;
 * ``export``: writes the finished runs' results to one small records file, committed with the
   repository (:mod:`torchsage.study.records`);
 * ``report``: renders the tables and figures from the run directories, or with ``--records``
@@ -49,7 +50,15 @@ def _parser() -> Parser:
     theory = sub.add_parser("theory", help="measure the terms on a sample of finished DG runs (resumable)")
     theory.add_argument("--root", default=DEFAULT_ROOT)
     theory.add_argument(
-        "--max-runs", type=positive_int, default=80, help="runs in all, the same number from every cell"
+        "--max-runs",
+        type=positive_int,
+        default=None,
+        help="runs in all, the same number from every cell (default 80; with --pretrained 40: all core runs)",
+    )
+    theory.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the pretrained regime's pt-symbola-core runs instead, the classifier's terms only",
     )
     theory.add_argument("--seed", type=int, default=0)
     add_no_progress(theory)
@@ -131,15 +140,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "theory":
         import torch
 
-        from torchsage.study.theory import measure_sample, sample_cells
+        from torchsage.study.theory import measure_sample, sample_cells, sample_pretrained
 
         torch.set_num_threads(1)
-        sample, waiting = sample_cells(args.root, args.max_runs, args.seed)
-        measured = measure_sample(sample, progress=not args.no_progress)
-        sampled = len(sample)
-        if waiting:
-            print(f"cells not finished, sampled once they are: {', '.join(waiting)}")
-        print(f"measured {measured} run(s) now; {sampled} in the sample")
+        if args.pretrained:
+            sample, left = sample_pretrained(args.root, args.max_runs or 40, args.seed)
+            measured = measure_sample(sample, progress=not args.no_progress, layer="classifier")
+            if left:
+                print(f"{left} run(s) of pt-symbola-core not finished, not in the sample")
+        else:
+            sample, waiting = sample_cells(args.root, args.max_runs or 80, args.seed)
+            measured = measure_sample(sample, progress=not args.no_progress)
+            if waiting:
+                print(f"cells not finished, sampled once they are: {', '.join(waiting)}")
+        print(f"measured {measured} run(s) now; {len(sample)} in the sample")
         return 0
     if args.command == "schedules":
         from torchsage.study import schedules as part

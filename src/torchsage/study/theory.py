@@ -13,7 +13,9 @@ samples of every training domain's ``in`` split:
   :math:`\\lambda_{\\max}(\\bar H)` (Lanczos);
 
 and writes them to ``theory.json`` in the run directory (atomically; a run that has one is
-skipped, so the command resumes). :func:`gap` is the run's out-of-domain gap: the mean
+skipped, so the command resumes). ``layer="classifier"`` measures the classifier alone, on the
+penultimate features of the same batches (the pretrained regime's runs: :func:`sample_pretrained`,
+docs/study.md, "The pretrained regime"). :func:`gap` is the run's out-of-domain gap: the mean
 validation accuracy of the training domains minus the test domain's accuracy, at the last step.
 :func:`fits` regresses the gap on each term alone and on alignment and trace together
 (:func:`torchsage.study.stats.least_squares`: R^2 and bootstrap intervals): all runs pooled, all
@@ -35,19 +37,26 @@ from torchsage.harness.records import atomic_write_text, read_json_lines
 from torchsage.study.stats import Fit, least_squares
 
 __all__ = [
+    "LAYERS",
     "THEORY_FILE",
     "THEORY_SETTINGS",
     "cell_label",
+    "classifier_view",
     "fits",
     "gap",
     "load_theory",
     "measure_run",
     "measure_sample",
+    "payload_layer",
     "sample_cells",
+    "sample_pretrained",
     "sample_runs",
 ]
 
 THEORY_FILE = "theory.json"
+#: what :func:`measure_run` differentiates: every trained parameter, or the classifier alone on the
+#: penultimate features
+LAYERS = ("all", "classifier")
 #: decompose() settings of the study: sized so one run costs well under a CPU-minute (docs/study.md)
 THEORY_SETTINGS: dict[str, Any] = {
     "batch_size": 64,
@@ -60,6 +69,8 @@ THEORY_SETTINGS: dict[str, Any] = {
     "hutchinson_samples": 30,
     "lanczos_steps": 20,
     "seed": 0,
+    # decompose()'s exact Hessian (True) for a small problem; "auto" would switch by size
+    "exact": False,
 }
 
 
@@ -98,19 +109,34 @@ def sample_runs(run_dirs: Sequence[Path], max_runs: int, seed: int = 0) -> list[
     return ready[:max_runs]
 
 
-def measure_run(run_dir: str | Path, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measures the terms of one run and writes ``theory.json`` there (returns its content)."""
+def measure_run(
+    run_dir: str | Path, settings: dict[str, Any] | None = None, layer: str = "all"
+) -> dict[str, Any]:
+    """Measures the terms of one run and writes ``theory.json`` there (returns its content).
+
+    ``settings`` override :data:`THEORY_SETTINGS` (their keys only). ``layer``: ``"all"``, every
+    trained parameter of the network; ``"classifier"``, the classifier's alone, on the penultimate
+    features of the same batches, computed once (:func:`classifier_view`). The payload's settings
+    record the layer (payloads written before it have none: ``"all"``, :func:`payload_layer`); the
+    gap is the run's own either way."""
     import torch
 
     from torchsage.dg.checkpoint import load_dg_model
     from torchsage.diagnostics import decompose
 
     run_dir = Path(run_dir)
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {', '.join(LAYERS)}, got {layer!r}")
+    unknown = sorted(set(settings or {}) - set(THEORY_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown theory settings {', '.join(unknown)}; known: {', '.join(THEORY_SETTINGS)}")
     s = {**THEORY_SETTINGS, **(settings or {})}
     checkpoint = safe_torch_load(run_dir / "model.pt", what="model checkpoint")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{run_dir / 'model.pt'} is not a torchsage model checkpoint (a dict)")
     model, batches, names = load_dg_model(checkpoint, int(s["batch_size"]))
+    if layer == "classifier":
+        model, batches = classifier_view(model, batches)
     torch.manual_seed(int(s["seed"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # recorded in the report's warnings
@@ -123,7 +149,7 @@ def measure_run(run_dir: str | Path, settings: dict[str, Any] | None = None) -> 
             cg_max_iter=int(s["cg_max_iter"]),
             hutchinson_samples=int(s["hutchinson_samples"]),
             lanczos_steps=int(s["lanczos_steps"]),
-            exact=False,
+            exact=s["exact"],
             seed=int(s["seed"]),
             progress=False,
         )
@@ -135,11 +161,36 @@ def measure_run(run_dir: str | Path, settings: dict[str, Any] | None = None) -> 
         "test_envs": record["args"]["test_envs"],
         "gap": gap(record),
         "distributions": names,
-        "settings": s,
+        "settings": {**s, "layer": layer},
         "report": report.as_dict(),
     }
     atomic_write_text(run_dir / THEORY_FILE, json.dumps(payload, indent=1, allow_nan=False))
     return payload
+
+
+def classifier_view(network: Any, batches: Sequence[tuple[Any, Any]]) -> tuple[Any, list[tuple[Any, Any]]]:
+    """``(classifier, batches of penultimate features)`` of a DG network (``Sequential(featurizer,
+    classifier)``, :func:`torchsage.dg.checkpoint.load_dg_model`): the featurizer runs once per
+    batch in evaluation mode under ``no_grad`` (so the features are constants of the classifier's
+    loss), and every module's training flag is left as it was."""
+    import torch
+
+    featurizer, head = network[0], network[1]
+    modes = [(m, m.training) for m in featurizer.modules()]
+    try:
+        featurizer.eval()
+        with torch.no_grad():
+            features = [(featurizer(x).detach(), y) for x, y in batches]
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return head, features
+
+
+def payload_layer(payload: dict[str, Any]) -> str:
+    """The layer a theory payload was measured on (``"all"`` for payloads written before
+    :func:`measure_run` had ``layer``)."""
+    return str(payload.get("settings", {}).get("layer", "all"))
 
 
 def load_theory(root: str | Path) -> list[dict[str, Any]]:
@@ -166,13 +217,26 @@ def sample_cells(root: str | Path, max_runs: int, seed: int = 0) -> tuple[list[P
     return sample, waiting
 
 
-def measure_sample(run_dirs: Sequence[Path], progress: bool = False) -> int:
-    """Measures the runs of ``run_dirs`` that lack ``theory.json``; returns how many it measured."""
+def sample_pretrained(root: str | Path, max_runs: int = 40, seed: int = 0) -> tuple[list[Path], int]:
+    """The pretrained regime's theory sample: at most ``max_runs`` of the finished runs of the part
+    ``pt-symbola-core`` (:func:`torchsage.study.pretrained.pt_jobs` with ``core=True`` on the first
+    cell; 40 runs, so the default takes them all), drawn with :func:`sample_runs`. Returns the
+    sample and the number of the part's runs not finished (left out)."""
+    from torchsage.study.pretrained import PT_CELLS, pt_jobs
+
+    jobs = pt_jobs(str(root), cells=PT_CELLS[:1], core=True)
+    waiting = sum(job.state != "done" for job in jobs)
+    return sample_runs(sorted(job.output_dir for job in jobs), max_runs, seed), waiting
+
+
+def measure_sample(run_dirs: Sequence[Path], progress: bool = False, layer: str = "all") -> int:
+    """Measures the runs of ``run_dirs`` that lack ``theory.json`` (on ``layer``, as
+    :func:`measure_run`); returns how many it measured."""
     from torchsage.harness.progress import bar
 
     todo = [run_dir for run_dir in run_dirs if not (run_dir / THEORY_FILE).exists()]
     for run_dir in bar(todo, desc="theory", unit="run", disable=not progress):
-        measure_run(run_dir)
+        measure_run(run_dir, layer=layer)
     return len(todo)
 
 
