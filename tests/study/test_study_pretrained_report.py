@@ -280,8 +280,8 @@ def test_records_round_trip_and_old_lines(study, tmp_path):
 
     root, _, runs, missing = study
     path = export(root, tmp_path / "records.jsonl")
-    pt_runs, pt_missing = load_pretrained(path)
-    assert pt_missing == missing and len(pt_runs) == len(runs)
+    pt_runs, pt_missing, payloads = load_pretrained(path)
+    assert pt_missing == missing and len(pt_runs) == len(runs) and payloads == []
     assert {r.oracle_acc for r in pt_runs} == {0.5, 0.99}
     from_dirs = ptr.render_pretrained(root, tmp_path / "f1")
     assert ptr.render_pretrained_runs(pt_runs, pt_missing, tmp_path / "f2") == from_dirs
@@ -294,7 +294,7 @@ def test_records_round_trip_and_old_lines(study, tmp_path):
     old = [{k: v for k, v in line.items() if k not in ("oracle_acc", "pt_missing")} for line in lines]
     old_path = tmp_path / "old.jsonl"
     old_path.write_text("".join(json.dumps(line) + "\n" for line in old))
-    old_runs, old_missing = load_pretrained(old_path)
+    old_runs, old_missing, _ = load_pretrained(old_path)
     assert old_missing is None and {r.oracle_acc for r in old_runs} == {None}
     with pytest.raises(ValueError, match="no oracle_acc to select by"):
         ptr.render_pretrained_runs(old_runs, None, tmp_path / "f5")
@@ -316,7 +316,7 @@ def test_pretrained_only_export_keeps_the_other_lines(study, tmp_path, capsys):
     first, first_missing, mtl_rows, _ = load(path)
     assert first_missing == 7 and mtl_rows == [{k: v for k, v in mtl.items() if k != "kind"}]
     assert next(r for r in first if r.dataset == "RotatedDigits").test_acc == 0.8
-    pt_runs, pt_missing = load_pretrained(path)
+    pt_runs, pt_missing, _ = load_pretrained(path)
     assert pt_missing == missing and len(pt_runs) == len(runs)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(other) + "\n")
@@ -330,7 +330,8 @@ def test_committed_pretrained_results_render_from_the_committed_records(tmp_path
     from torchsage.study.records import load_pretrained
 
     docs = Path(__file__).resolve().parents[2] / "docs"
-    text = ptr.render_pretrained_runs(*load_pretrained(docs / "study_records.jsonl"), tmp_path)
+    runs, missing, payloads = load_pretrained(docs / "study_records.jsonl")
+    text = ptr.render_pretrained_runs(runs, missing, tmp_path, payloads)
     assert (docs / "study_pretrained_results.md").read_text() == PT_TITLE + text
 
 
@@ -370,3 +371,104 @@ def test_the_ablations_table_against_erm_and_sages_default(tmp_path):
     for job in pt_jobs(str(one), cells=(SYMBOLA,), n_trials=1, ablations=True):
         _finish(job, *_accuracies(job))
     assert "the ablations" not in ptr.render_pretrained(one, tmp_path / "f2")
+
+
+def _theory_payload(job, i, layer="classifier"):
+    """A measured run's theory.json: the gap rises 0.02 per decade of the alignment term."""
+    report = {
+        "alignment": 10.0 ** (i / 4),
+        "negative_curvature": False,
+        "curvature_trace": 100.0 * (1 + i % 3),
+    }
+    report.update(curvature_trace_stderr=5.0, curvature_top=[40.0 + i], curvature_top_residuals=[0.0])
+    report.update(alignment_residuals=1e-5, cg_iterations=[4, 5])
+    s = job.settings
+    return {"run": job.output_dir.name, "dataset": s["dataset"], "algorithm": s["algorithm"],
+            "test_envs": [s["test_env"]], "gap": 0.05 + 0.005 * i, "settings": {"layer": layer},
+            "report": report}  # fmt: skip
+
+
+def _fit_runs(block):
+    """The ``runs`` column of a fit table's rows."""
+    return {line.split("|")[3].strip() for line in block.splitlines() if line.startswith("| all runs")}
+
+
+def test_the_last_layer_theory_test_in_the_pretrained_document(tmp_path, capsys):
+    from torchsage.study.__main__ import main
+    from torchsage.study.records import export, export_pretrained, load, load_pretrained
+    from torchsage.study.render import load_results, render, render_results
+
+    root = tmp_path / "runs"
+    core = pt_jobs(str(root), cells=(SYMBOLA,), n_trials=2, core=True)
+    for i, job in enumerate(core):
+        val, test, oracle = _accuracies(job)
+        _finish(job, 0.15 if i == 0 else val, test, oracle)  # run 0 at chance (10 classes): not trained
+        # the last run measured on every layer: not the last layer's terms, left out of the table
+        payload = _theory_payload(job, i, layer="all" if i == len(core) - 1 else "classifier")
+        (job.output_dir / "theory.json").write_text(json.dumps(payload))
+    first = {
+        "run": "x",
+        "dataset": "RotatedDigits",
+        "test_envs": [0],
+        "gap": 0.1,
+        "report": {"alignment": None},
+    }
+    (root / "dg" / "x").mkdir()
+    (root / "dg" / "x" / "theory.json").write_text(json.dumps(first))
+
+    text = ptr.render_pretrained(root, tmp_path / "f1")
+    caption = (
+        "**Pretrained regime: out-of-domain gap regressed on the last layer's terms (the classifier's "
+        "Hessian and gradients only, on cached penultimate features), 7 measured runs; 6 of them trained "
+        "(training-domain validation at least chance + 0.1, the first study's filter)**"
+    )
+    trained = (
+        "**The same fits on the sampled runs that trained (training-domain validation at least chance "
+        "+ 0.1): 6 of 7**"
+    )
+    assert caption in text and trained in text
+    before, after = text.split(caption)[1].split(trained)
+    assert _fit_runs(before) == {"7"} and _fit_runs(after) == {"6"}
+    figure = "![out-of-domain gap against the last layer's terms, pretrained regime]"
+    assert f"{figure}(figures/pretrained_theory.png)" in text
+    assert (tmp_path / "f1" / "pretrained_theory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the table only with payloads
+    runs, missing = ptr.load_pt(root)
+    bare = ptr.render_pretrained_runs(runs, missing, tmp_path / "f2")
+    assert "last layer" not in bare and bare == text[: text.index(caption)].rstrip("\n") + "\n"
+    assert not (tmp_path / "f2" / "pretrained_theory.png").exists()
+
+    # the first study's document leaves the pretrained payloads out, as it leaves its runs out
+    first_runs, first_missing, mtl, payloads = load_results(root)
+    assert len(payloads) == len(core) + 1
+    first_text = render(root, tmp_path / "f3")
+    assert first_text == render_results(first_runs, first_missing, mtl, [first], tmp_path / "f4")
+    assert "EmojiStyles" not in first_text
+
+    # records: the export carries the payloads, both documents render from it as from the runs
+    path = export(root, tmp_path / "records.jsonl")
+    pt_runs, pt_missing, pt_payloads = load_pretrained(path)
+    assert pt_payloads == ptr.load_pt_theory(root) and len(pt_payloads) == len(core)
+    assert ptr.render_pretrained_runs(pt_runs, pt_missing, tmp_path / "f5", pt_payloads) == text
+    assert render_results(*load(path), tmp_path / "f6") == first_text
+    # replacing the pretrained lines replaces its payloads (a stale one goes) and keeps the first study's
+    stale = {**pt_payloads[0], "run": "stale"}
+    lines = [{"kind": "summary", "dg_missing": 3}, {"kind": "theory", **first}, {"kind": "theory", **stale}]
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    for _ in range(2):
+        export_pretrained(root, other)
+    assert load(other)[3] == [first, *pt_payloads] and load_pretrained(other)[2] == pt_payloads
+    # the report command hands them to the pretrained document
+    pt_out = tmp_path / "pt.md"
+    argv = [
+        "report",
+        "--records",
+        str(path),
+        "--output",
+        str(tmp_path / "r.md"),
+        "--figures",
+        str(tmp_path / "f7"),
+    ]
+    assert main([*argv, "--pretrained-output", str(pt_out)]) == 0
+    assert caption in pt_out.read_text() and "EmojiStyles" not in (tmp_path / "r.md").read_text()

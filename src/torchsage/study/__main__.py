@@ -182,7 +182,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from torchsage.study.records import load, load_pretrained
 
         text = render_results(*load(args.records), args.figures)
-        pt_text = render_pretrained_runs(*load_pretrained(args.records), args.figures)
+        pt_runs, pt_missing, pt_payloads = load_pretrained(args.records)
+        pt_text = render_pretrained_runs(pt_runs, pt_missing, args.figures, pt_payloads)
     else:
         text = render(args.root, args.figures)
         pt_text = render_pretrained(args.root, args.figures)

@@ -47,6 +47,7 @@ __all__ = [
     "PT_PARTS",
     "PT_STEPS",
     "SUBSET_SUFFIXES",
+    "in_pt_cells",
     "is_core",
     "pt_ablation_arms",
     "pt_arms",
@@ -103,6 +104,17 @@ def is_core(choice: Any) -> bool:
     return any(
         choice.method == m and (rho is None or choice.hparams.get("rho") == rho) for m, rho in PT_CORE_ARMS
     )
+
+
+def in_pt_cells(payload: dict[str, Any]) -> bool:
+    """Whether a theory payload (``theory.json``, :mod:`torchsage.study.theory`) is of a run of
+    :data:`PT_CELLS` (payloads without ``test_envs`` are not).
+
+    Example:
+        >>> in_pt_cells({"dataset": "EmojiStyles", "test_envs": [5]}), in_pt_cells({"dataset": "EmojiStyles"})
+        (True, False)
+    """
+    return any((payload.get("dataset"), int(e)) in PT_CELLS for e in payload.get("test_envs", ()))
 
 
 def pt_core_arms() -> list[Arm]:

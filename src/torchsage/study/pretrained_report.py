@@ -18,6 +18,11 @@ at rho 0.05, SAGE at its defaults and at the authors' DG values), one choice per
 is selected; it is the comparison the study was powered for, and the first to complete. Figures: the paired
 differences to ERM (``pretrained_differences.png``) and the test accuracy of SAM's and SAGE's
 grid choices against rho (``pretrained_sensitivity.png``).
+
+Last, with theory payloads of its runs (``python -m torchsage.study theory --pretrained``), the
+theory test on the last layer (:func:`torchsage.study.theory.measure_run` with
+``layer="classifier"``): the first study's fits and figure (``pretrained_theory.png``), the runs
+that trained filtered as there.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 from torchsage.study.figures import plot_differences, plot_sensitivity
 from torchsage.study.pretrained import (
     PT_CELLS,
+    in_pt_cells,
     is_core,
     pt_ablation_arms,
     pt_arms,
@@ -36,10 +42,27 @@ from torchsage.study.pretrained import (
     pt_head_arms,
     pt_jobs,
 )
-from torchsage.study.report import DGRun, _cell_results, _cells_with_results, dg_table, load_jobs, select
+from torchsage.study.render import theory_parts
+from torchsage.study.report import (
+    TRAINED_MARGIN,
+    DGRun,
+    _cell_results,
+    _cells_with_results,
+    dg_table,
+    load_jobs,
+    select,
+    trained_payloads,
+)
 from torchsage.study.spec import Arm
 
-__all__ = ["NO_RUNS", "core_runs", "load_pt", "render_pretrained", "render_pretrained_runs"]
+__all__ = [
+    "NO_RUNS",
+    "core_runs",
+    "load_pt",
+    "load_pt_theory",
+    "render_pretrained",
+    "render_pretrained_runs",
+]
 
 #: what the document says before any run of the regime has finished
 NO_RUNS = "The pretrained regime (EmojiStyles, EfficientNet-Lite0) has no finished runs yet."
@@ -58,6 +81,13 @@ def load_pt(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     return runs, missing
 
 
+def load_pt_theory(root: str | Path) -> list[dict[str, Any]]:
+    """The theory payloads (``theory.json``) of the pretrained regime's runs under ``root``."""
+    from torchsage.study.theory import load_theory
+
+    return [p for p in load_theory(root) if in_pt_cells(p)]
+
+
 def core_runs(runs: Sequence[DGRun]) -> list[DGRun]:
     """The runs among ``runs`` that are choices of :func:`torchsage.study.pretrained.pt_core_arms`
     (SAM's rho 0.05 among SAM's, SAGE's default run as ``SAGE (default)`` only)."""
@@ -65,13 +95,21 @@ def core_runs(runs: Sequence[DGRun]) -> list[DGRun]:
 
 
 def render_pretrained(root: str | Path, figures: str | Path) -> str:
-    """The pretrained regime's markdown from the runs under ``root``; figures go to ``figures``."""
-    return render_pretrained_runs(*load_pt(root), figures)
+    """The pretrained regime's markdown from the runs under ``root`` and their theory payloads;
+    figures go to ``figures``."""
+    return render_pretrained_runs(*load_pt(root), figures, load_pt_theory(root))
 
 
-def render_pretrained_runs(runs: Sequence[DGRun], missing: int | None, figures: str | Path) -> str:
+def render_pretrained_runs(
+    runs: Sequence[DGRun],
+    missing: int | None,
+    figures: str | Path,
+    payloads: Sequence[dict[str, Any]] = (),
+) -> str:
     """:func:`render_pretrained` from loaded runs (the run directories' or a records file's; runs
-    of other cells are left out). ``missing``: jobs not finished (``None``: not known)."""
+    of other cells are left out). ``missing``: jobs not finished (``None``: not known).
+    ``payloads``: theory payloads; those of the regime's cells measured on the classifier
+    (``layer="classifier"``) are rendered (:func:`_theory`), any others left out."""
     from torchsage.dg.datasets import environment_names
 
     runs = [r for r in runs if (r.dataset, r.test_env) in PT_CELLS]
@@ -135,7 +173,27 @@ def render_pretrained_runs(runs: Sequence[DGRun], missing: int | None, figures: 
             "![SAM's and SAGE's grids: test accuracy against rho, pretrained regime]"
             "(figures/pretrained_sensitivity.png)"
         )
+    parts += _theory(runs, payloads, figures)
     return "\n\n".join(parts) + "\n"
+
+
+def _theory(runs: Sequence[DGRun], payloads: Sequence[dict[str, Any]], figures: Path) -> list[str]:
+    """The theory test on the last layer: the fits of the regime's classifier-layer payloads, with
+    the run count and the first study's filter of the runs that trained in the caption."""
+    from torchsage.study.theory import payload_layer
+
+    mine = [p for p in payloads if in_pt_cells(p) and payload_layer(p) == "classifier"]
+    if not mine:
+        return []
+    trained = len(trained_payloads(runs, mine))
+    caption = (
+        "Pretrained regime: out-of-domain gap regressed on the last layer's terms (the classifier's "
+        f"Hessian and gradients only, on cached penultimate features), {len(mine)} measured runs; "
+        f"{trained} of them trained (training-domain validation at least chance + {TRAINED_MARGIN:g}, "
+        "the first study's filter)"
+    )
+    alt = "out-of-domain gap against the last layer's terms, pretrained regime"
+    return theory_parts(runs, mine, figures, "pretrained_theory.png", caption=caption, alt=alt)
 
 
 def _head_tables(runs: Sequence[DGRun]) -> list[str]:

@@ -14,7 +14,7 @@ Line kinds:
   load with ``None``);
 * ``{"kind": "mtl", ...}``: one per finished MultiDigits run (solver, variant, seed, Δm%);
 * ``{"kind": "theory", ...}``: the measured terms of one sampled DG run (the content of its
-  ``theory.json``);
+  ``theory.json``), the first study's and the pretrained regime's (its cells tell them apart);
 * ``{"kind": "summary", "dg_missing": N, "pt_missing": M}``: the DG jobs of the first study's
   specification not finished, and of the pretrained regime's (files exported before it existed
   lack ``pt_missing``).
@@ -57,23 +57,26 @@ def export(root: str | Path, path: str | Path) -> Path:
 
 
 def export_pretrained(root: str | Path, path: str | Path) -> Path:
-    """Replaces the pretrained regime's lines of the records file ``path`` (and its count of
-    unfinished pretrained jobs) with those of the finished runs under ``root``, keeping every other
-    line as it is: the pretrained regime can run on another machine than the first study's runs."""
-    from torchsage.study.pretrained import PT_CELLS
-    from torchsage.study.pretrained_report import load_pt
+    """Replaces the pretrained regime's lines of the records file ``path`` (its runs, its theory
+    payloads and its count of unfinished jobs) with those under ``root``, keeping every other line
+    as it is: the pretrained regime can run on another machine than the first study's runs."""
+    from torchsage.study.pretrained import PT_CELLS, in_pt_cells
+    from torchsage.study.pretrained_report import load_pt, load_pt_theory
 
     lines = _lines(path)
     if not lines or lines[0].get("kind") != "summary":
         raise ValueError(f"{path} does not start with a summary line: is this a study records file?")
     pt_runs, pt_missing = load_pt(root)
-    kept = [
-        line
-        for line in lines[1:]
-        if not (line.get("kind") == "dg" and (line["dataset"], line["test_env"]) in PT_CELLS)
-    ]
+
+    def pretrained(line: dict[str, Any]) -> bool:
+        if line.get("kind") == "dg":
+            return (line["dataset"], line["test_env"]) in PT_CELLS
+        return line.get("kind") == "theory" and in_pt_cells(line)
+
+    kept = [line for line in lines[1:] if not pretrained(line)]
     summary = {**lines[0], "pt_missing": pt_missing}
-    return _write(path, [summary, *kept, *(_dg_line(r) for r in pt_runs)])
+    theory = [{"kind": "theory", **payload} for payload in load_pt_theory(root)]
+    return _write(path, [summary, *kept, *(_dg_line(r) for r in pt_runs), *theory])
 
 
 def _dg_line(run: Any) -> dict[str, Any]:
@@ -92,18 +95,23 @@ def _write(path: str | Path, lines: list[dict[str, Any]]) -> Path:
 
 def load(path: str | Path) -> tuple[list, int, list[dict[str, Any]], list[dict[str, Any]]]:
     """``(dg runs, DG jobs not finished, MultiDigits rows, theory payloads)`` from an exported file
-    (the dg runs include the pretrained regime's; the count of jobs not finished is the first
-    study's)."""
+    (the dg runs and payloads include the pretrained regime's; the count of jobs not finished is the
+    first study's)."""
     return _read(path)[:4]
 
 
-def load_pretrained(path: str | Path) -> tuple[list, int | None]:
-    """``(the pretrained regime's runs, its jobs not finished)`` from an exported file (``None``:
-    a file exported before the pretrained regime existed)."""
-    from torchsage.study.pretrained import PT_CELLS
+def load_pretrained(path: str | Path) -> tuple[list, int | None, list[dict[str, Any]]]:
+    """``(the pretrained regime's runs, its jobs not finished, its theory payloads)`` from an
+    exported file (``None`` jobs: a file exported before the pretrained regime existed; no payloads:
+    one exported before its theory test)."""
+    from torchsage.study.pretrained import PT_CELLS, in_pt_cells
 
-    runs, _, _, _, pt_missing = _read(path)
-    return [r for r in runs if (r.dataset, r.test_env) in PT_CELLS], pt_missing
+    runs, _, _, theory, pt_missing = _read(path)
+    return (
+        [r for r in runs if (r.dataset, r.test_env) in PT_CELLS],
+        pt_missing,
+        [p for p in theory if in_pt_cells(p)],
+    )
 
 
 def _read(path: str | Path) -> tuple[list, int, list[dict[str, Any]], list[dict[str, Any]], int | None]:

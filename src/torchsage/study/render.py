@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from torchsage.study.figures import plot_differences, plot_sensitivity, plot_theory
-from torchsage.study.pretrained import PT_CELLS
+from torchsage.study.pretrained import PT_CELLS, in_pt_cells
 from torchsage.study.report import (
     TRAINED_MARGIN,
     DGRun,
@@ -26,7 +26,7 @@ from torchsage.study.report import (
 )
 from torchsage.study.spec import DG_CELLS
 
-__all__ = ["load_results", "render", "render_results"]
+__all__ = ["load_results", "render", "render_results", "theory_parts"]
 
 
 def load_results(root: str | Path) -> tuple[list[DGRun], int, list[dict[str, Any]], list[dict[str, Any]]]:
@@ -53,12 +53,12 @@ def render_results(
     figures: str | Path,
 ) -> str:
     """:func:`render` from loaded results (the run directories' or an exported records file's).
-    Runs of the pretrained regime among ``runs`` are left out: its results are
-    :func:`torchsage.study.pretrained_report.render_pretrained`'s."""
+    Runs and theory payloads of the pretrained regime among ``runs`` and ``payloads`` are left out:
+    its results are :func:`torchsage.study.pretrained_report.render_pretrained`'s."""
     from torchsage.dg.datasets import environment_names
-    from torchsage.study.theory import fits
 
     runs = [r for r in runs if (r.dataset, r.test_env) not in PT_CELLS]
+    payloads = [p for p in payloads if not in_pt_cells(p)]
     figures = Path(figures)
     figures.mkdir(parents=True, exist_ok=True)
     finished = len({(r.dataset, r.test_env, r.path.name) for r in runs})  # a run can stand for two arms
@@ -87,16 +87,35 @@ def render_results(
     if mtl:
         parts.append(mtl_table(mtl))
     if payloads:
-        result = fits(payloads)
-        parts.append(fit_table(result))
-        if result["rows"]:
-            plot_theory(result, figures / "study_theory.png")
-            parts.append("![out-of-domain gap against the terms](figures/study_theory.png)")
-        trained = trained_payloads(runs, payloads)
-        if len(trained) < len(payloads):
-            caption = (
-                f"The same fits on the sampled runs that trained (training-domain validation at least "
-                f"chance + {TRAINED_MARGIN:g}): {len(trained)} of {len(payloads)}"
-            )
-            parts.append(fit_table(fits(trained), caption=caption))
+        parts += theory_parts(runs, payloads, figures, "study_theory.png")
     return "\n\n".join(parts) + "\n"
+
+
+def theory_parts(
+    runs: Sequence[DGRun],
+    payloads: Sequence[dict[str, Any]],
+    figures: Path,
+    figure: str,
+    caption: str = "Out-of-domain gap regressed on the terms",
+    alt: str = "out-of-domain gap against the terms",
+) -> list[str]:
+    """The theory test's blocks of a results document: the fits of ``payloads``
+    (:func:`torchsage.study.theory.fits`, :func:`~torchsage.study.report.fit_table` under
+    ``caption``), their figure (``figures / figure``, when a run was fitted) and, when some sampled
+    runs did not train (:func:`~torchsage.study.report.trained_payloads` by their runs among
+    ``runs``), the same fits without them."""
+    from torchsage.study.theory import fits
+
+    result = fits(payloads)
+    parts = [fit_table(result, caption=caption)]
+    if result["rows"]:
+        plot_theory(result, figures / figure)
+        parts.append(f"![{alt}](figures/{figure})")
+    trained = trained_payloads(runs, payloads)
+    if len(trained) < len(payloads):
+        caption = (
+            f"The same fits on the sampled runs that trained (training-domain validation at least "
+            f"chance + {TRAINED_MARGIN:g}): {len(trained)} of {len(payloads)}"
+        )
+        parts.append(fit_table(fits(trained), caption=caption))
+    return parts
