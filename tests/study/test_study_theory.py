@@ -18,8 +18,7 @@ DAMPING = 0.1
 def _tiny_lite_run(out, data_dir):
     """5 steps of ERM on the tiny EmojiStylesPip (tests/tiny_emoji.py), the top two blocks of a
     randomly initialised Lite0 trained on the cached trunk. The initial weights come from a file,
-    as the packaged ImageNet weights do in the study (a trunk drawn at random would be drawn again,
-    from another generator state, when the checkpoint is read back). Dropout on the features and
+    as the packaged ImageNet weights do in the study. Dropout on the features and
     BatchNorm on batch statistics make the featurizer's training mode differ from its evaluation
     mode."""
     from torchsage.dg.efficientnet import EfficientNetLite0
@@ -177,3 +176,29 @@ def test_the_pretrained_theory_command_measures_the_classifier_and_resumes(tmp_p
     assert main(argv) == 0  # the default: every finished core run; the 3 measured are skipped
     assert len(calls) == 5 and len({d for d, _ in calls}) == 5
     assert "measured 2 run(s) now; 5 in the sample" in capsys.readouterr().out
+
+
+def test_a_randomly_initialised_cached_trunk_is_read_back_from_the_checkpoint(tiny_emoji, tmp_path):
+    """A run whose frozen trunk was drawn at random (no weights file) saves that trunk in its
+    network; the cached inputs load_dg_model returns are that trunk's outputs, not a new draw's."""
+    from torchsage.dg.checkpoint import load_dg_model
+    from torchsage.dg.train import TrainArgs, train
+
+    hparams = {"pretrained": None, "image_size": 32, "train_from_block": 14, "cache_trunk": True}
+    hparams.update(batch_size=4, lr=1e-3)
+    run = str(tmp_path / "run")
+    args = TrainArgs("EmojiStylesPip", "ERM", [2], run, data_dir=tiny_emoji, steps=2, seed=0)
+    args.hparams, args.save_model, args.progress, args.num_workers = json.dumps(hparams), True, False, 0
+    args.device = "cpu"
+    train(args)
+    checkpoint = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
+    torch.manual_seed(1234)  # another generator state than the run's
+    network, batches, _ = load_dg_model(checkpoint, 6)
+    raw = {**checkpoint, "hparams": {**checkpoint["hparams"], "cache_trunk": False}}
+    _, images, _ = load_dg_model(raw, 6)
+    with torch.no_grad():
+        for (cached, y), (x, y_raw) in zip(batches, images, strict=True):
+            assert torch.equal(y, y_raw)
+            expected = network[0].trunk(x)
+            # the same weights on the same images, batched differently: float32 rounding apart
+            torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-5)

@@ -100,7 +100,11 @@ def load_dg_model(
     )
     from torchsage.dg.finetune import harness_view
 
-    dataset = harness_view(dataset, hparams, data_dir if data_dir is not None else args.get("data_dir"))
+    # a randomly initialised trunk is not drawn again: the cache comes from the saved network's own
+    trunk = feat if hparams.get("cache_trunk") else None
+    dataset = harness_view(
+        dataset, hparams, data_dir if data_dir is not None else args.get("data_dir"), trunk=trunk
+    )
     splits = environment_splits(
         dataset,
         float(args.get("holdout_fraction", 0.2)),

@@ -160,12 +160,20 @@ def _trunk_outputs(featurizer: LiteFeaturizer, env: Dataset, batch_size: int) ->
 
 
 def cache_trunk_features(
-    environments: Sequence[Dataset], hparams: dict[str, Any], key: object = None, batch_size: int = 64
+    environments: Sequence[Dataset],
+    hparams: dict[str, Any],
+    key: object = None,
+    batch_size: int = 64,
+    trunk: LiteFeaturizer | None = None,
 ) -> list[TensorDataset]:
     """Each environment's images through the frozen trunk of the featurizer ``hparams`` describe,
     as ``TensorDataset(trunk outputs, labels)`` in the same order (so splits and samplers index
     them as the images). With a hashable ``key`` naming the environments (data set, folder, image
-    size), the result is kept for the process: a sweep's worker computes each trunk once."""
+    size), the result is kept for the process: a sweep's worker computes each trunk once.
+
+    ``trunk``: a featurizer whose trunk to use when ``hparams`` describe a randomly initialised
+    one (a saved run's network: its trunk was drawn from the run's generator, which a new draw does
+    not reproduce); a trunk from weights (packaged or ``pretrained_path``) is rebuilt from them."""
     weights = (
         hparams.get("pretrained", "imagenet"),
         hparams.get("pretrained_path"),
@@ -173,6 +181,8 @@ def cache_trunk_features(
         LITE_BACKBONES[hparams.get("backbone", "efficientnet_lite0")],
     )
     memo = None if key is None else (key, weights)
+    if weights[:2] == (None, None) and trunk is not None:
+        return [_trunk_outputs(trunk, env, batch_size) for env in environments]  # its trunk is in eval mode
     if memo is not None and weights[:2] == (None, None):  # a random trunk depends on the generator's state
         memo = (*memo, hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
     if memo is not None and memo in _CACHE:
@@ -190,9 +200,15 @@ def cache_trunk_features(
 _CACHE: dict[object, list[TensorDataset]] = {}
 
 
-def harness_view(dataset: DGDataset, hparams: dict[str, Any], data_dir: str | None = None) -> DGDataset:
+def harness_view(
+    dataset: DGDataset,
+    hparams: dict[str, Any],
+    data_dir: str | None = None,
+    trunk: LiteFeaturizer | None = None,
+) -> DGDataset:
     """The data set as the harness trains on it: unchanged, or with ``cache_trunk`` each environment
-    replaced by its trunk outputs (same order, same groups, no augmentation).
+    replaced by its trunk outputs (same order, same groups, no augmentation). ``trunk``: as
+    :func:`cache_trunk_features`'s (a saved run's featurizer, for a randomly initialised trunk).
 
     Raises:
         ValueError: ``cache_trunk`` with another backbone, without ``train_from_block``, or with
@@ -208,7 +224,7 @@ def harness_view(dataset: DGDataset, hparams: dict[str, Any], data_dir: str | No
     if hparams.get("data_augmentation"):
         raise ValueError('cache_trunk needs {"data_augmentation": false}: augmented images change every step')
     key = (dataset.name, data_dir, dataset.input_shape)
-    envs = cache_trunk_features(dataset.environments, hparams, key=key)
+    envs = cache_trunk_features(dataset.environments, hparams, key=key, trunk=trunk)
     return dataclasses.replace(
         dataset,
         environments=list(envs),
