@@ -24,6 +24,9 @@ def test_plan_and_empty_report(tmp_path, capsys):
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:]}
     # a subset part's runs (core, ablations) are its cell's runs: the total counts each run once
     assert rows["pt-symbola-core"][-1] == rows["pt-symbola-ablations"][-1] == "pt-symbola)"
+    # the schedules follow-up's runs are its own: 20, none done, each budgeted as a two-pass run
+    assert rows["pt-symbola-schedules"][:2] == ["20", "0"] and len(rows["pt-symbola-schedules"]) == 4
+    assert float(rows["pt-symbola-schedules"][2]) == pytest.approx(20 * (5 + 400 * 1.10) / 3600, abs=0.005)
     from torchsage.study.parts import ALL_PARTS, all_part_jobs
 
     distinct = {j.output_dir for part in ALL_PARTS for j in all_part_jobs(tmp_path, part) or []}

@@ -19,6 +19,7 @@ def test_parts_are_the_cells_and_listed_in_the_study():
         "pt-notocolor",
         "pt-symbola-heads",
         "pt-symbola-ablations",
+        "pt-symbola-schedules",
     )
     assert set(pt.PT_PARTS) <= set(ALL_PARTS)
 
@@ -103,5 +104,40 @@ def test_the_ablations_part_is_a_subset_of_its_cell_run_trial_by_trial(tmp_path)
     assert by_algorithm == {"SAGE_CurvatureOnly": curvature, "SAGE_AlignmentOnly": {**base, "rho": 0.0}}
     with pytest.raises(ValueError, match="unknown part 'pt-notocolor-ablations'"):
         part_jobs(tmp_path, "pt-notocolor-ablations")
-    with pytest.raises(ValueError, match="at most one of core, heads and ablations"):
+    with pytest.raises(ValueError, match="at most one of core, heads, ablations and schedules"):
         pt.pt_jobs(str(tmp_path), core=True, ablations=True)
+
+
+def test_the_schedules_follow_up_is_paired_with_the_core_part_whose_default_is_its_every_step_arm(tmp_path):
+    from torchsage.dg.algorithms import ascent_schedule
+    from torchsage.study.spec import SCHEDULES
+
+    jobs = part_jobs(tmp_path, "pt-symbola-schedules")
+    core = part_jobs(tmp_path, "pt-symbola-core")
+    # two arms, 10 trials: the every-step arm is the core part's SAGE (default) run, not run again
+    assert len(jobs) == 10 * 2 and {j.settings["test_env"] for j in jobs} == {5}
+    assert [j.settings["trial"] for j in jobs] == sorted(j.settings["trial"] for j in jobs)
+    seeds = {j.settings["trial"]: j.settings["seed"] for j in core}
+    assert all(j.settings["seed"] == seeds[j.settings["trial"]] for j in jobs)
+    assert not {j.output_dir for j in jobs} & {j.output_dir for j in part_jobs(tmp_path, "pt-symbola")}
+    base = {**pt.PT_BASE_HPARAMS, **SAGE_DEFAULTS}
+    trigger = {"ascent_trigger": "disagreement", "ascent_threshold": 0.0}
+    expected = [{**base, "ascent_every": 5}, {**base, **trigger}]
+    assert [j.settings["hparams"] for j in jobs if j.settings["trial"] == 0] == expected
+    assert {j.settings["algorithm"] for j in jobs} == {"SAGE"}
+    assert [(a.method, a.hparams) for a in pt.pt_schedule_arms()] == [
+        (m, {**SAGE_DEFAULTS, **h}) for m, h in SCHEDULES if m != "SAGE every step"
+    ]
+    # the core part's default run is the every-step schedule: the harness's ascent_every defaults to
+    # 1, which asks for no schedule at all, and the core run names no schedule key
+    defaults = default_hparams("SAGE", "EmojiStyles")
+    assert (defaults["ascent_every"], defaults["ascent_trigger"]) == (1, "none")
+    assert ascent_schedule({**defaults, "ascent_every": 1}) is None and ascent_schedule(defaults) is None
+    default_run = next(j for j in core if j.settings["hparams"] == base and j.settings["trial"] == 0)
+    assert not {"ascent_every", "ascent_trigger", "ascent_threshold"} & set(default_run.settings["hparams"])
+    for job in jobs:
+        assert set(job.settings["hparams"]) <= set(defaults)
+    with pytest.raises(ValueError, match="unknown part 'pt-notocolor-schedules'"):
+        part_jobs(tmp_path, "pt-notocolor-schedules")
+    # not a subset part: plan counts its runs in the total, and names no cell they belong to
+    assert not any("pt-symbola-schedules".endswith(s) for s in pt.SUBSET_SUFFIXES)

@@ -16,11 +16,13 @@ SYMBOLA, NOTOCOLOR = PT_CELLS  # (EmojiStyles, 5), (EmojiStyles, 2)
 DEFAULT = {"rho_scaling": "global", "rho": 0.05, "gamma": 1e-3, "disagreement": "normalized_std"}
 
 
-def _finish(job, val, test, oracle):
+def _finish(job, val, test, oracle, step_time=None):
     """A fake finished EmojiStyles run: training designs' out accuracy ``val``, the held-out design's
-    in accuracy ``test`` and out accuracy ``oracle``."""
+    in accuracy ``test`` and out accuracy ``oracle`` (and the harness's ``step_time``, if given)."""
     env = job.settings["test_env"]
     record = {"step": 300, "args": {"test_envs": [env], "dataset": "EmojiStyles"}}
+    if step_time is not None:
+        record["step_time"] = step_time
     for i in range(6):
         record[f"env{i}_in_acc"] = test if i == env else 0.5
         record[f"env{i}_out_acc"] = oracle if i == env else val

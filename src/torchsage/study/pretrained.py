@@ -22,6 +22,10 @@ matrix, gamma 1.0 on the cosine disagreement, the regime they were chosen for); 
 at SAGE's defaults; and SAGM at the harness's defaults (rho 0.05, alpha 0.001), the strongest
 SAM-family peer in the published DomainBed tables. Trials pair every arm: a trial fixes the
 initialisation of the head, the minibatch order and the identity split.
+
+**Follow-ups** on the first cell, runs of their own paired with the core part's trials (the same
+trial seeds) and read against its ERM and ``SAGE (default)`` runs: the classifier's ascent
+direction (:func:`pt_head_arms`) and the ascent schedules (:func:`pt_schedule_arms`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torchsage.study.spec import (
     SAGE_DEFAULTS,
     SAGE_GRID,
     SAM_GRID,
+    SCHEDULES,
     Arm,
     authors_dg_hparams,
     dg_jobs,
@@ -55,6 +60,7 @@ __all__ = [
     "pt_head_arms",
     "pt_jobs",
     "pt_part_jobs",
+    "pt_schedule_arms",
 ]
 
 #: (data set, held-out environment): Symbola (line art, the probe's hardest) and Noto Color (its easiest)
@@ -159,6 +165,25 @@ def pt_head_arms() -> list[Arm]:
     ]
 
 
+def pt_schedule_arms() -> list[Arm]:
+    """The ascent schedules (a follow-up, fixed on 4 December 2026 before any of its runs): SAGE at
+    its defaults with the ascent on every 5th step or when the disagreement is at least its running
+    mean, the first study's schedules (:data:`~torchsage.study.spec.SCHEDULES`) but its every-step
+    arm. That one is the core part's ``SAGE (default)`` run of the same trial, the same computation
+    (the harness's ``ascent_every`` defaults to 1, every step), so it is not run again; the table
+    sets each schedule's accuracy and step time against it and against ERM.
+
+    Example:
+        >>> [a.method for a in pt_schedule_arms()]
+        ['SAGE every 5', 'SAGE trigger D']
+    """
+    return [
+        Arm(method, "SAGE", {**SAGE_DEFAULTS, **h}, base=PT_BASE_HPARAMS)
+        for method, h in SCHEDULES
+        if h != {"ascent_every": 1}
+    ]
+
+
 def pt_jobs(
     root: str,
     cells: tuple[tuple[str, int], ...] = PT_CELLS,
@@ -166,16 +191,23 @@ def pt_jobs(
     core: bool = False,
     heads: bool = False,
     ablations: bool = False,
+    schedules: bool = False,
 ) -> list[HashedJob]:
     """The runs of the pretrained-regime study, trial by trial, in ``root/dg/<hash>``.
 
     ``core=True`` keeps the arms of :data:`PT_CORE_ARMS` only: the same runs (the same directories) as
     the whole study's, so a core part run first is part of the whole one, not a second copy.
-    ``ablations=True`` keeps :func:`pt_ablation_arms`, also runs of the whole study. ``heads=True``:
-    the runs of :func:`pt_head_arms` instead (the follow-up's own)."""
-    if sum((core, heads, ablations)) > 1:
-        raise ValueError("pt_jobs: choose at most one of core, heads and ablations")
-    subsets = ((heads, pt_head_arms), (core, pt_core_arms), (ablations, pt_ablation_arms))
+    ``ablations=True`` keeps :func:`pt_ablation_arms`, also runs of the whole study. ``heads=True``
+    and ``schedules=True``: the runs of :func:`pt_head_arms` or :func:`pt_schedule_arms` instead
+    (the follow-ups' own)."""
+    if sum((core, heads, ablations, schedules)) > 1:
+        raise ValueError("pt_jobs: choose at most one of core, heads, ablations and schedules")
+    subsets = (
+        (heads, pt_head_arms),
+        (core, pt_core_arms),
+        (ablations, pt_ablation_arms),
+        (schedules, pt_schedule_arms),
+    )
     arms = next((make for chosen, make in subsets if chosen), pt_arms)()
     return dg_jobs(root, cells=cells, n_trials=n_trials, steps=PT_STEPS, arms=arms)
 
@@ -187,12 +219,13 @@ def _part(env: int) -> str:
 
 
 #: the parts of this study: per cell, its core arms (``pt-<design>-core``) and all its arms; then the
-#: classifier-direction follow-up and the ablations' subset on the first cell (``pt-<design>-heads``,
-#: ``pt-<design>-ablations``)
+#: classifier-direction follow-up, the ablations' subset and the schedules follow-up on the first
+#: cell (``pt-<design>-heads``, ``pt-<design>-ablations``, ``pt-<design>-schedules``)
 PT_PARTS: tuple[str, ...] = (
     *(p for _, env in PT_CELLS for p in (f"{_part(env)}-core", _part(env))),
     f"{_part(PT_CELLS[0][1])}-heads",
     f"{_part(PT_CELLS[0][1])}-ablations",
+    f"{_part(PT_CELLS[0][1])}-schedules",
 )
 
 #: parts whose runs are runs of their cell's whole part (``plan`` counts them once)
@@ -210,4 +243,6 @@ def pt_part_jobs(root: str, part: str) -> list[HashedJob] | None:
             return pt_jobs(root, cells=(cell,), heads=True)
         if part == f"{_part(cell[1])}-ablations" and part in PT_PARTS:
             return pt_jobs(root, cells=(cell,), ablations=True)
+        if part == f"{_part(cell[1])}-schedules" and part in PT_PARTS:
+            return pt_jobs(root, cells=(cell,), schedules=True)
     return None

@@ -42,6 +42,7 @@ from torchsage.study.pretrained import (
     pt_head_arms,
     pt_jobs,
 )
+from torchsage.study.pretrained_schedules import load_pt_schedules, schedule_tables
 from torchsage.study.render import theory_parts
 from torchsage.study.report import (
     TRAINED_MARGIN,
@@ -72,12 +73,14 @@ def load_pt(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     """The finished runs of the pretrained regime under ``root`` (``job_options``: those of
     :func:`torchsage.study.pretrained.pt_jobs`), with the test domain's ``out`` accuracy the oracle
     selects by, and the number of its jobs not finished. Without ``job_options``, also the finished
-    runs of the classifier-direction follow-up (:func:`torchsage.study.pretrained.pt_head_arms`; its
-    unfinished runs are not counted)."""
+    runs of the follow-ups of the classifier's direction and of the schedules
+    (:func:`~torchsage.study.pretrained.pt_head_arms`, :func:`~torchsage.study.pretrained.pt_schedule_arms`;
+    their unfinished runs are not counted)."""
     runs, missing = load_jobs(pt_jobs(str(root), **job_options), pt_arms(), oracle=True)
     if not job_options:
         heads = pt_jobs(str(root), cells=PT_CELLS[:1], heads=True)
         runs += load_jobs(heads, pt_head_arms(), oracle=True)[0]
+        runs += load_pt_schedules(root)
     return runs, missing
 
 
@@ -199,11 +202,12 @@ def _theory(runs: Sequence[DGRun], payloads: Sequence[dict[str, Any]], figures: 
 def _head_tables(runs: Sequence[DGRun]) -> list[str]:
     """The follow-ups' tables per cell with two finished trials of them, one choice per method,
     against ERM and SAGE (default) of the same trials: the ablations (SAGE's two halves at its
-    defaults) and the classifier's ascent direction (SAGE at its defaults with the classifier on
-    each direction)."""
+    defaults), the classifier's ascent direction (SAGE at its defaults with the classifier on
+    each direction) and the ascent schedules (:mod:`torchsage.study.pretrained_schedules`)."""
     heads = "the classifier's ascent direction (SAGE at its defaults; polar is the default's)"
     ablations = "SAGE's halves at its defaults (the ablations)"
-    return _follow_up(runs, pt_ablation_arms(), ablations) + _follow_up(runs, pt_head_arms(), heads)
+    tables = _follow_up(runs, pt_ablation_arms(), ablations) + _follow_up(runs, pt_head_arms(), heads)
+    return tables + schedule_tables(runs)
 
 
 def _follow_up(runs: Sequence[DGRun], extra: list[Arm], what: str) -> list[str]:

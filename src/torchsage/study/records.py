@@ -11,7 +11,7 @@ Line kinds:
   domain, trial, method, hyperparameters, training-domain validation and test accuracy, run
   directory name; the pretrained regime's (:mod:`torchsage.study.pretrained`) also the test
   domain's ``out`` accuracy, ``oracle_acc``, which the oracle selection reads (lines without it
-  load with ``None``);
+  load with ``None``); the run's mean ``step_time`` in seconds (lines without it load with nan);
 * ``{"kind": "mtl", ...}``: one per finished MultiDigits run (solver, variant, seed, Δm%);
 * ``{"kind": "theory", ...}``: the measured terms of one sampled DG run (the content of its
   ``theory.json``), the first study's and the pretrained regime's (its cells tell them apart);
@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ def _dg_line(run: Any) -> dict[str, Any]:
     fields["run"] = fields.pop("path").name  # the run directory's name, not the local path
     if fields["oracle_acc"] is None:  # the first study's lines as they were
         del fields["oracle_acc"]
+    if math.isnan(fields["step_time"]):  # not logged: no field (JSON has no nan)
+        del fields["step_time"]
     return {"kind": "dg", **fields}
 
 

@@ -70,6 +70,8 @@ class DGRun:
     disagreement: float | None = None
     #: test domain's out split, what the oracle selects by (None: not loaded, as in the first study)
     oracle_acc: float | None = None
+    #: the harness's ``step_time`` at the last checkpoint, seconds (nan: records written without it)
+    step_time: float = float("nan")
 
 
 def _accuracies(record: dict[str, Any], test_env: int) -> tuple[float, float]:
@@ -120,6 +122,7 @@ def load_jobs(jobs: Sequence[Any], arms: Sequence[Arm], oracle: bool = False) ->
         hp = json.dumps(s["hparams"], sort_keys=True)
         d = records[-1].get("disagreement")
         o = float(records[-1][f"env{s['test_env']}_out_acc"]) if oracle else None
+        step_time = float(records[-1].get("step_time", float("nan")))
         for method in methods[(s["algorithm"], hp)]:  # one run can stand for two arms
             runs.append(
                 DGRun(
@@ -133,6 +136,7 @@ def load_jobs(jobs: Sequence[Any], arms: Sequence[Arm], oracle: bool = False) ->
                     job.output_dir,
                     None if d is None else float(d),
                     o,
+                    step_time,
                 )
             )
     return runs, missing
@@ -240,11 +244,14 @@ def dg_table(
     arms: Sequence[Arm] | None = None,
     caption: str | None = None,
     bases: tuple[str, ...] = ("ERM", "SAM"),
+    columns: dict[str, dict[str, str]] | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     """One cell's table: test accuracy (mean, 95% t-interval) and the paired differences.
     ``results``: cells' comparisons already computed (see :func:`_cell_results`); ``arms``: the
     study's arms (default: the first study's); ``caption``: instead of the default one; ``bases``:
-    the two methods every row is compared with."""
+    the two methods every row is compared with; ``columns``: more columns, ``{header: {method:
+    cell}}`` ("–" where a method has none); ``notes``: more notes under the table."""
     cell = (dataset, test_env)
     acc, comparisons = _cell_results(selected, [cell], results, arms, bases)[cell]
     rows = []
@@ -257,15 +264,18 @@ def dg_table(
                 str(len(values)),
                 _ci(list(values.values())),
                 *(_diff(comparisons.get((m, base))) for base in bases),
+                *(cells.get(m, "–") for cells in (columns or {}).values()),
             ]
         )
     header = ["Method", "trials", "test acc (%) [95% CI]", *(f"Δ vs {b} [95% CI] p" for b in bases)]
+    header += list(columns or {})
     caption = caption or f"{dataset}, test domain {env_name}: training-domain validation"
-    notes = [
+    all_notes = [
         "Δ: mean paired difference in points (same trial seeds); interval: paired bootstrap; p: Wilcoxon "
-        "signed-rank, Holm-adjusted over this table; * p < 0.05."
+        "signed-rank, Holm-adjusted over this table; * p < 0.05.",
+        *notes,
     ]
-    return render_table(header, rows, caption=caption, fmt=fmt, notes=notes)  # type: ignore[arg-type]
+    return render_table(header, rows, caption=caption, fmt=fmt, notes=all_notes)  # type: ignore[arg-type]
 
 
 def _mean_disagreement(runs: dict[int, DGRun], trials: Sequence[int]) -> str:
