@@ -155,6 +155,12 @@ def test_fits_recover_an_exact_relation():
     both = result["fits"]["alignment + trace"]
     assert both.coef == pytest.approx((0.02, -0.01), abs=1e-10) and both.r2 == pytest.approx(1.0, abs=1e-10)
     assert rep.fit_table(result).count("\n|") >= 4
+    assert "have no logarithm" not in rep.fit_table(result)
+    # a run whose distributions all have one gradient: alignment exactly 0, out of the alignment fits only
+    zero = {**payloads[0], "report": {**payloads[0]["report"], "alignment": 0.0}}
+    with_zero = fits([*payloads, zero], n_resamples=50)
+    assert with_zero["fits"]["alignment"].n == 6 and with_zero["fits"]["trace"].n == 7
+    assert "left out of the fits using it (alignment 1)" in rep.fit_table(with_zero)
     assert figures.plot_theory(
         result, __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "t.png"
     ).exists()

@@ -468,6 +468,13 @@ def fit_table(
         f"{result['dropped']} sampled run(s) left out: curvature found indefinite beyond the damping "
         "(alignment undefined).",
     ]
+    zero = {n: sum(r[n] <= 0 for r in result["rows"]) for n in ("alignment", "trace", "lambda_max")}
+    if any(zero.values()):
+        counts = ", ".join(f"{k} {v}" for k, v in zero.items() if v)
+        notes.append(
+            f"Runs with a term of zero have no logarithm and are left out of the fits using it ({counts}): "
+            "identical gradients on every training distribution give an alignment term of exactly 0."
+        )
     if result["rows"]:
         notes.append(measurement_precision(result["rows"]))
     return render_table(
