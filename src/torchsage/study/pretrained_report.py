@@ -142,25 +142,18 @@ def render_pretrained_runs(
         )
         parts.append(dg_table(core, dataset, env, "", results=core_results, arms=core_arms, caption=caption))
     if core_cells:
-        # an arm that diverged (more than 20 points below ERM in a cell) would squash the others'
-        # intervals: the figure leaves it out and says so; the table above has it
-        far = [
-            a.method
-            for a in core_arms
-            if any((p := core_results[c][1].get((a.method, "ERM"))) and p.mean < -0.2 for c in core_cells)
-        ]
         path = figures / "pretrained_core_differences.png"
-        shown = [a for a in core_arms if a.method not in far]
-        plot_differences(core, path, core_results, cells=core_cells, arms=shown)
-        note = f" ({', '.join(far)}: more than 20 points below ERM, in the table only)" if far else ""
+        note = _figure(core, path, core_results, core_cells, core_arms)
         parts.append(
             f"![paired differences to ERM, core comparison](figures/pretrained_core_differences.png){note}"
         )
     parts += _head_tables(runs)
     results = _cell_results(selected, cells, None, arms)
     if cells:
-        plot_differences(selected, figures / "pretrained_differences.png", results, cells=cells, arms=arms)
-        parts.append("![paired differences to ERM, pretrained regime](figures/pretrained_differences.png)")
+        note = _figure(selected, figures / "pretrained_differences.png", results, cells, arms)
+        parts.append(
+            f"![paired differences to ERM, pretrained regime](figures/pretrained_differences.png){note}"
+        )
     oracle_results = _cell_results(oracle, cells, None, arms)
     for dataset, env in cells:
         name = environment_names(dataset)[env]
@@ -197,6 +190,19 @@ def _theory(runs: Sequence[DGRun], payloads: Sequence[dict[str, Any]], figures: 
     )
     alt = "out-of-domain gap against the last layer's terms, pretrained regime"
     return theory_parts(runs, mine, figures, "pretrained_theory.png", caption=caption, alt=alt)
+
+
+def _figure(chosen: Any, path: Path, results: Any, cells: Any, arms: list[Arm]) -> str:
+    """Draws the paired differences to ERM of ``arms`` to ``path``, leaving out an arm that
+    diverged (more than 20 points below ERM in a cell: it would squash the others' intervals; the
+    tables have it); returns the note that names what was left out ("" for nothing)."""
+    far = [
+        a.method
+        for a in arms
+        if any((p := results[c][1].get((a.method, "ERM"))) and p.mean < -0.2 for c in cells)
+    ]
+    plot_differences(chosen, path, results, cells=cells, arms=[a for a in arms if a.method not in far])
+    return f" ({', '.join(far)}: more than 20 points below ERM, in the table only)" if far else ""
 
 
 def _head_tables(runs: Sequence[DGRun]) -> list[str]:
