@@ -30,10 +30,23 @@ def test_plan_and_empty_report(tmp_path, capsys):
     from torchsage.study.parts import ALL_PARTS, all_part_jobs
 
     distinct = {j.output_dir for part in ALL_PARTS for j in all_part_jobs(tmp_path, part) or []}
-    assert int(rows["all"][0]) == len(distinct) + int(rows["theory"][0])
+    assert int(rows["all"][0]) == len(distinct) + int(rows["theory"][0]) + int(rows["theory-pretrained"][0])
     target = tmp_path / "study_results.md"
     pt_target = tmp_path / "study_pretrained_results.md"  # never the repository's docs
     argv = ["report", "--root", str(tmp_path), "--output", str(target), "--figures", str(tmp_path)]
     assert main([*argv, "--pretrained-output", str(pt_target)]) == 0
     assert "no finished runs yet" in pt_target.read_text()
     assert "DG runs finished: 0" in target.read_text()
+
+
+def test_plan_counts_the_pretrained_theory_payloads_apart(tmp_path, capsys):
+    import json
+
+    cells = [("a", "EmojiStyles", [5]), ("b", "RotatedDigits", [0]), ("c", "EmojiStyles", [5])]
+    for name, dataset, envs in cells:
+        (tmp_path / "dg" / name).mkdir(parents=True)
+        payload = {"dataset": dataset, "test_envs": envs}
+        (tmp_path / "dg" / name / "theory.json").write_text(json.dumps(payload))
+    assert main(["plan", "--root", str(tmp_path)]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["theory"][:2] == ["80", "1"] and rows["theory-pretrained"][:2] == ["40", "2"]
