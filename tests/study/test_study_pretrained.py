@@ -20,6 +20,7 @@ def test_parts_are_the_cells_and_listed_in_the_study():
         "pt-symbola-heads",
         "pt-symbola-ablations",
         "pt-symbola-schedules",
+        "pt-symbola-gamma",
     )
     assert set(pt.PT_PARTS) <= set(ALL_PARTS)
 
@@ -104,22 +105,29 @@ def test_the_ablations_part_is_a_subset_of_its_cell_run_trial_by_trial(tmp_path)
     assert by_algorithm == {"SAGE_CurvatureOnly": curvature, "SAGE_AlignmentOnly": {**base, "rho": 0.0}}
     with pytest.raises(ValueError, match="unknown part 'pt-notocolor-ablations'"):
         part_jobs(tmp_path, "pt-notocolor-ablations")
-    with pytest.raises(ValueError, match="at most one of core, heads, ablations and schedules"):
+    with pytest.raises(ValueError, match="at most one of core, heads, ablations, schedules and gamma"):
         pt.pt_jobs(str(tmp_path), core=True, ablations=True)
+
+
+def _paired_follow_up(root, part):
+    """The jobs of follow-up ``part`` and of the core part, after checking that the follow-up has two
+    arms in 10 trials on Symbola, run trial by trial with the core part's seeds, in directories of
+    its own (none is a run of the cell's whole part)."""
+    jobs, core = part_jobs(root, part), part_jobs(root, "pt-symbola-core")
+    assert len(jobs) == 10 * 2 and {j.settings["test_env"] for j in jobs} == {5}
+    assert [j.settings["trial"] for j in jobs] == sorted(j.settings["trial"] for j in jobs)
+    seeds = {j.settings["trial"]: j.settings["seed"] for j in core}
+    assert all(j.settings["seed"] == seeds[j.settings["trial"]] for j in jobs)
+    assert not {j.output_dir for j in jobs} & {j.output_dir for j in part_jobs(root, "pt-symbola")}
+    return jobs, core
 
 
 def test_the_schedules_follow_up_is_paired_with_the_core_part_whose_default_is_its_every_step_arm(tmp_path):
     from torchsage.dg.algorithms import ascent_schedule
     from torchsage.study.spec import SCHEDULES
 
-    jobs = part_jobs(tmp_path, "pt-symbola-schedules")
-    core = part_jobs(tmp_path, "pt-symbola-core")
     # two arms, 10 trials: the every-step arm is the core part's SAGE (default) run, not run again
-    assert len(jobs) == 10 * 2 and {j.settings["test_env"] for j in jobs} == {5}
-    assert [j.settings["trial"] for j in jobs] == sorted(j.settings["trial"] for j in jobs)
-    seeds = {j.settings["trial"]: j.settings["seed"] for j in core}
-    assert all(j.settings["seed"] == seeds[j.settings["trial"]] for j in jobs)
-    assert not {j.output_dir for j in jobs} & {j.output_dir for j in part_jobs(tmp_path, "pt-symbola")}
+    jobs, core = _paired_follow_up(tmp_path, "pt-symbola-schedules")
     base = {**pt.PT_BASE_HPARAMS, **SAGE_DEFAULTS}
     trigger = {"ascent_trigger": "disagreement", "ascent_threshold": 0.0}
     expected = [{**base, "ascent_every": 5}, {**base, **trigger}]
@@ -141,3 +149,21 @@ def test_the_schedules_follow_up_is_paired_with_the_core_part_whose_default_is_i
         part_jobs(tmp_path, "pt-notocolor-schedules")
     # not a subset part: plan counts its runs in the total, and names no cell they belong to
     assert not any("pt-symbola-schedules".endswith(s) for s in pt.SUBSET_SUFFIXES)
+
+
+def test_the_gamma_follow_up_is_sages_default_at_smaller_noise_paired_with_the_core_part(tmp_path):
+    jobs, _ = _paired_follow_up(tmp_path, "pt-symbola-gamma")
+    base = {**pt.PT_BASE_HPARAMS, **SAGE_DEFAULTS}
+    first = [j.settings["hparams"] for j in jobs if j.settings["trial"] == 0]
+    # a tenth and a hundredth of the default's noise scale, nothing else changed
+    assert first == [
+        {**base, "gamma": SAGE_DEFAULTS["gamma"] / 10},
+        {**base, "gamma": SAGE_DEFAULTS["gamma"] / 100},
+    ]
+    assert {j.settings["algorithm"] for j in jobs} == {"SAGE"}
+    assert [a.method for a in pt.pt_gamma_arms()] == ["SAGE (gamma 1e-4)", "SAGE (gamma 1e-5)"]
+    defaults = default_hparams("SAGE", "EmojiStyles")
+    assert all(set(j.settings["hparams"]) <= set(defaults) for j in jobs)
+    with pytest.raises(ValueError, match="unknown part 'pt-notocolor-gamma'"):
+        part_jobs(tmp_path, "pt-notocolor-gamma")
+    assert not any("pt-symbola-gamma".endswith(s) for s in pt.SUBSET_SUFFIXES)

@@ -477,3 +477,38 @@ def test_the_last_layer_theory_test_in_the_pretrained_document(tmp_path, capsys)
     ]
     assert main([*argv, "--pretrained-output", str(pt_out)]) == 0
     assert caption in pt_out.read_text() and "EmojiStyles" not in (tmp_path / "r.md").read_text()
+
+
+def test_the_gamma_follow_up_table_reads_the_curvature_ablation_as_gamma_zero(tmp_path):
+    root = tmp_path / "runs"
+    core = pt_jobs(str(root), cells=(SYMBOLA,), n_trials=3, core=True)
+    for job in core + pt_jobs(str(root), cells=(SYMBOLA,), n_trials=3, ablations=True):
+        _finish(job, *_accuracies(job))
+    # gamma 1e-4: 0.70 + 0.01 t (ERM + 10, SAGE's default - 5); gamma 1e-5 in two trials only:
+    # 0.63 + 0.02 t (ERM + 3 and + 4, SAGE's default - 12 and - 11)
+    for job in pt_jobs(str(root), cells=(SYMBOLA,), n_trials=3, gamma=True):
+        t, gamma = job.settings["trial"], job.settings["hparams"]["gamma"]
+        if gamma == 1e-4:
+            _finish(job, 0.9, 0.70 + 0.01 * t, 0.5)
+        elif t < 2:
+            _finish(job, 0.9, 0.63 + 0.02 * t, 0.5)
+    runs, missing = ptr.load_pt(root)
+    assert missing == 130 * 2 - 3 * 6  # the follow-up's runs are not the study's
+    assert sum(r.method.startswith("SAGE (gamma") for r in runs) == 5
+    text = ptr.render_pretrained(root, tmp_path / "figures")
+    table = text.split("SAGE's noise scale (SAGE at its defaults, gamma 1e-3; SAGE_CurvatureOnly is gamma 0)")
+    assert len(table) == 2
+    rows = _rows(table[1].split("\n\n", 2)[1])
+    order = ["ERM", "SAGE (default)", "SAGE (gamma 1e-4)", "SAGE (gamma 1e-5)", "SAGE_CurvatureOnly"]
+    assert list(rows) == order
+    assert [rows[m][1] for m in order] == ["3", "3", "3", "2", "3"]
+    assert rows["SAGE (gamma 1e-4)"][3].startswith("+10.0 [+10.0, +10.0]")
+    assert rows["SAGE (gamma 1e-4)"][4].startswith("-5.0 [-5.0, -5.0]")
+    assert rows["SAGE (gamma 1e-5)"][3].startswith("+3.5 [+3.0, +4.0]")
+    assert rows["SAGE (gamma 1e-5)"][4].startswith("-11.5 [-12.0, -11.0]")
+    assert rows["SAGE_CurvatureOnly"][3].startswith("+2.0 [+2.0, +2.0]")  # 0.62 + 0.01 t
+    # one trial of gamma 1e-5 in common with 1e-4 is not a table
+    for job in pt_jobs(str(root), cells=(SYMBOLA,), n_trials=3, gamma=True):
+        if job.settings["hparams"]["gamma"] == 1e-5 and job.settings["trial"] == 1:
+            (job.output_dir / "done").unlink()
+    assert "SAGE's noise scale" not in ptr.render_pretrained(root, tmp_path / "f2")

@@ -27,7 +27,7 @@ that trained filtered as there.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +39,12 @@ from torchsage.study.pretrained import (
     pt_ablation_arms,
     pt_arms,
     pt_core_arms,
+    pt_gamma_arms,
     pt_head_arms,
     pt_jobs,
+    pt_schedule_arms,
 )
-from torchsage.study.pretrained_schedules import load_pt_schedules, schedule_tables
+from torchsage.study.pretrained_schedules import SCHEDULE_CAPTION, SCHEDULE_NOTE, schedule_columns
 from torchsage.study.render import theory_parts
 from torchsage.study.report import (
     TRAINED_MARGIN,
@@ -57,6 +59,7 @@ from torchsage.study.report import (
 from torchsage.study.spec import Arm
 
 __all__ = [
+    "FOLLOW_UPS",
     "NO_RUNS",
     "core_runs",
     "load_pt",
@@ -64,6 +67,13 @@ __all__ = [
     "render_pretrained",
     "render_pretrained_runs",
 ]
+
+#: the follow-ups with runs of their own: :func:`~torchsage.study.pretrained.pt_jobs`'s option and arms
+FOLLOW_UPS: dict[str, Callable[[], list[Arm]]] = {
+    "heads": pt_head_arms,
+    "schedules": pt_schedule_arms,
+    "gamma": pt_gamma_arms,
+}
 
 #: what the document says before any run of the regime has finished
 NO_RUNS = "The pretrained regime (EmojiStyles, EfficientNet-Lite0) has no finished runs yet."
@@ -73,14 +83,13 @@ def load_pt(root: str | Path, **job_options: Any) -> tuple[list[DGRun], int]:
     """The finished runs of the pretrained regime under ``root`` (``job_options``: those of
     :func:`torchsage.study.pretrained.pt_jobs`), with the test domain's ``out`` accuracy the oracle
     selects by, and the number of its jobs not finished. Without ``job_options``, also the finished
-    runs of the follow-ups of the classifier's direction and of the schedules
-    (:func:`~torchsage.study.pretrained.pt_head_arms`, :func:`~torchsage.study.pretrained.pt_schedule_arms`;
-    their unfinished runs are not counted)."""
+    runs of the follow-ups on the first cell (:data:`FOLLOW_UPS`: the classifier's direction, the
+    schedules, the noise scale; their unfinished runs are not counted: they are not the study's)."""
     runs, missing = load_jobs(pt_jobs(str(root), **job_options), pt_arms(), oracle=True)
     if not job_options:
-        heads = pt_jobs(str(root), cells=PT_CELLS[:1], heads=True)
-        runs += load_jobs(heads, pt_head_arms(), oracle=True)[0]
-        runs += load_pt_schedules(root)
+        for option, make in FOLLOW_UPS.items():
+            jobs = pt_jobs(str(root), cells=PT_CELLS[:1], **{option: True})
+            runs += load_jobs(jobs, make(), oracle=True)[0]
     return runs, missing
 
 
@@ -206,27 +215,49 @@ def _figure(chosen: Any, path: Path, results: Any, cells: Any, arms: list[Arm]) 
 
 
 def _head_tables(runs: Sequence[DGRun]) -> list[str]:
-    """The follow-ups' tables per cell with two finished trials of them, one choice per method,
-    against ERM and SAGE (default) of the same trials: the ablations (SAGE's two halves at its
-    defaults), the classifier's ascent direction (SAGE at its defaults with the classifier on
-    each direction) and the ascent schedules (:mod:`torchsage.study.pretrained_schedules`)."""
-    heads = "the classifier's ascent direction (SAGE at its defaults; polar is the default's)"
-    ablations = "SAGE's halves at its defaults (the ablations)"
-    tables = _follow_up(runs, pt_ablation_arms(), ablations) + _follow_up(runs, pt_head_arms(), heads)
-    return tables + schedule_tables(runs)
+    """The follow-ups' tables per cell where every extra arm has two finished trials in common,
+    one choice per method, against ERM and SAGE (default) of the same trials: the ablations (SAGE's
+    two halves at its defaults), the classifier's ascent direction (SAGE at its defaults with the
+    classifier on each direction), the ascent schedules (with step times,
+    :mod:`torchsage.study.pretrained_schedules`) and the noise scale (with the curvature-only
+    ablation as gamma 0)."""
+    one = ", one choice per method"
+    heads = "the classifier's ascent direction (SAGE at its defaults; polar is the default's)" + one
+    ablations = "SAGE's halves at its defaults (the ablations)" + one
+    gamma = "SAGE's noise scale (SAGE at its defaults, gamma 1e-3; SAGE_CurvatureOnly is gamma 0)" + one
+    curvature = [a for a in pt_ablation_arms() if a.method == "SAGE_CurvatureOnly"]
+    return (
+        _follow_up(runs, pt_ablation_arms(), ablations)
+        + _follow_up(runs, pt_head_arms(), heads)
+        + _follow_up(runs, pt_schedule_arms(), SCHEDULE_CAPTION, schedule_columns, [SCHEDULE_NOTE])
+        + _follow_up(runs, pt_gamma_arms(), gamma, after=curvature)
+    )
 
 
-def _follow_up(runs: Sequence[DGRun], extra: list[Arm], what: str) -> list[str]:
+def _follow_up(
+    runs: Sequence[DGRun],
+    extra: list[Arm],
+    what: str,
+    columns: Callable[..., dict[str, dict[str, str]]] | None = None,
+    notes: Sequence[str] = (),
+    after: Sequence[Arm] = (),
+) -> list[str]:
+    """One follow-up's tables: ERM, SAGE (default), ``extra`` and then ``after`` (arms of other
+    parts shown for reference); ``columns(chosen, dataset, env, methods)`` adds columns."""
     from torchsage.dg.datasets import environment_names
 
-    arms = [a for a in pt_core_arms() if a.method in ("ERM", "SAGE (default)")] + extra
-    methods = {a.method for a in arms}
+    arms = [a for a in pt_core_arms() if a.method in ("ERM", "SAGE (default)")] + extra + list(after)
+    methods = [a.method for a in arms]
     chosen = select([r for r in runs if r.method in methods], arms)
     tables = []
     for dataset, env in PT_CELLS:
-        if len(chosen.get((dataset, env, extra[0].method), {})) < 2:
+        if len(set.intersection(*(set(chosen.get((dataset, env, a.method), {})) for a in extra))) < 2:
             continue
-        caption = f"{dataset}, test domain {environment_names(dataset)[env]}: {what}, one choice per method"
+        caption = f"{dataset}, test domain {environment_names(dataset)[env]}: {what}"
+        more = None if columns is None else columns(chosen, dataset, env, methods)
         bases = ("ERM", "SAGE (default)")
-        tables.append(dg_table(chosen, dataset, env, "", arms=arms, caption=caption, bases=bases))
+        table = dg_table(
+            chosen, dataset, env, "", arms=arms, caption=caption, bases=bases, columns=more, notes=notes
+        )
+        tables.append(table)
     return tables

@@ -1,5 +1,6 @@
 """The pretrained regime's ascent-schedules follow-up (``pt-symbola-schedules``,
-:func:`torchsage.study.pretrained.pt_schedule_arms`) in its report.
+:func:`torchsage.study.pretrained.pt_schedule_arms`) in its report: its runs, and the step-time
+columns and wording its table (:mod:`torchsage.study.pretrained_report`) adds to the other follow-ups'.
 
 Per cell with two trials in which both schedules have finished: ERM, ``SAGE (default)`` (the
 every-step schedule: the core part's run of the same trial) and the two schedules, one choice per
@@ -15,62 +16,35 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
-from pathlib import Path
 
-from torchsage.study.pretrained import PT_CELLS, pt_core_arms, pt_jobs, pt_schedule_arms
-from torchsage.study.report import DGRun, dg_table, load_jobs, select
-
-__all__ = ["EVERY_STEP", "load_pt_schedules", "schedule_tables"]
+__all__ = ["EVERY_STEP", "SCHEDULE_CAPTION", "SCHEDULE_NOTE", "schedule_columns"]
 
 #: the method whose run is the every-step schedule (the core part's)
 EVERY_STEP = "SAGE (default)"
 
 
-def load_pt_schedules(root: str | Path) -> list[DGRun]:
-    """The finished runs of the schedules follow-up under ``root`` (its unfinished runs are not
-    counted: they are not the study's)."""
-    jobs = pt_jobs(str(root), cells=PT_CELLS[:1], schedules=True)
-    return load_jobs(jobs, pt_schedule_arms(), oracle=True)[0]
+def schedule_columns(chosen: dict, dataset: str, env: int, methods: list[str]) -> dict[str, dict[str, str]]:
+    """The step-time columns of the follow-up's table of a cell (see the module docstring):
+    ``chosen`` is :func:`torchsage.study.report.select`'s, ``methods`` the table's rows."""
+    times = {m: {t: r.step_time for t, r in chosen.get((dataset, env, m), {}).items()} for m in methods}
+    return {
+        "step time (s)": {m: _mean(list(times[m].values())) for m in methods},
+        f"step time / {EVERY_STEP}'s": {
+            m: _mean(_ratios(times[m], times[EVERY_STEP])) for m in methods if m != EVERY_STEP
+        },
+    }
 
 
-def schedule_tables(runs: Sequence[DGRun]) -> list[str]:
-    """The follow-up's table of each cell where both schedules have finished in two trials or more
-    (see the module docstring); no table before that."""
-    from torchsage.dg.datasets import environment_names
-
-    schedules = pt_schedule_arms()
-    arms = [a for a in pt_core_arms() if a.method in ("ERM", EVERY_STEP)] + schedules
-    methods = [a.method for a in arms]
-    chosen = select([r for r in runs if r.method in methods], arms)
-    tables = []
-    for dataset, env in PT_CELLS:
-        done = [set(chosen.get((dataset, env, a.method), {})) for a in schedules]
-        if len(set.intersection(*done)) < 2:
-            continue
-        times = {m: {t: r.step_time for t, r in chosen.get((dataset, env, m), {}).items()} for m in methods}
-        columns = {
-            "step time (s)": {m: _mean(list(times[m].values())) for m in methods},
-            f"step time / {EVERY_STEP}'s": {
-                m: _mean(_ratios(times[m], times[EVERY_STEP])) for m in methods if m != EVERY_STEP
-            },
-        }
-        caption = (
-            f"{dataset}, test domain {environment_names(dataset)[env]}: ascent schedules (SAGE at its "
-            f"defaults; {EVERY_STEP} is the every-step schedule), one choice per method; the step-time "
-            "ratio compares separate runs on a shared machine (noisy)"
-        )
-        note = (
-            "Step time: the harness's wall-clock seconds per step at the last checkpoint (data loading "
-            f"and the first evaluation included), mean over the method's trials; / {EVERY_STEP}'s: the "
-            "mean over the trials both have of the paired ratio; – where not recorded."
-        )
-        bases = ("ERM", EVERY_STEP)
-        table = dg_table(
-            chosen, dataset, env, "", arms=arms, caption=caption, bases=bases, columns=columns, notes=[note]
-        )
-        tables.append(table)
-    return tables
+#: the caption's tail and the note of the follow-up's table
+SCHEDULE_CAPTION = (
+    f"ascent schedules (SAGE at its defaults; {EVERY_STEP} is the every-step schedule), one choice per "
+    "method; the step-time ratio compares separate runs on a shared machine (noisy)"
+)
+SCHEDULE_NOTE = (
+    "Step time: the harness's wall-clock seconds per step at the last checkpoint (data loading "
+    f"and the first evaluation included), mean over the method's trials; / {EVERY_STEP}'s: the "
+    "mean over the trials both have of the paired ratio; – where not recorded."
+)
 
 
 def _ratios(a: dict[int, float], b: dict[int, float]) -> list[float]:
