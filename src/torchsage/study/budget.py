@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torchsage.files import read_json_file
 from torchsage.study.parts import ALL_PARTS, all_part_jobs
-from torchsage.study.pretrained import SUBSET_SUFFIXES, in_pt_cells
+from torchsage.study.pretrained import PT_PARTS, SUBSET_SUFFIXES
 from torchsage.study.spec import DG_STEPS, MTL_SOLVERS, N_TRIALS
 
 __all__ = ["CPU_PER_STEP", "MTL_RUN_CPU", "THEORY_MAX_RUNS", "THEORY_RUN_CPU", "estimate", "plan_text"]
@@ -60,16 +59,19 @@ def estimate(root: str | Path = "runs/study") -> dict[str, tuple[int, int, float
     """``{part: (runs, finished, CPU-hours in all, CPU-hours left)}``, plus ``"theory"`` and
     ``"all"``: every run once, however many parts it is a run of (a core part's runs are runs of its
     cell; the gamma measurement reuses the cells' ERM runs)."""
-    out, every = {}, {}
+    out, every, pretrained = {}, {}, set()
     for part in ALL_PARTS:
         jobs = all_part_jobs(root, part)
         cost = _mtl_cost if part == "mtl" else _dg_cost
         rows = [(j.output_dir, cost(j.settings) / 3600, j.state == "done") for j in jobs]
         every.update((d, (c, done)) for d, c, done in rows)
+        if part in PT_PARTS:
+            pretrained.update(d for d, *_ in rows)
         out[part] = _row(rows)
-    payloads = [read_json_file(p, what="theory terms") for p in Path(root).glob("dg/*/theory.json")]
-    pt_done = sum(in_pt_cells(p) for p in payloads)
-    out["theory"] = _theory_row(THEORY_MAX_RUNS, len(payloads) - pt_done, THEORY_RUN_CPU)
+    # a run's theory payload is the pretrained regime's if the run is (no file needs reading)
+    measured = [p.parent for p in Path(root).glob("dg/*/theory.json")]
+    pt_done = sum(d in pretrained for d in measured)
+    out["theory"] = _theory_row(THEORY_MAX_RUNS, len(measured) - pt_done, THEORY_RUN_CPU)
     out["theory-pretrained"] = _theory_row(PT_THEORY_RUNS, pt_done, PT_THEORY_RUN_CPU)
     runs = _row([(d, c, done) for d, (c, done) in every.items()])
     theory = [out["theory"], out["theory-pretrained"]]
