@@ -211,6 +211,12 @@ def test_rendered_document_and_figures(study, tmp_path):
     assert _rows(validation)["SAM"][3].startswith("+10.4 [")
     assert _rows(oracle)["SAM"][3].startswith("-6.0 [") and _rows(oracle)["SAM"][1] == "9"
     assert _rows(oracle)["SAGE"][3].startswith("+15.0 [+15.0, +15.0]")
+    # which grid choice each selection picked: SAM's rho 0.05 by validation, 0.1 by the oracle (9
+    # trials); SAGE's (weight, 0.01) by validation, its default by the oracle (10)
+    sage = "rho_scaling {}, rho {}, gamma 0.001, disagreement normalized_std (10 trials)"
+    assert f"Chosen in each trial: SAM rho 0.05 (9 trials); SAGE {sage.format('weight', 0.01)}." in validation
+    assert f"Chosen in each trial: SAM rho 0.1 (9 trials); SAGE {sage.format('global', 0.05)}." in oracle
+    assert "Chosen in each trial" not in core
     for name in (
         "pretrained_core_differences.png",
         "pretrained_differences.png",

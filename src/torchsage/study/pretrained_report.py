@@ -27,6 +27,7 @@ that trained filtered as there.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ from torchsage.study.spec import Arm
 __all__ = [
     "FOLLOW_UPS",
     "NO_RUNS",
+    "chosen_note",
     "core_runs",
     "load_pt",
     "load_pt_theory",
@@ -166,12 +168,17 @@ def render_pretrained_runs(
     oracle_results = _cell_results(oracle, cells, None, arms)
     for dataset, env in cells:
         name = environment_names(dataset)[env]
-        parts.append(dg_table(selected, dataset, env, name, results=results, arms=arms))
+        notes = [n] if (n := chosen_note(selected, dataset, env, arms)) else []
+        parts.append(dg_table(selected, dataset, env, name, results=results, arms=arms, notes=notes))
         caption = (
             f"{dataset}, test domain {name}: oracle selection (the choice with the best accuracy on the "
             "test domain's out split; it peeks at the test domain, an upper reference, not a result)"
         )
-        parts.append(dg_table(oracle, dataset, env, name, results=oracle_results, arms=arms, caption=caption))
+        notes = [n] if (n := chosen_note(oracle, dataset, env, arms)) else []
+        table = dg_table(
+            oracle, dataset, env, name, results=oracle_results, arms=arms, caption=caption, notes=notes
+        )
+        parts.append(table)
     if cells and any(r.method == "SAGE" and (r.dataset, r.test_env) in cells for r in runs):
         plot_sensitivity(runs, figures / "pretrained_sensitivity.png", cells, sam=True)
         parts.append(
@@ -180,6 +187,35 @@ def render_pretrained_runs(
         )
     parts += _theory(runs, payloads, figures)
     return "\n\n".join(parts) + "\n"
+
+
+def chosen_note(chosen: dict, dataset: str, env: int, arms: Sequence[Arm]) -> str:
+    """Which of its choices the selection picked, for every method with more than one, and in how
+    many trials: the hyperparameters that differ among the method's arms, most often picked first
+    ("" when no such method has a selected trial in the cell).
+
+    Example:
+        >>> from torchsage.study.report import DGRun
+        >>> arms = [Arm("SAM", "SAM", {"rho": r}) for r in (0.05, 0.1)]
+        >>> runs = {t: DGRun("D", 0, t, "SAM", {"rho": 0.1 if t else 0.05}, 0, 0, Path()) for t in range(3)}
+        >>> chosen_note({("D", 0, "SAM"): runs}, "D", 0, arms)
+        'Chosen in each trial: SAM rho 0.1 (2 trials), rho 0.05 (1).'
+    """
+    grids: dict[str, list[Arm]] = {}
+    for arm in arms:
+        grids.setdefault(arm.method, []).append(arm)
+    said = []
+    for method, grid in grids.items():
+        trials = chosen.get((dataset, env, method), {})
+        if len(grid) < 2 or not trials:
+            continue
+        keys = [k for k in grid[0].hparams if len({repr(a.hparams.get(k)) for a in grid}) > 1]
+        picked = Counter(", ".join(f"{k} {r.hparams.get(k)}" for k in keys) for r in trials.values())
+        counts = [f"{label} ({n})" for label, n in picked.most_common()]
+        unit = " trial)" if picked.most_common(1)[0][1] == 1 else " trials)"
+        counts[0] = counts[0][:-1] + unit
+        said.append(f"{method} {', '.join(counts)}")
+    return f"Chosen in each trial: {'; '.join(said)}." if said else ""
 
 
 def _theory(runs: Sequence[DGRun], payloads: Sequence[dict[str, Any]], figures: Path) -> list[str]:
