@@ -40,13 +40,14 @@ def test_plan_and_empty_report(tmp_path, capsys):
 
 
 def test_plan_counts_the_pretrained_theory_payloads_apart(tmp_path, capsys):
-    import json
+    from torchsage.study.parts import all_part_jobs
 
-    cells = [("a", "EmojiStyles", [5]), ("b", "RotatedDigits", [0]), ("c", "EmojiStyles", [5])]
-    for name, dataset, envs in cells:
-        (tmp_path / "dg" / name).mkdir(parents=True)
-        payload = {"dataset": dataset, "test_envs": envs}
-        (tmp_path / "dg" / name / "theory.json").write_text(json.dumps(payload))
+    # whose run a payload is decides its row: two of the pretrained core part's runs, one of the first study's
+    dirs = [j.output_dir for j in all_part_jobs(tmp_path, "pt-symbola-core")[:2]]
+    dirs += [all_part_jobs(tmp_path, "dg-rotated-0")[0].output_dir]
+    for d in dirs:
+        d.mkdir(parents=True)
+        (d / "theory.json").write_text("{}")
     assert main(["plan", "--root", str(tmp_path)]) == 0
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows["theory"][:2] == ["80", "1"] and rows["theory-pretrained"][:2] == ["40", "2"]

@@ -167,18 +167,3 @@ def test_the_gamma_follow_up_is_sages_default_at_smaller_noise_paired_with_the_c
     with pytest.raises(ValueError, match="unknown part 'pt-notocolor-gamma'"):
         part_jobs(tmp_path, "pt-notocolor-gamma")
     assert not any("pt-symbola-gamma".endswith(s) for s in pt.SUBSET_SUFFIXES)
-
-
-def test_plan_counts_theory_payloads_by_whose_run_they_are(tmp_path):
-    from torchsage.study.budget import PT_THEORY_RUNS, THEORY_MAX_RUNS, estimate
-
-    # two runs of the pretrained core part and three of the first study measured; the payloads'
-    # contents do not matter (an empty file), their run directories do
-    dirs = [j.output_dir for j in part_jobs(tmp_path, "pt-symbola-core")[:2]]
-    dirs += [j.output_dir for j in part_jobs(tmp_path, "dg-rotated-0")[:3]]
-    for d in dirs:
-        d.mkdir(parents=True)
-        (d / "theory.json").write_text("")
-    rows = estimate(tmp_path)
-    assert rows["theory-pretrained"][:2] == (PT_THEORY_RUNS, 2)
-    assert rows["theory"][:2] == (THEORY_MAX_RUNS, 3)
