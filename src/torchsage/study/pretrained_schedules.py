@@ -1,5 +1,5 @@
 """The pretrained regime's ascent-schedules follow-up (``pt-symbola-schedules``,
-:func:`torchsage.study.pretrained.pt_schedule_arms`) in its report: its runs, and the step-time
+:func:`torchsage.study.pretrained.pt_schedule_arms`) in its report: the step-time
 columns and wording its table (:mod:`torchsage.study.pretrained_report`) adds to the other follow-ups'.
 
 Per cell with two trials in which both schedules have finished: ERM, ``SAGE (default)`` (the
